@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what shardserve needs on Debian 12 (when missing), then configures and builds it.
+#   scripts/setup.sh [extra cmake args...]      builds into ./build (binaries in build/bin)
+# BUILD_DIR, BUILD_JOBS and SHARDSERVE_CUDA (AUTO|ON|OFF) override the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  cmake ninja-build g++ pkg-config git
+  libgtest-dev libgmock-dev libbenchmark-dev
+  nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev libpcre2-dev libabsl-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev libyaml-cpp-dev prometheus-cpp-dev
+  python3-numpy python3-grpcio python3-grpc-tools
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+BUILD_DIR=${BUILD_DIR:-build}
+cmake -S . -B "$BUILD_DIR" -G Ninja -DSHARDSERVE_CUDA="${SHARDSERVE_CUDA:-AUTO}" "$@"
+cmake --build "$BUILD_DIR" -j "${BUILD_JOBS:-2}"

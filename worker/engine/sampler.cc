@@ -1,0 +1,110 @@
+#include "worker/engine/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <unordered_map>
+
+namespace shardserve {
+
+double counter_uniform(uint64_t seed, uint64_t counter) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (counter + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+namespace {
+
+TokenLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top_n) {
+  double max = -INFINITY;
+  for (int64_t i = 0; i < vocab; ++i) max = std::max(max, double(logits[i]));
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i]) - max);
+  const double log_z = max + std::log(sum);
+  TokenLogprobs out;
+  out.token_id = chosen;
+  out.logprob = static_cast<float>(logits[chosen] - log_z);
+  if (top_n > 0) {
+    std::vector<int32_t> ids(static_cast<size_t>(vocab));
+    std::iota(ids.begin(), ids.end(), 0);
+    const auto n = std::min<int64_t>(top_n, vocab);
+    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(), [&](int32_t a, int32_t b) {
+      return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
+    });
+    for (int64_t i = 0; i < n; ++i) out.top.emplace_back(ids[i], static_cast<float>(logits[ids[i]] - log_z));
+  }
+  return out;
+}
+
+}  // namespace
+
+SampleResult sample(const Sequence& seq, const float* raw, int64_t vocab) {
+  const SamplingParams& p = seq.params;
+  std::vector<double> logits(raw, raw + vocab);
+
+  if (p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0) {
+    std::unordered_map<int32_t, int64_t> output_counts;
+    for (int64_t i = seq.num_prompt_tokens; i < seq.size(); ++i) ++output_counts[seq.tokens[i]];
+    if (p.repetition_penalty != 1.0) {
+      std::vector<bool> seen(static_cast<size_t>(vocab), false);
+      for (int32_t t : seq.tokens) seen[t] = true;
+      for (int64_t i = 0; i < vocab; ++i) {
+        if (seen[i]) logits[i] = logits[i] > 0 ? logits[i] / p.repetition_penalty : logits[i] * p.repetition_penalty;
+      }
+    }
+    for (const auto& [t, count] : output_counts) {
+      logits[t] -= p.frequency_penalty * double(count) + p.presence_penalty;
+    }
+  }
+
+  int32_t chosen = 0;
+  if (p.temperature == 0.0) {
+    chosen = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  } else {
+    // Candidates sorted by logit, best first (ties: lower id first).
+    std::vector<int32_t> order(static_cast<size_t>(vocab));
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
+    });
+    int64_t keep = vocab;
+    if (p.top_k > 0) keep = std::min(keep, p.top_k);
+    std::vector<double> probs(static_cast<size_t>(keep));
+    const double top = logits[order[0]] / p.temperature;
+    double total = 0.0;
+    for (int64_t i = 0; i < keep; ++i) total += probs[i] = std::exp(logits[order[i]] / p.temperature - top);
+    if (p.top_p < 1.0) {
+      // Smallest prefix whose mass reaches top_p (always at least one token).
+      double mass = 0.0;
+      int64_t n = 0;
+      while (n < keep && mass < p.top_p * total) mass += probs[n++];
+      keep = std::max<int64_t>(n, 1);
+    }
+    if (p.min_p > 0.0) {
+      // probs[0] is the largest; drop tokens under min_p times it.
+      int64_t n = 1;
+      while (n < keep && probs[n] >= p.min_p * probs[0]) ++n;
+      keep = n;
+    }
+    total = std::accumulate(probs.begin(), probs.begin() + keep, 0.0);
+    const double target = counter_uniform(seq.seed, static_cast<uint64_t>(seq.num_output_tokens())) * total;
+    double cum = 0.0;
+    chosen = order[keep - 1];
+    for (int64_t i = 0; i < keep; ++i) {
+      cum += probs[i];
+      if (target < cum) {
+        chosen = order[i];
+        break;
+      }
+    }
+  }
+
+  SampleResult result;
+  result.token_id = chosen;
+  if (p.logprobs >= 0) result.logprobs = logprobs_of(raw, vocab, chosen, p.logprobs);
+  return result;
+}
+
+}  // namespace shardserve

@@ -1,0 +1,175 @@
+#include "worker/model/llama.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace shardserve {
+namespace {
+
+absl::StatusOr<Tensor> load_vector(const Checkpoint& ckpt, const std::string& name, int64_t size,
+                                   Backend& backend) {
+  auto buf = ckpt.read(name, {size});
+  if (!buf.ok()) return buf.status();
+  return backend.upload(buf->view(), backend.activation_dtype());
+}
+
+// Rows [rank * rows / world, (rank + 1) * rows / world) of a part.
+LinearPart column_part(std::string name, int64_t rows, const Communicator& comm) {
+  const int64_t shard = rows / comm.world_size();
+  return {std::move(name), rows, comm.rank() * shard, (comm.rank() + 1) * shard};
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(const ModelConfig& config,
+                                                             const Checkpoint& ckpt,
+                                                             Backend& backend, Communicator& comm) {
+  const int world = comm.world_size();
+  if (world != 1) {
+    return absl::UnimplementedError("LlamaModel: tensor parallelism is not implemented yet (tp_size must be 1)");
+  }
+  auto model = std::unique_ptr<LlamaModel>(new LlamaModel(config, backend, comm));
+  const int64_t hidden = config.hidden_size;
+  const int64_t head_dim = config.head_dim;
+  model->num_q_heads_ = config.num_attention_heads / world;
+  model->num_kv_heads_ = config.num_key_value_heads / world;
+  model->ffn_size_ = config.intermediate_size / world;
+
+  auto embed = ckpt.read("model.embed_tokens.weight", {config.vocab_size, hidden});
+  if (!embed.ok()) return embed.status();
+  model->embed_tokens_ = backend.upload(embed->view(), backend.activation_dtype());
+
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    const std::string p = absl::StrCat("model.layers.", i, ".");
+    DecoderLayer layer;
+    auto in_norm = load_vector(ckpt, p + "input_layernorm.weight", hidden, backend);
+    if (!in_norm.ok()) return in_norm.status();
+    layer.input_layernorm = *in_norm;
+    auto post_norm = load_vector(ckpt, p + "post_attention_layernorm.weight", hidden, backend);
+    if (!post_norm.ok()) return post_norm.status();
+    layer.post_attention_layernorm = *post_norm;
+
+    const int64_t q_rows = config.num_attention_heads * head_dim;
+    const int64_t kv_rows = config.num_key_value_heads * head_dim;
+    auto qkv = Linear::load(ckpt,
+                            {column_part(p + "self_attn.q_proj.weight", q_rows, comm),
+                             column_part(p + "self_attn.k_proj.weight", kv_rows, comm),
+                             column_part(p + "self_attn.v_proj.weight", kv_rows, comm)},
+                            hidden, ParallelStyle::kColumn, backend, comm);
+    if (!qkv.ok()) return qkv.status();
+    layer.qkv_proj = std::move(*qkv);
+    auto o = Linear::load(ckpt, {{p + "self_attn.o_proj.weight", hidden, 0, hidden}}, q_rows,
+                          ParallelStyle::kRow, backend, comm);
+    if (!o.ok()) return o.status();
+    layer.o_proj = std::move(*o);
+    const int64_t ffn = config.intermediate_size;
+    auto gate_up = Linear::load(ckpt,
+                                {column_part(p + "mlp.gate_proj.weight", ffn, comm),
+                                 column_part(p + "mlp.up_proj.weight", ffn, comm)},
+                                hidden, ParallelStyle::kColumn, backend, comm);
+    if (!gate_up.ok()) return gate_up.status();
+    layer.gate_up_proj = std::move(*gate_up);
+    auto down = Linear::load(ckpt, {{p + "mlp.down_proj.weight", hidden, 0, hidden}}, ffn,
+                             ParallelStyle::kRow, backend, comm);
+    if (!down.ok()) return down.status();
+    layer.down_proj = std::move(*down);
+    model->layers_.push_back(std::move(layer));
+  }
+
+  auto norm = load_vector(ckpt, "model.norm.weight", hidden, backend);
+  if (!norm.ok()) return norm.status();
+  model->norm_ = *norm;
+
+  // A tied LM head reads the embedding matrix; some tied checkpoints still ship lm_head.weight,
+  // which is then the same values.
+  const std::string head_name = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  auto head = Linear::load(ckpt, {column_part(head_name, config.vocab_size, comm)}, hidden,
+                           ParallelStyle::kColumn, backend, comm);
+  if (!head.ok()) return head.status();
+  model->lm_head_ = std::move(*head);
+
+  // cos/sin table computed in double from the (scaled) inverse frequencies.
+  const std::vector<double> inv_freq = rope_inv_freq(config);
+  const int64_t max_pos = config.max_position_embeddings;
+  std::vector<float> table(static_cast<size_t>(max_pos * head_dim));
+  for (int64_t pos = 0; pos < max_pos; ++pos) {
+    for (int64_t i = 0; i < head_dim / 2; ++i) {
+      const double angle = static_cast<double>(pos) * inv_freq[i];
+      table[pos * head_dim + i] = static_cast<float>(std::cos(angle));
+      table[pos * head_dim + head_dim / 2 + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+  model->cos_sin_ = backend.upload(HostTensor{table.data(), DType::kF32, {max_pos, head_dim}}, DType::kF32);
+  return model;
+}
+
+std::vector<KvLayer> LlamaModel::allocate_kv_cache(int64_t num_blocks, int64_t block_size) {
+  std::vector<KvLayer> cache;
+  const std::vector<int64_t> shape{num_blocks, block_size, num_kv_heads_, config_.head_dim};
+  for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+    cache.push_back({backend_.empty(shape, backend_.activation_dtype()),
+                     backend_.empty(shape, backend_.activation_dtype())});
+  }
+  return cache;
+}
+
+int64_t LlamaModel::kv_bytes_per_token() const {
+  return 2 * config_.num_hidden_layers * num_kv_heads_ * config_.head_dim *
+         static_cast<int64_t>(dtype_size(backend_.activation_dtype()));
+}
+
+void LlamaModel::attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in,
+                           KvLayer& kv, Tensor& out) {
+  const int64_t tokens = x.dim(0);
+  Tensor qkv = backend_.empty({tokens, layer.qkv_proj.out_features()}, backend_.activation_dtype());
+  layer.qkv_proj.forward(backend_, x, qkv);
+  backend_.rope_and_store_kv(qkv, num_q_heads_, in.positions, cos_sin_, in.attn.slot_mapping, kv);
+  Tensor attn = backend_.empty({tokens, num_q_heads_ * config_.head_dim}, backend_.activation_dtype());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+  backend_.attention(qkv, num_q_heads_, kv, in.attn, scale, attn);
+  layer.o_proj.forward(backend_, attn, out);
+}
+
+void LlamaModel::feed_forward(const DecoderLayer& layer, const Tensor& x, Tensor& out) {
+  const int64_t tokens = x.dim(0);
+  Tensor gate_up = backend_.empty({tokens, 2 * ffn_size_}, backend_.activation_dtype());
+  layer.gate_up_proj.forward(backend_, x, gate_up);
+  Tensor act = backend_.empty({tokens, ffn_size_}, backend_.activation_dtype());
+  backend_.silu_mul(gate_up, act);
+  layer.down_proj.forward(backend_, act, out);
+}
+
+Tensor LlamaModel::forward(const StepInputs& in, std::vector<KvLayer>& kv_cache) {
+  const int64_t tokens = in.token_ids.numel();
+  const int64_t hidden = config_.hidden_size;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const DType act = backend_.activation_dtype();
+
+  Tensor residual = backend_.empty({tokens, hidden}, act);
+  backend_.embedding(in.token_ids, embed_tokens_, 0, residual);
+  Tensor x = backend_.empty({tokens, hidden}, act);  // normed input of each sublayer
+  Tensor h = backend_.empty({tokens, hidden}, act);  // output of each sublayer
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const DecoderLayer& layer = layers_[i];
+    if (i == 0) {
+      backend_.rmsnorm(residual, layer.input_layernorm, eps, x);
+    } else {
+      backend_.add_rmsnorm(h, residual, layer.input_layernorm, eps, x);
+    }
+    attention(layer, x, in, kv_cache[i], h);
+    backend_.add_rmsnorm(h, residual, layer.post_attention_layernorm, eps, x);
+    feed_forward(layer, x, h);
+  }
+  backend_.add_rmsnorm(h, residual, norm_, eps, x);
+
+  const int64_t rows = in.logits_indices.numel();
+  if (rows == 0) return Tensor{};
+  Tensor last = backend_.empty({rows, hidden}, act);
+  backend_.gather_rows(x, in.logits_indices, last);
+  Tensor logits = backend_.empty({rows, config_.vocab_size}, DType::kF32);
+  lm_head_.forward(backend_, last, logits);
+  return logits;
+}
+
+}  // namespace shardserve

@@ -1,0 +1,93 @@
+// Backend: the ops a Llama forward pass is made of, on one device.
+//
+// The model is written once against this interface; `CpuBackend` is the FP32 reference and the
+// oracle for every CUDA kernel. Contracts shared by all backends:
+// - Tensors are contiguous and row-major. T is the number of tokens in a step (all sequences'
+//   query tokens concatenated), S the number of sequences, H the hidden size, D the head dim.
+// - Ops write only `out` (and the tensors documented as in/out); inputs are never aliased with
+//   outputs unless stated.
+// - Paged KV cache: layer cache tensors are [num_blocks, block_size, num_kv_heads, D]. Token t is
+//   stored at slot `slot_mapping[t]` = block * block_size + offset; sequence s reads block
+//   `block_tables[s][i]` for its positions [i * block_size, (i + 1) * block_size).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "worker/runtime/tensor.h"
+
+namespace shardserve {
+
+// A linear layer's weight as the backend executes it: y[T, N] = x[T, K] * W^T, W stored [N, K]
+// (the Hugging Face layout).
+struct LinearWeight {
+  Tensor weight;
+  int64_t in_features() const { return weight.dim(1); }
+  int64_t out_features() const { return weight.dim(0); }
+};
+
+// The K and V cache of one layer.
+struct KvLayer {
+  Tensor k;  // [num_blocks, block_size, num_kv_heads, D]
+  Tensor v;
+};
+
+// Where each query token sits and which cache blocks each sequence reads, for one step.
+// Sequence s owns query tokens [query_start_loc[s], query_start_loc[s + 1]); after this step's
+// cache write it has seq_lens[s] tokens in the cache, so its query tokens are positions
+// [seq_lens[s] - q_len, seq_lens[s]) and attend causally to positions <= their own.
+struct AttentionMetadata {
+  int num_seqs = 0;
+  int max_query_len = 0;
+  int max_seq_len = 0;
+  int block_size = 16;
+  Tensor query_start_loc;  // I32 [S + 1]
+  Tensor seq_lens;         // I32 [S]
+  Tensor block_tables;     // I32 [S, max_blocks_per_seq], unused entries -1
+  Tensor slot_mapping;     // I32 [T]
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // The dtype activations and the KV cache are kept in.
+  virtual DType activation_dtype() const = 0;
+
+  virtual Tensor empty(std::vector<int64_t> shape, DType dtype) = 0;
+  // Copies host data to the device, converting to `dtype` (exact when widening).
+  virtual Tensor upload(const HostTensor& src, DType dtype) = 0;
+  // Copies a tensor to host memory as FP32.
+  virtual std::vector<float> download_f32(const Tensor& src) = 0;
+  // Waits until all queued work has finished.
+  virtual void synchronize() = 0;
+
+  // out[t] = table[ids[t] - vocab_start] when vocab_start <= ids[t] < vocab_start + rows(table),
+  // zeros otherwise (a vocab-parallel shard; its partial rows are summed by an all-reduce).
+  virtual void embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start,
+                         Tensor& out) = 0;
+  // out = x / rms(x) * weight over the last dimension.
+  virtual void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
+  // In/out residual: residual += x, then out = rmsnorm(residual).
+  virtual void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps,
+                           Tensor& out) = 0;
+  // out[T, N] = x[T, K] * W^T; `out` may be FP32 even when activations are 16-bit (logits).
+  virtual void linear(const Tensor& x, const LinearWeight& w, Tensor& out) = 0;
+  // qkv [T, (Hq + 2 * Hkv) * D] is the fused projection: per token Hq query heads, then Hkv key
+  // heads, then Hkv value heads. In place: rotate-half RoPE on the q and k heads with
+  // cos_sin [max_pos, D] (first D/2 columns cos, last D/2 sin) at positions[t]; then writes the k
+  // and v heads to the cache at slot_mapping[t] (slots < 0 are skipped: padding tokens).
+  virtual void rope_and_store_kv(Tensor& qkv, int64_t num_q_heads, const Tensor& positions,
+                                 const Tensor& cos_sin, const Tensor& slot_mapping,
+                                 KvLayer& cache) = 0;
+  // Causal attention of the query heads of qkv over the paged cache; query head h reads KV head
+  // h / (Hq / Hkv). out: [T, Hq * D].
+  virtual void attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache,
+                         const AttentionMetadata& meta, float scale, Tensor& out) = 0;
+  // gate_up [T, 2F] (gate first) -> out [T, F] = silu(gate) * up.
+  virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
+  // out[i] = x[indices[i]] (rows).
+  virtual void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) = 0;
+};
+
+}  // namespace shardserve
