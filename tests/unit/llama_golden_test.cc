@@ -16,6 +16,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <sstream>
 #include <string>
 
 #include "worker/engine/greedy.h"
@@ -157,22 +158,48 @@ TEST_P(GoldenTest, BatchedPrefillOfTwoSequencesMatchesEachAlone) {
   }
 }
 
+// Runs `shardserve ARGS` and returns its standard output; the exit status must be 0.
+std::string run_cli(const std::string& args) {
+  const std::string cmd = std::string(SHARDSERVE_BIN_DIR) + "/shardserve " + args;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (pipe == nullptr) return "";
+  std::string output;
+  std::array<char, 4096> buf{};
+  while (fgets(buf.data(), buf.size(), pipe) != nullptr) output += buf.data();
+  EXPECT_EQ(pclose(pipe), 0) << cmd << "\n" << output;
+  return output;
+}
+
 TEST_P(GoldenTest, CommandLineReproducesTheGoldenContinuation) {
   const GoldenPrompt& p = prompts_[2];
   std::string ids;
   for (int32_t id : p.prompt) ids += (ids.empty() ? "" : ",") + std::to_string(id);
-  const std::string cmd = std::string(SHARDSERVE_BIN_DIR) + "/shardserve generate --model " + dir_ +
-                          " --prompt-ids " + ids + " --max-tokens " + std::to_string(steps_) +
-                          " --temperature 0 --ignore-eos --backend cpu --output json";
-  FILE* pipe = popen(cmd.c_str(), "r");
-  ASSERT_NE(pipe, nullptr);
-  std::string output;
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), pipe) != nullptr) output += buf.data();
-  ASSERT_EQ(pclose(pipe), 0) << output;
-  const auto j = nlohmann::json::parse(output);
+  const auto j = nlohmann::json::parse(run_cli("generate --model " + dir_ + " --prompt-ids " + ids + " --max-tokens " +
+                                               std::to_string(steps_) + " --temperature 0 --ignore-eos --backend cpu --output json"));
   EXPECT_EQ(j["token_ids"].get<std::vector<int32_t>>(), p.tokens);
   EXPECT_EQ(j["finish_reason"], "length");
+}
+
+// All golden prompts at once through --prompts-jsonl, in a cache so small (7 blocks of 16 for
+// three requests of up to 84 tokens) that the engine must preempt; results stay in input order.
+TEST_P(GoldenTest, CommandLinePromptsJsonlRunsAllAtOnce) {
+  const std::string path = ::testing::TempDir() + "/prompts_" + GetParam() + ".jsonl";
+  {
+    std::ofstream out(path);
+    for (const GoldenPrompt& p : prompts_) out << nlohmann::json{{"prompt_ids", p.prompt}, {"ignore_eos", true}}.dump() << "\n";
+  }
+  const std::string output = run_cli("generate --model " + dir_ + " --prompts-jsonl " + path + " --max-tokens " +
+                                     std::to_string(steps_) + " --num-kv-blocks 7 --max-num-batched-tokens 32 --output json");
+  std::istringstream lines(output);
+  std::string line;
+  size_t i = 0;
+  for (; std::getline(lines, line); ++i) {
+    ASSERT_LT(i, prompts_.size()) << output;
+    const auto j = nlohmann::json::parse(line);
+    EXPECT_EQ(j["token_ids"].get<std::vector<int32_t>>(), prompts_[i].tokens) << "line " << i;
+    EXPECT_EQ(j["prompt_tokens"], prompts_[i].prompt.size());
+  }
+  EXPECT_EQ(i, prompts_.size());
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyCheckpoints, GoldenTest,

@@ -7,5 +7,7 @@ namespace shardserve::cli {
 
 // `shardserve generate`: an in-process engine, no network (generate_cmd.cc).
 void register_generate(CLI::App& app);
+// `shardserve tokenize` and `shardserve detokenize` (tokenize_cmd.cc).
+void register_tokenize(CLI::App& app);
 
 }  // namespace shardserve::cli

@@ -1,4 +1,6 @@
-// `shardserve generate`: load a checkpoint and generate in this process, no network.
+// `shardserve generate`: load a checkpoint and run requests through one in-process engine, no
+// network. One prompt (--prompt-ids) or many at once (--prompts-jsonl); JSON results in input order.
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -6,9 +8,10 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "worker/cli/commands.h"
-#include "worker/engine/greedy.h"
+#include "worker/engine/engine.h"
 #include "worker/model/checkpoint.h"
 #include "worker/model/config.h"
 #include "worker/model/llama.h"
@@ -18,92 +21,183 @@
 namespace shardserve::cli {
 namespace {
 
+using nlohmann::json;
+
 struct GenerateArgs {
   std::string model;
   std::string prompt_ids;
-  int64_t max_tokens = 16;
-  double temperature = 0.0;
-  bool ignore_eos = false;
+  std::string prompts_jsonl;
+  SamplingParams params;
+  int64_t seed = -1;
   std::string backend = "cpu";
   std::string output = "text";
+  int64_t max_num_seqs = 256;
+  int64_t max_num_batched_tokens = 2048;
+  int64_t num_kv_blocks = 0;
   int64_t block_size = 16;
+  int64_t max_model_len = 0;
+  bool enable_prefix_caching = true;
 };
-
-int fail(const std::string& message) {
-  std::cerr << "error: " << message << "\n";
-  return 1;
-}
 
 absl::StatusOr<std::vector<int32_t>> parse_ids(const std::string& text) {
   std::vector<int32_t> ids;
   for (absl::string_view piece : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
     int32_t id = 0;
     if (!absl::SimpleAtoi(piece, &id)) {
-      return absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", piece, "' is not an integer"));
+      return absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", std::string(piece), "' is not an integer"));
     }
     ids.push_back(id);
   }
   return ids;
 }
 
-int run_generate(const GenerateArgs& args) {
-  if (args.temperature != 0.0) return fail("only --temperature 0 (greedy) is supported by generate for now");
-  if (args.backend != "cpu") return fail("--backend " + args.backend + " is not available (supported: cpu)");
-  auto prompt = parse_ids(args.prompt_ids);
-  if (!prompt.ok()) return fail(std::string(prompt.status().message()));
+// One JSON line: {"prompt_ids": [...]} plus optional per-request sampling fields.
+absl::StatusOr<Request> parse_request_line(const std::string& line, size_t line_no, const SamplingParams& defaults) {
+  const json j = json::parse(line, nullptr, false);
+  auto bad = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("--prompts-jsonl line ", line_no, ": ", what));
+  };
+  if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+  Request r;
+  r.params = defaults;
+  if (j.contains("prompt")) return bad("text prompts need the tokenizer; give prompt_ids");
+  if (!j.contains("prompt_ids") || !j["prompt_ids"].is_array()) return bad("needs \"prompt_ids\": [ids...]");
+  for (const auto& id : j["prompt_ids"]) {
+    if (!id.is_number_integer()) return bad("prompt_ids must be integers");
+    r.prompt_token_ids.push_back(id.get<int32_t>());
+  }
+  try {
+    if (j.contains("max_tokens")) r.params.max_tokens = j["max_tokens"].get<int64_t>();
+    if (j.contains("temperature")) r.params.temperature = j["temperature"].get<double>();
+    if (j.contains("top_k")) r.params.top_k = j["top_k"].get<int64_t>();
+    if (j.contains("top_p")) r.params.top_p = j["top_p"].get<double>();
+    if (j.contains("min_p")) r.params.min_p = j["min_p"].get<double>();
+    if (j.contains("seed")) r.params.seed = j["seed"].get<uint64_t>();
+    if (j.contains("ignore_eos")) r.params.ignore_eos = j["ignore_eos"].get<bool>();
+    if (j.contains("logprobs")) r.params.logprobs = j["logprobs"].get<int64_t>();
+  } catch (const json::exception& e) {
+    return bad(std::string("wrong field type: ") + e.what());
+  }
+  return r;
+}
+
+json result_json(const RequestOutput& o) {
+  json j;
+  j["token_ids"] = o.new_token_ids;
+  j["finish_reason"] = o.finish_reason;
+  j["prompt_tokens"] = o.num_prompt_tokens;
+  j["cached_prompt_tokens"] = o.num_cached_prompt_tokens;
+  if (!o.new_logprobs.empty()) {
+    json lps = json::array();
+    for (const TokenLogprobs& lp : o.new_logprobs) {
+      json top = json::array();
+      for (const auto& [id, v] : lp.top) top.push_back({{"token_id", id}, {"logprob", v}});
+      lps.push_back({{"token_id", lp.token_id}, {"logprob", lp.logprob}, {"top_logprobs", top}});
+    }
+    j["logprobs"] = lps;
+  }
+  return j;
+}
+
+absl::Status run_generate(GenerateArgs args) {
+  if (args.backend != "cpu") return absl::InvalidArgumentError("--backend " + args.backend + " is not available in this build (supported: cpu)");
+  if (args.prompt_ids.empty() == args.prompts_jsonl.empty()) {
+    return absl::InvalidArgumentError("give exactly one of --prompt-ids and --prompts-jsonl");
+  }
+  if (args.seed >= 0) args.params.seed = static_cast<uint64_t>(args.seed);
+
+  std::vector<Request> requests;
+  if (!args.prompt_ids.empty()) {
+    auto ids = parse_ids(args.prompt_ids);
+    if (!ids.ok()) return ids.status();
+    requests.push_back({"0", *ids, args.params});
+  } else {
+    std::ifstream in(args.prompts_jsonl);
+    if (!in) return absl::NotFoundError("cannot read " + args.prompts_jsonl);
+    std::string line;
+    for (size_t n = 1; std::getline(in, line); ++n) {
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      auto r = parse_request_line(line, n, args.params);
+      if (!r.ok()) return r.status();
+      r->request_id = std::to_string(requests.size());
+      requests.push_back(std::move(*r));
+    }
+  }
 
   auto config = load_model_config(args.model);
-  if (!config.ok()) return fail(std::string(config.status().message()));
+  if (!config.ok()) return config.status();
   auto gen_config = load_generation_config(args.model, *config);
-  if (!gen_config.ok()) return fail(std::string(gen_config.status().message()));
+  if (!gen_config.ok()) return gen_config.status();
   auto ckpt = Checkpoint::open(args.model);
-  if (!ckpt.ok()) return fail(std::string(ckpt.status().message()));
-
+  if (!ckpt.ok()) return ckpt.status();
   CpuBackend backend;
   SingleRankCommunicator comm;
   auto model = LlamaModel::load(*config, **ckpt, backend, comm);
-  if (!model.ok()) return fail(std::string(model.status().message()));
+  if (!model.ok()) return model.status();
 
-  const int64_t max_len = std::min<int64_t>(config->max_position_embeddings,
-                                            static_cast<int64_t>(prompt->size()) + args.max_tokens);
-  const int64_t num_blocks = (max_len + args.block_size - 1) / args.block_size;
-  ModelRunner runner(**model, backend, num_blocks, args.block_size);
-
-  GreedyOptions options;
-  options.max_tokens = args.max_tokens;
-  options.ignore_eos = args.ignore_eos;
-  options.stop_token_ids = stop_token_ids(*config, *gen_config);
-  auto out = generate_greedy(runner, *prompt, options);
-  if (!out.ok()) return fail(std::string(out.status().message()));
-
-  if (args.output == "json") {
-    nlohmann::json j;
-    j["token_ids"] = out->token_ids;
-    j["finish_reason"] = out->finish_reason;
-    j["prompt_tokens"] = prompt->size();
-    std::cout << j.dump() << "\n";
-  } else {
-    for (size_t i = 0; i < out->token_ids.size(); ++i) std::cout << (i ? "," : "") << out->token_ids[i];
-    std::cout << "\nfinish_reason: " << out->finish_reason << "\n";
+  int64_t num_blocks = args.num_kv_blocks;
+  if (num_blocks <= 0) {  // room for every request at once
+    num_blocks = 0;
+    for (const Request& r : requests) {
+      num_blocks += (static_cast<int64_t>(r.prompt_token_ids.size()) + r.params.max_tokens + args.block_size - 1) / args.block_size;
+    }
   }
-  return 0;
+  ModelRunner runner(**model, backend, num_blocks, args.block_size);
+  EngineConfig engine_config;
+  engine_config.scheduler = {args.max_num_seqs, args.max_num_batched_tokens};
+  engine_config.max_model_len = args.max_model_len;
+  engine_config.enable_prefix_caching = args.enable_prefix_caching;
+  engine_config.eos_token_ids = stop_token_ids(*config, *gen_config);
+  Engine engine(runner, engine_config);
+  auto results = run_to_completion(engine, std::move(requests));
+  if (!results.ok()) return results.status();
+
+  for (const RequestOutput& o : *results) {
+    if (args.output == "json") {
+      std::cout << result_json(o).dump() << "\n";
+    } else {
+      for (size_t i = 0; i < o.new_token_ids.size(); ++i) std::cout << (i ? "," : "") << o.new_token_ids[i];
+      std::cout << "\nfinish_reason: " << o.finish_reason << "\n";
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
 
 void register_generate(CLI::App& app) {
   auto args = std::make_shared<GenerateArgs>();
+  args->params.temperature = 0.0;  // a checking tool: greedy unless asked
+  SamplingParams& p = args->params;
   CLI::App* cmd = app.add_subcommand("generate", "Generate from a checkpoint in this process (no server)");
   cmd->add_option("--model", args->model, "Hugging Face checkpoint directory")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma-separated, used verbatim (no BOS added)")->required();
-  cmd->add_option("--max-tokens", args->max_tokens, "Most tokens to generate")->check(CLI::PositiveNumber);
-  cmd->add_option("--temperature", args->temperature, "0 = greedy");
-  cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past the config's EOS ids");
-  cmd->add_option("--backend", args->backend, "cpu");
-  cmd->add_option("--output", args->output, "text or json")->check(CLI::IsMember({"text", "json"}));
+  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma-separated, used verbatim (no BOS added)");
+  cmd->add_option("--prompts-jsonl", args->prompts_jsonl,
+                  "File of requests, one JSON object per line: {\"prompt_ids\":[...]} with optional max_tokens, "
+                  "temperature, top_k, top_p, min_p, seed, ignore_eos, logprobs; all run at once in one engine");
+  cmd->add_option("--max-tokens", p.max_tokens, "Most tokens to generate per request")->capture_default_str();
+  cmd->add_option("--temperature", p.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", p.top_k, "0 or -1 = off");
+  cmd->add_option("--top-p", p.top_p, "1 = off");
+  cmd->add_option("--min-p", p.min_p, "0 = off");
+  cmd->add_option("--seed", args->seed, "Sampling seed (same tokens whatever the batch)");
+  cmd->add_option("--logprobs", p.logprobs, "Return the chosen token's logprob and the top N (0-20)");
+  cmd->add_flag("--ignore-eos", p.ignore_eos, "Keep generating past the model's EOS ids");
+  cmd->add_option("--backend", args->backend, "cpu")->capture_default_str();
+  cmd->add_option("--output", args->output, "text or json")->check(CLI::IsMember({"text", "json"}))->capture_default_str();
+  cmd->add_option("--max-num-seqs", args->max_num_seqs, "Most sequences per step")->capture_default_str();
+  cmd->add_option("--max-num-batched-tokens", args->max_num_batched_tokens, "Token budget per step")->capture_default_str();
+  cmd->add_option("--num-kv-blocks", args->num_kv_blocks, "KV-cache blocks (default: room for every request at once)");
+  cmd->add_option("--block-size", args->block_size, "Tokens per KV-cache block")->capture_default_str();
+  cmd->add_option("--max-model-len", args->max_model_len, "Longest prompt + output (default: the model's)");
+  cmd->add_flag("--enable-prefix-caching,!--no-enable-prefix-caching", args->enable_prefix_caching,
+                "Reuse cached KV blocks of shared prompt prefixes")->capture_default_str();
   cmd->callback([args] {
-    const int rc = run_generate(*args);
-    if (rc != 0) throw CLI::RuntimeError(rc);
+    const absl::Status st = run_generate(*args);
+    if (!st.ok()) {
+      std::cerr << "error: " << st.message() << "\n";
+      throw CLI::RuntimeError(1);
+    }
   });
 }
 

@@ -7,6 +7,7 @@ int main(int argc, char** argv) {
   CLI::App app{"shardserve: serve Llama-family models from GPU workers"};
   app.require_subcommand(1);
   shardserve::cli::register_generate(app);
+  shardserve::cli::register_tokenize(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }
