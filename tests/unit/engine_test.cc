@@ -3,6 +3,7 @@
 // budget forces chunked prefill, and shared prompts hit the prefix cache. Plus the block
 // manager's state changes, scheduling decisions and a random submit/abort/step property test.
 #include "worker/engine/engine.h"
+#include "worker/engine/model_runner.h"
 
 #include <gtest/gtest.h>
 

@@ -20,6 +20,7 @@
 #include <string>
 
 #include "worker/engine/greedy.h"
+#include "worker/engine/model_runner.h"
 #include "worker/model/checkpoint.h"
 #include "worker/model/config.h"
 #include "worker/model/llama.h"

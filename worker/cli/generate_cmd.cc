@@ -12,11 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "worker/cli/commands.h"
 #include "worker/engine/engine.h"
-#include "worker/model/checkpoint.h"
-#include "worker/model/config.h"
-#include "worker/model/llama.h"
-#include "worker/runtime/communicator.h"
-#include "worker/runtime/cpu_backend.h"
+#include "worker/engine/executor.h"
 
 namespace shardserve::cli {
 namespace {
@@ -30,6 +26,7 @@ struct GenerateArgs {
   SamplingParams params;
   int64_t seed = -1;
   std::string backend = "cpu";
+  int tp_size = 1;
   std::string output = "text";
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;
@@ -100,7 +97,6 @@ json result_json(const RequestOutput& o) {
 }
 
 absl::Status run_generate(GenerateArgs args) {
-  if (args.backend != "cpu") return absl::InvalidArgumentError("--backend " + args.backend + " is not available in this build (supported: cpu)");
   if (args.prompt_ids.empty() == args.prompts_jsonl.empty()) {
     return absl::InvalidArgumentError("give exactly one of --prompt-ids and --prompts-jsonl");
   }
@@ -124,31 +120,26 @@ absl::Status run_generate(GenerateArgs args) {
     }
   }
 
-  auto config = load_model_config(args.model);
-  if (!config.ok()) return config.status();
-  auto gen_config = load_generation_config(args.model, *config);
-  if (!gen_config.ok()) return gen_config.status();
-  auto ckpt = Checkpoint::open(args.model);
-  if (!ckpt.ok()) return ckpt.status();
-  CpuBackend backend;
-  SingleRankCommunicator comm;
-  auto model = LlamaModel::load(*config, **ckpt, backend, comm);
-  if (!model.ok()) return model.status();
-
-  int64_t num_blocks = args.num_kv_blocks;
-  if (num_blocks <= 0) {  // room for every request at once
-    num_blocks = 0;
+  ExecutorOptions options;
+  options.model_dir = args.model;
+  options.backend = args.backend;
+  options.tp_size = args.tp_size;
+  options.block_size = args.block_size;
+  options.num_kv_blocks = args.num_kv_blocks;
+  if (options.num_kv_blocks <= 0) {  // room for every request at once
     for (const Request& r : requests) {
-      num_blocks += (static_cast<int64_t>(r.prompt_token_ids.size()) + r.params.max_tokens + args.block_size - 1) / args.block_size;
+      options.num_kv_blocks += (static_cast<int64_t>(r.prompt_token_ids.size()) + r.params.max_tokens +
+                                args.block_size - 1) / args.block_size;
     }
   }
-  ModelRunner runner(**model, backend, num_blocks, args.block_size);
+  auto loaded = load_model(options);
+  if (!loaded.ok()) return loaded.status();
   EngineConfig engine_config;
   engine_config.scheduler = {args.max_num_seqs, args.max_num_batched_tokens};
   engine_config.max_model_len = args.max_model_len;
   engine_config.enable_prefix_caching = args.enable_prefix_caching;
-  engine_config.eos_token_ids = stop_token_ids(*config, *gen_config);
-  Engine engine(runner, engine_config);
+  engine_config.eos_token_ids = stop_token_ids(loaded->config, loaded->generation);
+  Engine engine(*loaded->executor, engine_config);
   auto results = run_to_completion(engine, std::move(requests));
   if (!results.ok()) return results.status();
 
@@ -183,7 +174,8 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--seed", args->seed, "Sampling seed (same tokens whatever the batch)");
   cmd->add_option("--logprobs", p.logprobs, "Return the chosen token's logprob and the top N (0-20)");
   cmd->add_flag("--ignore-eos", p.ignore_eos, "Keep generating past the model's EOS ids");
-  cmd->add_option("--backend", args->backend, "cpu")->capture_default_str();
+  cmd->add_option("--backend", args->backend, "cpu or cuda")->capture_default_str();
+  cmd->add_option("--tp-size", args->tp_size, "Tensor-parallel ranks")->capture_default_str();
   cmd->add_option("--output", args->output, "text or json")->check(CLI::IsMember({"text", "json"}))->capture_default_str();
   cmd->add_option("--max-num-seqs", args->max_num_seqs, "Most sequences per step")->capture_default_str();
   cmd->add_option("--max-num-batched-tokens", args->max_num_batched_tokens, "Token budget per step")->capture_default_str();

@@ -4,7 +4,7 @@
 
 namespace shardserve {
 
-Engine::Engine(ModelRunner& runner, const EngineConfig& config)
+Engine::Engine(StepExecutor& runner, const EngineConfig& config)
     : runner_(runner),
       config_(config),
       max_model_len_(config.max_model_len > 0 ? config.max_model_len : runner.config().max_position_embeddings),

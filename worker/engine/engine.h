@@ -1,6 +1,6 @@
 // Engine: requests in, tokens out. Owns the sequences, the BlockManager and the Scheduler, and
-// drives a ModelRunner one step at a time:
-//   Scheduler.schedule() -> Batch -> ModelRunner.execute -> sample -> Scheduler.update
+// drives a StepExecutor one step at a time:
+//   Scheduler.schedule() -> Batch -> StepExecutor.execute -> sample -> Scheduler.update
 // Many requests at once, each getting exactly what it would have got alone (greedy or seeded).
 //
 // Threading: an Engine is driven by one thread; the worker service serialises submit/abort with
@@ -15,7 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "worker/engine/block_manager.h"
-#include "worker/engine/model_runner.h"
+#include "worker/engine/executor.h"
 #include "worker/engine/sampler.h"
 #include "worker/engine/scheduler.h"
 
@@ -58,7 +58,7 @@ struct EngineStats {
 
 class Engine {
  public:
-  Engine(ModelRunner& runner, const EngineConfig& config);
+  Engine(StepExecutor& runner, const EngineConfig& config);
 
   // Validates and queues a request. INVALID_ARGUMENT for bad parameters or ids, ALREADY_EXISTS for
   // a request_id in flight, RESOURCE_EXHAUSTED when prompt + max_tokens could never fit in the cache.
@@ -73,7 +73,7 @@ class Engine {
   int64_t max_model_len() const { return max_model_len_; }
 
  private:
-  ModelRunner& runner_;
+  StepExecutor& runner_;
   EngineConfig config_;
   int64_t max_model_len_;
   BlockManager blocks_;

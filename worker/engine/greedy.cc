@@ -7,7 +7,7 @@
 
 namespace shardserve {
 
-absl::StatusOr<GreedyOutput> generate_greedy(ModelRunner& runner, const std::vector<int32_t>& prompt,
+absl::StatusOr<GreedyOutput> generate_greedy(StepExecutor& runner, const std::vector<int32_t>& prompt,
                                              const GreedyOptions& options) {
   const ModelConfig& config = runner.config();
   const auto prompt_len = static_cast<int64_t>(prompt.size());

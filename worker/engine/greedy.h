@@ -1,4 +1,4 @@
-// generate_greedy: one sequence, greedy decoding, straight on a ModelRunner. This is the
+// generate_greedy: one sequence, greedy decoding, straight on a StepExecutor. This is the
 // no-scheduler path `shardserve generate` and the golden tests use: the prompt is prefilled (in
 // chunks of `prefill_chunk` tokens when set, exercising chunked prefill), then one token per step.
 #pragma once
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "worker/engine/model_runner.h"
+#include "worker/engine/executor.h"
 
 namespace shardserve {
 
@@ -29,7 +29,7 @@ struct GreedyOutput {
 // Tokens are taken by argmax (the lowest id on a tie). INVALID_ARGUMENT for an empty prompt, ids
 // outside the vocabulary, or a prompt that leaves no room below max_position_embeddings;
 // RESOURCE_EXHAUSTED when the cache has too few blocks for prompt + max_tokens.
-absl::StatusOr<GreedyOutput> generate_greedy(ModelRunner& runner, const std::vector<int32_t>& prompt,
+absl::StatusOr<GreedyOutput> generate_greedy(StepExecutor& runner, const std::vector<int32_t>& prompt,
                                              const GreedyOptions& options);
 
 }  // namespace shardserve

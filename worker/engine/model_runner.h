@@ -10,21 +10,21 @@
 #include <vector>
 
 #include "worker/engine/batch.h"
+#include "worker/engine/executor.h"
 #include "worker/model/llama.h"
 
 namespace shardserve {
 
-class ModelRunner {
+class ModelRunner final : public StepExecutor {
  public:
   ModelRunner(LlamaModel& model, Backend& backend, int64_t num_blocks, int64_t block_size);
 
   // Logits [num sampled sequences * vocab_size], FP32, in batch order.
-  std::vector<float> execute(const Batch& batch);
+  std::vector<float> execute(const Batch& batch) override;
 
-  int64_t num_blocks() const { return num_blocks_; }
-  int64_t block_size() const { return block_size_; }
-  int64_t vocab_size() const { return model_.config().vocab_size; }
-  const ModelConfig& config() const { return model_.config(); }
+  int64_t num_blocks() const override { return num_blocks_; }
+  int64_t block_size() const override { return block_size_; }
+  const ModelConfig& config() const override { return model_.config(); }
 
  private:
   LlamaModel& model_;
