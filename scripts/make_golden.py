@@ -5,6 +5,10 @@ transformers (LlamaForCausalLM in FP32 on the CPU: the reference, no TF32, no fu
 For every checkpoint directory under --data (tests/data/tiny/*) it writes beside the weights:
   golden.json                 prompts, greedy token ids, the smallest top-1/top-2 logit margin
   golden_logits.safetensors   "prompt{i}": F32 [steps, vocab], the logits each token was chosen from
+A checkpoint with a tokenizer also gets text prompts in golden.json["text_prompts"]: a plain text
+(encoded with BOS, as add_special_tokens=True does) and a chat (apply_chat_template with
+add_generation_prompt), each with its prompt ids, greedy ids and their decode
+(skip_special_tokens=True).
 
 Greedy decoding runs a full forward over the whole sequence at every step (no KV cache), ignoring
 EOS, so the reference involves no incremental state at all. It also checks that transformers
@@ -81,10 +85,28 @@ def main():
                 ids.append(int(torch.argmax(logits)))
             prompts.append({"prompt_ids": prompt, "token_ids": ids[n:], "min_margin": min(margins)})
             logits_out[f"prompt{i}"] = torch.stack(step_logits).contiguous()
+        text_prompts = []
+        if os.path.exists(os.path.join(ckpt, "tokenizer.json")):
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(ckpt)
+            cases = [("prompt", "The capital of France is", tok("The capital of France is").input_ids),
+                     ("chat", [{"role": "user", "content": "Hello! Who are you?"}],
+                      tok.apply_chat_template([{"role": "user", "content": "Hello! Who are you?"}],
+                                              add_generation_prompt=True, tokenize=True))]
+            for kind, value, prompt in cases:
+                if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
+                    prompt = prompt["input_ids"]
+                prompt = [int(x) for x in prompt]
+                ids = list(prompt)
+                for _ in range(16):
+                    ids.append(int(torch.argmax(model(torch.tensor([ids])).logits[0, -1])))
+                out = ids[len(prompt):]
+                text_prompts.append({"kind": "text" if kind == "prompt" else kind, kind: value, "prompt_ids": prompt, "token_ids": out,
+                                     "text": tok.decode(out, skip_special_tokens=True)})
         save_file(logits_out, os.path.join(ckpt, "golden_logits.safetensors"))
         golden = {"made_with": {"transformers": transformers.__version__, "torch": torch.__version__,
                                 "dtype": "float32", "device": "cpu", "attn_implementation": "eager"},
-                  "steps": args.steps, "rope_inv_freq_max_rel_error": rope_err, "prompts": prompts}
+                  "steps": args.steps, "rope_inv_freq_max_rel_error": rope_err, "prompts": prompts, "text_prompts": text_prompts}
         with open(os.path.join(ckpt, "golden.json"), "w") as f:
             json.dump(golden, f, indent=1)
             f.write("\n")

@@ -47,6 +47,19 @@ CHECKPOINTS = {
                     tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1,
                     eos_token_id=2),
         generation_config=dict(bos_token_id=1, eos_token_id=2), shards=1, seed=3),
+    # The real Llama 3.1 vocabulary and tokenizer (linked from tests/data/llama-3.1-tokenizer), so
+    # text and chat prompts run end to end; hidden 16 keeps the tied embedding at 4 MB.
+    "llama3-tokenizer-bf16": dict(
+        config=dict(vocab_size=128256, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                    max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0,
+                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                      high_freq_factor=4.0, original_max_position_embeddings=64),
+                    tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=128000,
+                    eos_token_id=[128001, 128008, 128009]),
+        generation_config=dict(bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                               do_sample=False),
+        shards=1, seed=4, tokenizer="llama-3.1-tokenizer"),
 }
 
 BASE_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
@@ -133,6 +146,11 @@ def main():
             with open(os.path.join(out, "generation_config.json"), "w") as f:
                 json.dump(spec["generation_config"], f, indent=2, sort_keys=True)
                 f.write("\n")
+        for file in ("tokenizer.json", "tokenizer_config.json") if spec.get("tokenizer") else ():
+            link = os.path.join(out, file)
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(os.path.join("..", "..", spec["tokenizer"], file), link)
         names = sorted(weights)
         if spec["shards"] == 1:
             write_safetensors(os.path.join(out, "model.safetensors"), weights, cfg["torch_dtype"])

@@ -11,6 +11,7 @@ PACKAGES=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev libpcre2-dev libabsl-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev libyaml-cpp-dev prometheus-cpp-dev
   python3-numpy python3-grpcio python3-grpc-tools
+  prometheus
 )
 
 missing=()

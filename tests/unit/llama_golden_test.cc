@@ -19,6 +19,7 @@
 #include <sstream>
 #include <string>
 
+#include "tests/unit/cli_util.h"
 #include "worker/engine/greedy.h"
 #include "worker/engine/model_runner.h"
 #include "worker/model/checkpoint.h"
@@ -30,6 +31,8 @@
 
 namespace shardserve {
 namespace {
+
+using testing::run_cli;
 
 constexpr double kRelTolerance = 1e-4;
 
@@ -157,18 +160,6 @@ TEST_P(GoldenTest, BatchedPrefillOfTwoSequencesMatchesEachAlone) {
       ASSERT_NEAR(logits[s * config_.vocab_size + v], p.logits[v], 1e-3) << "sequence " << s << " vocab " << v;
     }
   }
-}
-
-// Runs `shardserve ARGS` and returns its standard output; the exit status must be 0.
-std::string run_cli(const std::string& args) {
-  const std::string cmd = std::string(SHARDSERVE_BIN_DIR) + "/shardserve " + args;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  if (pipe == nullptr) return "";
-  std::string output;
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), pipe) != nullptr) output += buf.data();
-  EXPECT_EQ(pclose(pipe), 0) << cmd << "\n" << output;
-  return output;
 }
 
 TEST_P(GoldenTest, CommandLineReproducesTheGoldenContinuation) {

@@ -9,5 +9,9 @@ namespace shardserve::cli {
 void register_generate(CLI::App& app);
 // `shardserve tokenize` and `shardserve detokenize` (tokenize_cmd.cc).
 void register_tokenize(CLI::App& app);
+// `shardserve serve`: a coordinator and its workers as child processes (serve_cmd.cc).
+void register_serve(CLI::App& app);
+// `shardserve client`: one request to a running server (client_cmd.cc).
+void register_client(CLI::App& app);
 
 }  // namespace shardserve::cli

@@ -7,7 +7,11 @@
 #include <string>
 #include <vector>
 
+#include <filesystem>
+
 #include "absl/strings/numbers.h"
+#include "coordinator/tokenizer/chat_template.h"
+#include "coordinator/tokenizer/tokenizer.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "worker/cli/commands.h"
@@ -22,7 +26,10 @@ using nlohmann::json;
 struct GenerateArgs {
   std::string model;
   std::string prompt_ids;
+  std::string prompt_text;
+  std::string chat_json;
   std::string prompts_jsonl;
+  std::string tokenizer;  // default: the model directory
   SamplingParams params;
   int64_t seed = -1;
   std::string backend = "cpu";
@@ -48,8 +55,54 @@ absl::StatusOr<std::vector<int32_t>> parse_ids(const std::string& text) {
   return ids;
 }
 
-// One JSON line: {"prompt_ids": [...]} plus optional per-request sampling fields.
-absl::StatusOr<Request> parse_request_line(const std::string& line, size_t line_no, const SamplingParams& defaults) {
+// Turns text or chat messages into prompt ids. Text gets BOS (as add_special_tokens=True does);
+// special-token strings inside it stay plain text. Chat renders the model's chat template with
+// the assistant header appended.
+class PromptEncoder {
+ public:
+  explicit PromptEncoder(std::string dir) : dir_(std::move(dir)) {}
+  bool available() const { return std::filesystem::exists(std::filesystem::path(dir_) / "tokenizer.json"); }
+
+  absl::StatusOr<std::vector<int32_t>> text(const std::string& prompt) {
+    if (auto st = load(); !st.ok()) return st;
+    return tokenizer_->encode(prompt, {.add_special_tokens = true});
+  }
+  absl::StatusOr<std::vector<int32_t>> chat(const json& messages) {
+    if (auto st = load(); !st.ok()) return st;
+    if (!chat_) {
+      auto t = ChatTemplate::load(dir_);
+      if (!t.ok()) return t.status();
+      chat_ = std::make_unique<ChatTemplate>(std::move(*t));
+    }
+    auto parsed = parse_chat_messages(messages);
+    if (!parsed.ok()) return parsed.status();
+    return chat_->encode_chat(*tokenizer_, *parsed, {.add_generation_prompt = true});
+  }
+  absl::StatusOr<std::string> decode(const std::vector<int32_t>& ids) {
+    if (auto st = load(); !st.ok()) return st;
+    return tokenizer_->decode(ids, /*skip_special_tokens=*/true);
+  }
+
+ private:
+  absl::Status load() {
+    if (tokenizer_) return absl::OkStatus();
+    if (!available()) {
+      return absl::FailedPreconditionError(absl::StrCat(dir_, " has no tokenizer.json: give prompt ids, or --tokenizer DIR"));
+    }
+    auto t = Tokenizer::load(dir_);
+    if (!t.ok()) return t.status();
+    tokenizer_ = std::move(*t);
+    return absl::OkStatus();
+  }
+  std::string dir_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<ChatTemplate> chat_;
+};
+
+// One JSON line: {"prompt_ids": [...]}, {"prompt": "..."} or {"messages": [...]}, plus optional
+// per-request sampling fields.
+absl::StatusOr<Request> parse_request_line(const std::string& line, size_t line_no, const SamplingParams& defaults,
+                                           PromptEncoder& encoder) {
   const json j = json::parse(line, nullptr, false);
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat("--prompts-jsonl line ", line_no, ": ", what));
@@ -57,11 +110,18 @@ absl::StatusOr<Request> parse_request_line(const std::string& line, size_t line_
   if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
   Request r;
   r.params = defaults;
-  if (j.contains("prompt")) return bad("text prompts need the tokenizer; give prompt_ids");
-  if (!j.contains("prompt_ids") || !j["prompt_ids"].is_array()) return bad("needs \"prompt_ids\": [ids...]");
-  for (const auto& id : j["prompt_ids"]) {
-    if (!id.is_number_integer()) return bad("prompt_ids must be integers");
-    r.prompt_token_ids.push_back(id.get<int32_t>());
+  if (j.contains("prompt") || j.contains("messages")) {
+    auto ids = j.contains("prompt") ? (j["prompt"].is_string() ? encoder.text(j["prompt"].get<std::string>())
+                                                               : absl::InvalidArgumentError("prompt must be a string"))
+                                    : encoder.chat(j["messages"]);
+    if (!ids.ok()) return bad(std::string(ids.status().message()));
+    r.prompt_token_ids = std::move(*ids);
+  } else {
+    if (!j.contains("prompt_ids") || !j["prompt_ids"].is_array()) return bad("needs \"prompt_ids\", \"prompt\" or \"messages\"");
+    for (const auto& id : j["prompt_ids"]) {
+      if (!id.is_number_integer()) return bad("prompt_ids must be integers");
+      r.prompt_token_ids.push_back(id.get<int32_t>());
+    }
   }
   try {
     if (j.contains("max_tokens")) r.params.max_tokens = j["max_tokens"].get<int64_t>();
@@ -97,14 +157,24 @@ json result_json(const RequestOutput& o) {
 }
 
 absl::Status run_generate(GenerateArgs args) {
-  if (args.prompt_ids.empty() == args.prompts_jsonl.empty()) {
-    return absl::InvalidArgumentError("give exactly one of --prompt-ids and --prompts-jsonl");
+  const int sources = !args.prompt_ids.empty() + !args.prompt_text.empty() + !args.chat_json.empty() + !args.prompts_jsonl.empty();
+  if (sources != 1) {
+    return absl::InvalidArgumentError("give exactly one of --prompt-ids, --prompt, --chat and --prompts-jsonl");
   }
   if (args.seed >= 0) args.params.seed = static_cast<uint64_t>(args.seed);
+  PromptEncoder encoder(args.tokenizer.empty() ? args.model : args.tokenizer);
 
   std::vector<Request> requests;
-  if (!args.prompt_ids.empty()) {
-    auto ids = parse_ids(args.prompt_ids);
+  if (args.prompts_jsonl.empty()) {
+    absl::StatusOr<std::vector<int32_t>> ids;
+    if (!args.prompt_ids.empty()) {
+      ids = parse_ids(args.prompt_ids);
+    } else if (!args.prompt_text.empty()) {
+      ids = encoder.text(args.prompt_text);
+    } else {
+      const json messages = json::parse(args.chat_json, nullptr, false);
+      ids = messages.is_discarded() ? absl::InvalidArgumentError("--chat is not valid JSON") : encoder.chat(messages);
+    }
     if (!ids.ok()) return ids.status();
     requests.push_back({"0", *ids, args.params});
   } else {
@@ -113,7 +183,7 @@ absl::Status run_generate(GenerateArgs args) {
     std::string line;
     for (size_t n = 1; std::getline(in, line); ++n) {
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      auto r = parse_request_line(line, n, args.params);
+      auto r = parse_request_line(line, n, args.params, encoder);
       if (!r.ok()) return r.status();
       r->request_id = std::to_string(requests.size());
       requests.push_back(std::move(*r));
@@ -144,9 +214,16 @@ absl::Status run_generate(GenerateArgs args) {
   if (!results.ok()) return results.status();
 
   for (const RequestOutput& o : *results) {
+    json j = result_json(o);
+    if (encoder.available()) {
+      auto text = encoder.decode(o.new_token_ids);
+      if (!text.ok()) return text.status();
+      j["text"] = *text;
+    }
     if (args.output == "json") {
-      std::cout << result_json(o).dump() << "\n";
+      std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
     } else {
+      if (j.contains("text")) std::cout << j["text"].get<std::string>() << "\n";
       for (size_t i = 0; i < o.new_token_ids.size(); ++i) std::cout << (i ? "," : "") << o.new_token_ids[i];
       std::cout << "\nfinish_reason: " << o.finish_reason << "\n";
     }
@@ -163,8 +240,12 @@ void register_generate(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate from a checkpoint in this process (no server)");
   cmd->add_option("--model", args->model, "Hugging Face checkpoint directory")->required()->check(CLI::ExistingDirectory);
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma-separated, used verbatim (no BOS added)");
+  cmd->add_option("--prompt", args->prompt_text, "Prompt text (tokenized with BOS; needs the tokenizer)");
+  cmd->add_option("--chat", args->chat_json,
+                  "Chat messages as JSON, e.g. '[{\"role\":\"user\",\"content\":\"Hello\"}]', rendered with the model's chat template");
+  cmd->add_option("--tokenizer", args->tokenizer, "Directory with tokenizer.json (default: the model directory)");
   cmd->add_option("--prompts-jsonl", args->prompts_jsonl,
-                  "File of requests, one JSON object per line: {\"prompt_ids\":[...]} with optional max_tokens, "
+                  "File of requests, one JSON object per line: {\"prompt_ids\":[...]}, {\"prompt\":\"...\"} or {\"messages\":[...]} with optional max_tokens, "
                   "temperature, top_k, top_p, min_p, seed, ignore_eos, logprobs; all run at once in one engine");
   cmd->add_option("--max-tokens", p.max_tokens, "Most tokens to generate per request")->capture_default_str();
   cmd->add_option("--temperature", p.temperature, "0 = greedy")->capture_default_str();

@@ -8,6 +8,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   shardserve::cli::register_generate(app);
   shardserve::cli::register_tokenize(app);
+  shardserve::cli::register_serve(app);
+  shardserve::cli::register_client(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

@@ -30,12 +30,26 @@ class StepExecutor {
 
 struct ExecutorOptions {
   std::string model_dir;
-  std::string backend = "cpu";
+  // A preset (llama-3.1-8b, llama-3.1-70b, ...) or config.json path: random weights made on the
+  // device instead of model_dir's checkpoint.
+  std::string synthetic;
+  std::string backend = "cpu";  // cpu or cuda
+  // Activation and KV-cache dtype: "auto" (the checkpoint's), "bfloat16", "float16", or "float32"
+  // (exact checking on the GPU). The CPU backend always computes in float32.
+  std::string dtype = "auto";
   int tp_size = 1;
+  int device = 0;
   int64_t block_size = 16;
-  // KV-cache blocks; 0 sizes the cache from kv_cache_bytes (per rank).
+  // KV-cache blocks; 0 sizes the cache: from kv_cache_bytes on the CPU, from the memory plan on
+  // the GPU (what gpu_memory_utilization of the device leaves after weights and activations).
   int64_t num_kv_blocks = 0;
   int64_t kv_cache_bytes = int64_t{256} << 20;
+  double gpu_memory_utilization = 0.90;
+  int64_t max_model_len = 0;  // 0: the model's max_position_embeddings
+  // The largest step the activation arena must hold (the engine's limits).
+  int64_t max_num_batched_tokens = 2048;
+  int64_t max_num_seqs = 256;
+  bool cuda_graphs = true;
 };
 
 struct LoadedModel {
@@ -44,6 +58,11 @@ struct LoadedModel {
   std::unique_ptr<StepExecutor> executor;
 };
 
+// tp_size > 1 builds a TpExecutor (CPU ranks as threads), else one rank in this process.
 absl::StatusOr<LoadedModel> load_model(const ExecutorOptions& options);
+
+// KV-cache blocks per rank: options.num_kv_blocks, or as many as kv_cache_bytes holds.
+// RESOURCE_EXHAUSTED when that is not even one block.
+absl::StatusOr<int64_t> kv_cache_blocks(const ExecutorOptions& options, int64_t kv_bytes_per_token);
 
 }  // namespace shardserve

@@ -6,35 +6,52 @@
 namespace shardserve {
 namespace {
 
-Tensor upload_i32(Backend& backend, const std::vector<int32_t>& v, std::vector<int64_t> shape) {
-  return backend.upload(HostTensor{v.data(), DType::kI32, std::move(shape)}, DType::kI32);
+int64_t graph_bucket(int64_t n) {
+  if (n <= 8) {
+    int64_t b = 1;
+    while (b < n) b *= 2;
+    return b;
+  }
+  return (n + 15) / 16 * 16;
 }
 
 }  // namespace
 
-ModelRunner::ModelRunner(LlamaModel& model, Backend& backend, int64_t num_blocks, int64_t block_size)
+ModelRunner::ModelRunner(LlamaModel& model, Backend& backend, int64_t num_blocks, int64_t block_size,
+                         int64_t max_model_len, bool use_graphs)
     : model_(model),
       backend_(backend),
       num_blocks_(num_blocks),
       block_size_(block_size),
+      max_model_len_(max_model_len > 0 ? std::min(max_model_len, model.config().max_position_embeddings)
+                                       : model.config().max_position_embeddings),
+      use_graphs_(use_graphs),
       kv_cache_(model.allocate_kv_cache(num_blocks, block_size)) {}
 
 std::vector<float> ModelRunner::execute(const Batch& batch) {
-  const int64_t max_pos = model_.config().max_position_embeddings;
+  const auto num_seqs = static_cast<int64_t>(batch.seqs.size());
+  bool decode_only = use_graphs_ && backend_.supports_graphs() && num_seqs > 0 && num_seqs <= kMaxGraphBatch;
+  int64_t max_blocks = 1;
+  for (const SequenceStep& s : batch.seqs) {
+    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(s.block_table.size()));
+    decode_only = decode_only && s.token_ids.size() == 1 && s.sample;
+  }
+  // A graph's shapes are fixed: pad the batch to its bucket and the block tables to full width.
+  const int64_t rows = decode_only ? graph_bucket(num_seqs) : num_seqs;
+  const int64_t width = decode_only ? (max_model_len_ + block_size_ - 1) / block_size_ : max_blocks;
+  if (max_blocks > width) throw std::logic_error("ModelRunner: block table longer than max_model_len allows");
+
   std::vector<int32_t> token_ids, positions, slot_mapping, query_start_loc{0}, seq_lens, logits_indices;
-  size_t max_blocks = 1;
+  std::vector<int32_t> block_tables(static_cast<size_t>(rows * width), 0);
   int max_query_len = 0;
   int max_seq_len = 0;
-  for (const SequenceStep& s : batch.seqs) max_blocks = std::max(max_blocks, s.block_table.size());
-  std::vector<int32_t> block_tables(batch.seqs.size() * max_blocks, -1);
-
-  for (size_t i = 0; i < batch.seqs.size(); ++i) {
+  for (int64_t i = 0; i < num_seqs; ++i) {
     const SequenceStep& s = batch.seqs[i];
     const auto q_len = static_cast<int32_t>(s.token_ids.size());
     const int32_t seq_len = s.num_cached + q_len;
-    if (q_len == 0 || seq_len > max_pos ||
+    if (q_len == 0 || seq_len > max_model_len_ ||
         static_cast<int64_t>(s.block_table.size()) * block_size_ < seq_len) {
-      throw std::logic_error("ModelRunner: sequence step without tokens, past max positions, or with too few blocks");
+      throw std::logic_error("ModelRunner: sequence step without tokens, past max_model_len, or with too few blocks");
     }
     for (int32_t j = 0; j < q_len; ++j) {
       const int32_t pos = s.num_cached + j;
@@ -44,32 +61,68 @@ std::vector<float> ModelRunner::execute(const Batch& batch) {
       positions.push_back(pos);
       slot_mapping.push_back(static_cast<int32_t>(block * block_size_ + pos % block_size_));
     }
-    std::copy(s.block_table.begin(), s.block_table.end(), block_tables.begin() + i * max_blocks);
+    std::fill(block_tables.begin() + i * width, block_tables.begin() + (i + 1) * width, -1);
+    std::copy(s.block_table.begin(), s.block_table.end(), block_tables.begin() + i * width);
     query_start_loc.push_back(static_cast<int32_t>(token_ids.size()));
     seq_lens.push_back(seq_len);
     if (s.sample) logits_indices.push_back(static_cast<int32_t>(token_ids.size()) - 1);
     max_query_len = std::max(max_query_len, q_len);
     max_seq_len = std::max(max_seq_len, seq_len);
   }
+  for (int64_t i = num_seqs; i < rows; ++i) {  // graph padding: one token at position 0 of block 0
+    token_ids.push_back(0);
+    positions.push_back(0);
+    slot_mapping.push_back(-1);
+    query_start_loc.push_back(static_cast<int32_t>(token_ids.size()));
+    seq_lens.push_back(1);
+    logits_indices.push_back(static_cast<int32_t>(token_ids.size()) - 1);
+  }
+  const auto num_sampled = static_cast<int64_t>(decode_only ? num_seqs : logits_indices.size());
 
-  const auto num_tokens = static_cast<int64_t>(token_ids.size());
-  const auto num_seqs = static_cast<int64_t>(batch.seqs.size());
+  // One host buffer, one copy: the packed arrays become views of one device tensor.
+  std::vector<int32_t> packed;
+  auto append = [&packed](const std::vector<int32_t>& v) {
+    const auto offset = static_cast<int64_t>(packed.size());
+    packed.insert(packed.end(), v.begin(), v.end());
+    return std::pair{offset, static_cast<int64_t>(v.size())};
+  };
+  const auto t_ids = append(token_ids), t_pos = append(positions), t_slots = append(slot_mapping),
+             t_qsl = append(query_start_loc), t_lens = append(seq_lens), t_logits = append(logits_indices),
+             t_tables = append(block_tables);
+  backend_.begin_step();
+  Tensor device = backend_.scratch({static_cast<int64_t>(packed.size())}, DType::kI32);
+  backend_.copy_from_host(packed.data(), device);
+  auto view = [&device](std::pair<int64_t, int64_t> r) { return device.rows(r.first, r.first + r.second); };
+
   StepInputs in;
-  in.token_ids = upload_i32(backend_, token_ids, {num_tokens});
-  in.positions = upload_i32(backend_, positions, {num_tokens});
-  in.logits_indices = upload_i32(backend_, logits_indices, {static_cast<int64_t>(logits_indices.size())});
-  in.attn.num_seqs = static_cast<int>(num_seqs);
+  in.token_ids = view(t_ids);
+  in.positions = view(t_pos);
+  in.logits_indices = view(t_logits);
+  in.attn.num_seqs = static_cast<int>(rows);
   in.attn.max_query_len = max_query_len;
   in.attn.max_seq_len = max_seq_len;
   in.attn.block_size = static_cast<int>(block_size_);
-  in.attn.query_start_loc = upload_i32(backend_, query_start_loc, {num_seqs + 1});
-  in.attn.seq_lens = upload_i32(backend_, seq_lens, {num_seqs});
-  in.attn.block_tables = upload_i32(backend_, block_tables, {num_seqs, static_cast<int64_t>(max_blocks)});
-  in.attn.slot_mapping = upload_i32(backend_, slot_mapping, {num_tokens});
+  in.attn.query_start_loc = view(t_qsl);
+  in.attn.seq_lens = view(t_lens);
+  in.attn.block_tables = view(t_tables).reshaped({rows, width});
+  in.attn.slot_mapping = view(t_slots);
 
   // A step that samples nothing (a non-final prefill chunk) still runs: it fills the cache.
-  const Tensor logits = model_.forward(in, kv_cache_);
-  return logits_indices.empty() ? std::vector<float>{} : backend_.download_f32(logits);
+  Tensor logits;
+  if (decode_only) {
+    Graph& g = graphs_[rows];
+    if (g.runs++ == 0) {
+      logits = model_.forward(in, kv_cache_);
+    } else {
+      if (!g.graph) g.graph = backend_.capture([&] { g.logits = model_.forward(in, kv_cache_); });
+      backend_.replay(g.graph);
+      logits = g.logits;
+    }
+  } else {
+    logits = model_.forward(in, kv_cache_);
+  }
+  if (num_sampled == 0) return {};
+  return backend_.download_f32(logits.rows(0, num_sampled));
 }
 
 }  // namespace shardserve

@@ -1,56 +1,29 @@
 #include "worker/model/linear.h"
 
-#include <cstring>
-
 #include "absl/strings/str_cat.h"
 
 namespace shardserve {
 
-absl::StatusOr<Linear> Linear::load(const Checkpoint& ckpt, const std::vector<LinearPart>& parts,
+absl::StatusOr<Linear> Linear::load(WeightSource& source, const std::vector<LinearPart>& parts,
                                     int64_t in_features, ParallelStyle style, Backend& backend,
                                     Communicator& comm) {
   Linear layer;
   layer.style_ = style;
   layer.comm_ = &comm;
   const int world = comm.world_size();
-  const int rank = comm.rank();
-
-  HostBuffer fused;
-  int64_t total_rows = 0;
-  int64_t cols = in_features;
-  for (const LinearPart& part : parts) {
-    absl::StatusOr<HostBuffer> buf;
-    if (style == ParallelStyle::kRow) {
-      if (in_features % world != 0) {
-        return absl::InvalidArgumentError(absl::StrCat(part.name, ": in_features ", in_features,
-                                                       " is not divisible by tp_size ", world));
-      }
-      cols = in_features / world;
-      buf = ckpt.read(part.name, {part.rows, in_features}, 1, rank * cols, (rank + 1) * cols);
-    } else if (part.row_begin == 0 && part.row_end == part.rows) {
-      buf = ckpt.read(part.name, {part.rows, in_features});
-    } else {
-      buf = ckpt.read(part.name, {part.rows, in_features}, 0, part.row_begin, part.row_end);
+  int64_t col_begin = 0;
+  int64_t col_end = in_features;
+  if (style == ParallelStyle::kRow) {
+    if (in_features % world != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(parts.front().name, ": in_features ", in_features,
+                                                     " is not divisible by tp_size ", world));
     }
-    if (!buf.ok()) return buf.status();
-    if (!is_float(buf->dtype)) {
-      return absl::InvalidArgumentError(absl::StrCat(ckpt.dir(), ": tensor '", part.name, "' has dtype ",
-                                                     std::string(dtype_name(buf->dtype)), ", expected a float type"));
-    }
-    total_rows += buf->shape[0];
-    if (fused.bytes.empty()) {
-      fused = std::move(*buf);
-    } else {
-      if (buf->dtype != fused.dtype) {
-        return absl::InvalidArgumentError(absl::StrCat(ckpt.dir(), ": tensor '", part.name, "' is ",
-                                                       std::string(dtype_name(buf->dtype)), " but '", parts.front().name,
-                                                       "' is ", std::string(dtype_name(fused.dtype))));
-      }
-      fused.bytes.insert(fused.bytes.end(), buf->bytes.begin(), buf->bytes.end());
-    }
+    col_begin = comm.rank() * (in_features / world);
+    col_end = col_begin + in_features / world;
   }
-  fused.shape = {total_rows, cols};
-  layer.weight_.weight = backend.upload(fused.view(), backend.activation_dtype());
+  auto weight = source.matrix(parts, in_features, col_begin, col_end, backend);
+  if (!weight.ok()) return weight.status();
+  layer.weight_.weight = std::move(*weight);
   return layer;
 }
 

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "worker/model/checkpoint.h"
+#include "worker/model/weight_source.h"
 #include "worker/runtime/backend.h"
 #include "worker/runtime/communicator.h"
 
@@ -19,19 +19,11 @@ namespace shardserve {
 
 enum class ParallelStyle { kReplicated, kColumn, kRow };
 
-// One checkpoint tensor of a (possibly fused) layer and the rows this rank takes from it.
-struct LinearPart {
-  std::string name;
-  int64_t rows = 0;       // out features in the checkpoint
-  int64_t row_begin = 0;  // this rank's rows [row_begin, row_end) (column-parallel)
-  int64_t row_end = 0;
-};
-
 class Linear {
  public:
   // Loads the parts ([rows, in_features] each) in this rank's shard. Row-parallel layers take
   // the input-feature columns [rank * K / N, (rank + 1) * K / N) of a single part.
-  static absl::StatusOr<Linear> load(const Checkpoint& ckpt, const std::vector<LinearPart>& parts,
+  static absl::StatusOr<Linear> load(WeightSource& source, const std::vector<LinearPart>& parts,
                                      int64_t in_features, ParallelStyle style, Backend& backend,
                                      Communicator& comm);
 

@@ -1,18 +1,12 @@
 #include "worker/model/llama.h"
 
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
 namespace shardserve {
 namespace {
-
-absl::StatusOr<Tensor> load_vector(const Checkpoint& ckpt, const std::string& name, int64_t size,
-                                   Backend& backend) {
-  auto buf = ckpt.read(name, {size});
-  if (!buf.ok()) return buf.status();
-  return backend.upload(buf->view(), backend.activation_dtype());
-}
 
 // Rows [rank * rows / world, (rank + 1) * rows / world) of a part.
 LinearPart column_part(std::string name, int64_t rows, const Communicator& comm) {
@@ -20,42 +14,85 @@ LinearPart column_part(std::string name, int64_t rows, const Communicator& comm)
   return {std::move(name), rows, comm.rank() * shard, (comm.rank() + 1) * shard};
 }
 
+// Heads [first, first + count) of a [num_heads * head_dim, K] projection.
+LinearPart head_part(std::string name, int64_t num_heads, int64_t first, int64_t count, int64_t head_dim) {
+  return {std::move(name), num_heads * head_dim, first * head_dim, (first + count) * head_dim};
+}
+
+absl::Status check_tp_size(const ModelConfig& config, int world) {
+  if (world < 1) return absl::InvalidArgumentError(absl::StrCat("tp_size must be at least 1, got ", world));
+  const std::pair<const char*, int64_t> split[] = {{"num_attention_heads", config.num_attention_heads},
+                                                   {"intermediate_size", config.intermediate_size},
+                                                   {"vocab_size", config.vocab_size}};
+  for (const auto& [name, value] : split) {
+    if (value % world != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor parallelism: tp_size ", world, " does not divide ", name,
+                                                     " (", value, ")"));
+    }
+  }
+  const int64_t kv = config.num_key_value_heads;
+  if (kv % world != 0 && world % kv != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor parallelism: tp_size ", world, " and num_key_value_heads (", kv,
+        ") must divide one another (KV heads are split over the ranks, or replicated when tp_size exceeds them)"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(const ModelConfig& config,
                                                              const Checkpoint& ckpt,
                                                              Backend& backend, Communicator& comm) {
+  CheckpointSource source(ckpt);
+  return load(config, source, backend, comm);
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(const ModelConfig& config, WeightSource& ckpt,
+                                                             Backend& backend, Communicator& comm) {
   const int world = comm.world_size();
-  if (world != 1) {
-    return absl::UnimplementedError("LlamaModel: tensor parallelism is not implemented yet (tp_size must be 1)");
-  }
+  const int rank = comm.rank();
+  if (auto st = check_tp_size(config, world); !st.ok()) return st;
   auto model = std::unique_ptr<LlamaModel>(new LlamaModel(config, backend, comm));
   const int64_t hidden = config.hidden_size;
   const int64_t head_dim = config.head_dim;
+  const int64_t total_kv_heads = config.num_key_value_heads;
   model->num_q_heads_ = config.num_attention_heads / world;
-  model->num_kv_heads_ = config.num_key_value_heads / world;
   model->ffn_size_ = config.intermediate_size / world;
+  // KV heads split when there are enough of them, else one replicated head per group of ranks.
+  int64_t first_kv_head = 0;
+  if (world <= total_kv_heads) {
+    model->num_kv_heads_ = total_kv_heads / world;
+    first_kv_head = rank * model->num_kv_heads_;
+  } else {
+    model->num_kv_heads_ = 1;
+    first_kv_head = rank / (world / total_kv_heads);
+  }
+  const int64_t vocab_shard = config.vocab_size / world;
+  model->vocab_start_ = rank * vocab_shard;
 
-  auto embed = ckpt.read("model.embed_tokens.weight", {config.vocab_size, hidden});
+  auto embed = ckpt.matrix({{"model.embed_tokens.weight", config.vocab_size, model->vocab_start_,
+                            model->vocab_start_ + vocab_shard}},
+                          hidden, 0, hidden, backend);
   if (!embed.ok()) return embed.status();
-  model->embed_tokens_ = backend.upload(embed->view(), backend.activation_dtype());
+  model->embed_tokens_ = std::move(*embed);
 
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     const std::string p = absl::StrCat("model.layers.", i, ".");
     DecoderLayer layer;
-    auto in_norm = load_vector(ckpt, p + "input_layernorm.weight", hidden, backend);
+    auto in_norm = ckpt.vector(p + "input_layernorm.weight", hidden, backend);
     if (!in_norm.ok()) return in_norm.status();
     layer.input_layernorm = *in_norm;
-    auto post_norm = load_vector(ckpt, p + "post_attention_layernorm.weight", hidden, backend);
+    auto post_norm = ckpt.vector(p + "post_attention_layernorm.weight", hidden, backend);
     if (!post_norm.ok()) return post_norm.status();
     layer.post_attention_layernorm = *post_norm;
 
     const int64_t q_rows = config.num_attention_heads * head_dim;
-    const int64_t kv_rows = config.num_key_value_heads * head_dim;
+    const int64_t kv_heads = model->num_kv_heads_;
     auto qkv = Linear::load(ckpt,
                             {column_part(p + "self_attn.q_proj.weight", q_rows, comm),
-                             column_part(p + "self_attn.k_proj.weight", kv_rows, comm),
-                             column_part(p + "self_attn.v_proj.weight", kv_rows, comm)},
+                             head_part(p + "self_attn.k_proj.weight", total_kv_heads, first_kv_head, kv_heads, head_dim),
+                             head_part(p + "self_attn.v_proj.weight", total_kv_heads, first_kv_head, kv_heads, head_dim)},
                             hidden, ParallelStyle::kColumn, backend, comm);
     if (!qkv.ok()) return qkv.status();
     layer.qkv_proj = std::move(*qkv);
@@ -77,12 +114,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(const ModelConfig& 
     model->layers_.push_back(std::move(layer));
   }
 
-  auto norm = load_vector(ckpt, "model.norm.weight", hidden, backend);
+  auto norm = ckpt.vector("model.norm.weight", hidden, backend);
   if (!norm.ok()) return norm.status();
   model->norm_ = *norm;
 
-  // A tied LM head reads the embedding matrix; some tied checkpoints still ship lm_head.weight,
-  // which is then the same values.
+  // A tied LM head reads the embedding matrix (the same vocab rows as this rank's embedding
+  // shard); some tied checkpoints still ship lm_head.weight, which is then the same values.
   const std::string head_name = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   auto head = Linear::load(ckpt, {column_part(head_name, config.vocab_size, comm)}, hidden,
                            ParallelStyle::kColumn, backend, comm);
@@ -122,10 +159,10 @@ int64_t LlamaModel::kv_bytes_per_token() const {
 void LlamaModel::attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in,
                            KvLayer& kv, Tensor& out) {
   const int64_t tokens = x.dim(0);
-  Tensor qkv = backend_.empty({tokens, layer.qkv_proj.out_features()}, backend_.activation_dtype());
+  Tensor qkv = backend_.scratch({tokens, layer.qkv_proj.out_features()}, backend_.activation_dtype());
   layer.qkv_proj.forward(backend_, x, qkv);
   backend_.rope_and_store_kv(qkv, num_q_heads_, in.positions, cos_sin_, in.attn.slot_mapping, kv);
-  Tensor attn = backend_.empty({tokens, num_q_heads_ * config_.head_dim}, backend_.activation_dtype());
+  Tensor attn = backend_.scratch({tokens, num_q_heads_ * config_.head_dim}, backend_.activation_dtype());
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   backend_.attention(qkv, num_q_heads_, kv, in.attn, scale, attn);
   layer.o_proj.forward(backend_, attn, out);
@@ -133,11 +170,33 @@ void LlamaModel::attention(const DecoderLayer& layer, const Tensor& x, const Ste
 
 void LlamaModel::feed_forward(const DecoderLayer& layer, const Tensor& x, Tensor& out) {
   const int64_t tokens = x.dim(0);
-  Tensor gate_up = backend_.empty({tokens, 2 * ffn_size_}, backend_.activation_dtype());
+  Tensor gate_up = backend_.scratch({tokens, 2 * ffn_size_}, backend_.activation_dtype());
   layer.gate_up_proj.forward(backend_, x, gate_up);
-  Tensor act = backend_.empty({tokens, ffn_size_}, backend_.activation_dtype());
+  Tensor act = backend_.scratch({tokens, ffn_size_}, backend_.activation_dtype());
   backend_.silu_mul(gate_up, act);
   layer.down_proj.forward(backend_, act, out);
+}
+
+// Each token's row lives on exactly one rank; the others contribute zeros to the all-reduce.
+Tensor LlamaModel::embed(const Tensor& token_ids) {
+  Tensor out = backend_.scratch({token_ids.numel(), config_.hidden_size}, backend_.activation_dtype());
+  backend_.embedding(token_ids, embed_tokens_, vocab_start_, out);
+  if (comm_.world_size() > 1) comm_.all_reduce(out);
+  return out;
+}
+
+// Each rank computes the logits of its vocab shard; the gathered shards are set side by side.
+Tensor LlamaModel::lm_head(const Tensor& x) {
+  const int64_t rows = x.dim(0);
+  const int world = comm_.world_size();
+  Tensor local = backend_.scratch({rows, lm_head_.out_features()}, DType::kF32);
+  lm_head_.forward(backend_, x, local);
+  if (world == 1) return local;
+  Tensor gathered = backend_.scratch({world * rows, lm_head_.out_features()}, DType::kF32);
+  comm_.all_gather(local, gathered);
+  Tensor logits = backend_.scratch({rows, config_.vocab_size}, DType::kF32);
+  backend_.join_column_shards(gathered, world, logits);
+  return logits;
 }
 
 Tensor LlamaModel::forward(const StepInputs& in, std::vector<KvLayer>& kv_cache) {
@@ -146,10 +205,9 @@ Tensor LlamaModel::forward(const StepInputs& in, std::vector<KvLayer>& kv_cache)
   const float eps = static_cast<float>(config_.rms_norm_eps);
   const DType act = backend_.activation_dtype();
 
-  Tensor residual = backend_.empty({tokens, hidden}, act);
-  backend_.embedding(in.token_ids, embed_tokens_, 0, residual);
-  Tensor x = backend_.empty({tokens, hidden}, act);  // normed input of each sublayer
-  Tensor h = backend_.empty({tokens, hidden}, act);  // output of each sublayer
+  Tensor residual = embed(in.token_ids);
+  Tensor x = backend_.scratch({tokens, hidden}, act);  // normed input of each sublayer
+  Tensor h = backend_.scratch({tokens, hidden}, act);  // output of each sublayer
   for (size_t i = 0; i < layers_.size(); ++i) {
     const DecoderLayer& layer = layers_[i];
     if (i == 0) {
@@ -165,11 +223,9 @@ Tensor LlamaModel::forward(const StepInputs& in, std::vector<KvLayer>& kv_cache)
 
   const int64_t rows = in.logits_indices.numel();
   if (rows == 0) return Tensor{};
-  Tensor last = backend_.empty({rows, hidden}, act);
+  Tensor last = backend_.scratch({rows, hidden}, act);
   backend_.gather_rows(x, in.logits_indices, last);
-  Tensor logits = backend_.empty({rows, config_.vocab_size}, DType::kF32);
-  lm_head_.forward(backend_, last, logits);
-  return logits;
+  return lm_head(last);
 }
 
 }  // namespace shardserve

@@ -6,6 +6,18 @@
 //   out = h + feed_forward(ffn_norm(h))
 // with the residual add fused into the next norm. Logits come back only for the rows the caller
 // asks for (the last token of each sequence that samples this step).
+//
+// Tensor parallelism over N ranks (Megatron style; the Linear layers carry the style):
+// - attention: rank r holds query heads [r * Hq / N, (r + 1) * Hq / N) (column-parallel q) and
+//   either KV heads [r * Hkv / N, (r + 1) * Hkv / N) when N <= Hkv, or, when N > Hkv, one KV head
+//   r / (N / Hkv), replicated on the N / Hkv ranks whose query heads read it; o_proj is
+//   row-parallel over the same heads and all-reduces;
+// - MLP: gate/up column-parallel, down_proj row-parallel (all-reduce);
+// - embedding and LM head vocab-parallel: rank r holds vocab rows [r * V / N, (r + 1) * V / N);
+//   embeddings are all-reduced (each id's row lives on one rank), logit shards all-gathered, so
+//   every rank returns the full logits.
+// N must divide num_attention_heads, intermediate_size and vocab_size, and N and
+// num_key_value_heads must divide one another.
 #pragma once
 
 #include <memory>
@@ -15,6 +27,7 @@
 #include "worker/model/checkpoint.h"
 #include "worker/model/config.h"
 #include "worker/model/linear.h"
+#include "worker/model/weight_source.h"
 #include "worker/runtime/backend.h"
 #include "worker/runtime/communicator.h"
 
@@ -30,11 +43,15 @@ struct StepInputs {
 
 class LlamaModel {
  public:
-  // Loads this rank's shard of every weight (comm gives rank and group size) and checks each
-  // tensor's shape against the config.
+  // Loads this rank's shard of every weight (comm gives rank and group size; only the shard's
+  // slices are read from the checkpoint) and checks each tensor's shape against the config.
+  // INVALID_ARGUMENT naming the quantity when the group size does not divide what it must.
   static absl::StatusOr<std::unique_ptr<LlamaModel>> load(const ModelConfig& config,
                                                           const Checkpoint& ckpt, Backend& backend,
                                                           Communicator& comm);
+  // The same from any source of weights (a checkpoint, or synthetic weights made on the device).
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> load(const ModelConfig& config, WeightSource& source,
+                                                          Backend& backend, Communicator& comm);
 
   // Runs one step and returns FP32 logits [S', vocab_size] for in.logits_indices.
   Tensor forward(const StepInputs& in, std::vector<KvLayer>& kv_cache);
@@ -63,6 +80,8 @@ class LlamaModel {
   void attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in, KvLayer& kv,
                  Tensor& out);
   void feed_forward(const DecoderLayer& layer, const Tensor& x, Tensor& out);
+  Tensor embed(const Tensor& token_ids);
+  Tensor lm_head(const Tensor& x);
 
   ModelConfig config_;
   Backend& backend_;
@@ -70,10 +89,11 @@ class LlamaModel {
   int64_t num_q_heads_ = 0;   // on this rank
   int64_t num_kv_heads_ = 0;  // on this rank
   int64_t ffn_size_ = 0;      // on this rank
-  Tensor embed_tokens_;       // [vocab, hidden]
+  int64_t vocab_start_ = 0;   // first vocab row of this rank's embedding and LM head shards
+  Tensor embed_tokens_;       // [vocab / N, hidden]
   std::vector<DecoderLayer> layers_;
   Tensor norm_;
-  Linear lm_head_;
+  Linear lm_head_;  // column-parallel over the vocabulary
   Tensor cos_sin_;  // [max_position_embeddings, head_dim]: cos | sin
 };
 

@@ -11,6 +11,8 @@
 //   `block_tables[s][i]` for its positions [i * block_size, (i + 1) * block_size).
 #pragma once
 
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -61,6 +63,23 @@ class Backend {
   virtual std::vector<float> download_f32(const Tensor& src) = 0;
   // Waits until all queued work has finished.
   virtual void synchronize() = 0;
+  // Step-scoped memory, valid until the next begin_step(): activations and per-step inputs. A
+  // device backend hands it out from a fixed arena, so the same step shape gets the same
+  // addresses (what CUDA graphs replay). Default: ordinary memory.
+  virtual Tensor scratch(std::vector<int64_t> shape, DType dtype) { return empty(std::move(shape), dtype); }
+  // Starts a forward step: scratch memory handed out before it may be reused.
+  virtual void begin_step() {}
+  // Copies dst.nbytes() bytes of host memory into dst (no conversion).
+  virtual void copy_from_host(const void* src, Tensor& dst) = 0;
+  // Step graphs (CUDA graphs where supported): capture() records the work `fn` queues without
+  // running it; replay() runs it again on the same buffers. Only after supports_graphs() says
+  // scratch addresses are fixed.
+  virtual bool supports_graphs() const { return false; }
+  virtual std::shared_ptr<void> capture(const std::function<void()>& fn) { (void)fn; return nullptr; }
+  virtual void replay(const std::shared_ptr<void>& graph) { (void)graph; }
+  // Fills a floating tensor with values uniform in [-scale, scale) from (seed, element index):
+  // synthetic weights, made where they live.
+  virtual void fill_uniform(Tensor& t, uint64_t seed, float scale) = 0;
 
   // out[t] = table[ids[t] - vocab_start] when vocab_start <= ids[t] < vocab_start + rows(table),
   // zeros otherwise (a vocab-parallel shard; its partial rows are summed by an all-reduce).
@@ -88,6 +107,11 @@ class Backend {
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   // out[i] = x[indices[i]] (rows).
   virtual void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) = 0;
+  // shards [n * R, C] holds n blocks [R, C] one after another (what all_gather returns for n
+  // ranks); out [R, n * C] sets them side by side: out[i, k * C + j] = shards[k * R + i, j].
+  // Turns the gathered logits of a vocab-parallel LM head into full vocabulary rows. Any dtype
+  // (a copy; shards and out share it).
+  virtual void join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) = 0;
 };
 
 }  // namespace shardserve

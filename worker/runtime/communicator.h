@@ -1,6 +1,8 @@
 // Communicator: the collectives tensor parallelism needs, between the ranks of one group.
 // Every rank of a group calls the same collectives in the same order with tensors of the same
-// shape and dtype; a call returns when the result is in place on this rank.
+// shape and dtype; a call returns when the result is in place on this rank. A collective that
+// cannot complete (a rank lost or out of step) never returns normally: it throws or aborts with
+// a message saying why (InProcessGroup: CollectiveError after its timeout).
 #pragma once
 
 #include "worker/runtime/tensor.h"

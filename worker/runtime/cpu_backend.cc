@@ -79,6 +79,25 @@ std::vector<float> CpuBackend::download_f32(const Tensor& src) {
   return out;
 }
 
+void CpuBackend::copy_from_host(const void* src, Tensor& dst) { std::memcpy(dst.data, src, dst.nbytes()); }
+
+static uint64_t splitmix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float scale) {
+  require_f32(t, "fill_uniform target");
+  // The same values as kernels::fill_uniform before rounding to the device's dtype.
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const uint64_t bits = splitmix64(seed ^ (static_cast<uint64_t>(i) * 0xd1b54a32d192ed03ull));
+    const float u = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);
+    t.as<float>()[i] = (2.0f * u - 1.0f) * scale;
+  }
+}
+
 void CpuBackend::embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start,
                            Tensor& out) {
   require_f32(table, "embedding table");
@@ -240,6 +259,17 @@ void CpuBackend::gather_rows(const Tensor& x, const Tensor& indices, Tensor& out
   for (int64_t i = 0; i < indices.numel(); ++i) {
     std::memcpy(static_cast<char*>(out.data) + static_cast<size_t>(i) * row_bytes,
                 static_cast<const char*>(x.data) + indices.as<int32_t>()[i] * row_bytes, row_bytes);
+  }
+}
+
+void CpuBackend::join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) {
+  const int64_t rows = out.dim(0);
+  const size_t shard_row_bytes = shards.nbytes() / static_cast<size_t>(shards.dim(0));
+  for (int64_t k = 0; k < num_shards; ++k) {
+    for (int64_t i = 0; i < rows; ++i) {
+      std::memcpy(static_cast<char*>(out.data) + (i * num_shards + k) * shard_row_bytes,
+                  static_cast<const char*>(shards.data) + (k * rows + i) * shard_row_bytes, shard_row_bytes);
+    }
   }
 }
 

@@ -20,6 +20,8 @@ class CpuBackend final : public Backend {
   Tensor upload(const HostTensor& src, DType dtype) override;
   std::vector<float> download_f32(const Tensor& src) override;
   void synchronize() override {}
+  void copy_from_host(const void* src, Tensor& dst) override;
+  void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
 
   void embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start,
                  Tensor& out) override;
@@ -33,6 +35,7 @@ class CpuBackend final : public Backend {
                  const AttentionMetadata& meta, float scale, Tensor& out) override;
   void silu_mul(const Tensor& gate_up, Tensor& out) override;
   void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) override;
+  void join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) override;
 
  private:
   int num_threads_;

@@ -1,0 +1,73 @@
+// shardserve-coordinator: the public gRPC API of a cluster (no CUDA). Workers find it with
+// --coordinator ADDR; clients call it. SIGTERM or SIGINT drains it.
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <iostream>
+
+#include "coordinator/config.h"
+#include "coordinator/server.h"
+
+int main(int argc, char** argv) {
+  // A parent may have left them ignored (background jobs of a script): an ignored signal is
+  // dropped, never waited for. Then blocked before any thread starts, so that only sigwait below sees them.
+  signal(SIGINT, SIG_DFL);
+  signal(SIGTERM, SIG_DFL);
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  CLI::App app{"shardserve-coordinator: routes gRPC Generate calls to worker groups"};
+  std::string config_path;
+  shardserve::CoordinatorOptions o;
+  int64_t health_interval_ms = o.health_interval.count(), health_timeout_ms = o.health_timeout.count();
+  int64_t dead_after_ms = o.dead_after.count();
+  double shutdown_timeout_s = 30;
+  std::string log_level = "info";
+  app.add_option("--config", config_path, "Cluster config (YAML): models and worker groups")->required()
+      ->check(CLI::ExistingFile);
+  app.add_option("--host", o.host, "Address to listen on")->capture_default_str();
+  app.add_option("--port", o.port, "gRPC port (0: any free port)")->capture_default_str();
+  app.add_option("--metrics-port", o.metrics_port, "Prometheus /metrics port (0: any free port; -1: off)")
+      ->capture_default_str();
+  app.add_option("--ready-file", o.ready_file,
+                 "Write this JSON file (address, metrics_address, groups) once every group is serving");
+  app.add_option("--max-in-flight", o.max_in_flight, "Generate calls served at once; more get RESOURCE_EXHAUSTED")
+      ->capture_default_str();
+  app.add_option("--max-request-bytes", o.max_request_bytes, "Largest request; larger ones get INVALID_ARGUMENT")
+      ->capture_default_str();
+  app.add_option("--health-interval-ms", health_interval_ms, "Between health checks of each worker")
+      ->capture_default_str();
+  app.add_option("--health-timeout-ms", health_timeout_ms, "A health check slower than this fails")
+      ->capture_default_str();
+  app.add_option("--dead-after-ms", dead_after_ms, "A worker failing checks this long loses its slot")
+      ->capture_default_str();
+  app.add_option("--shutdown-timeout", shutdown_timeout_s, "Seconds in-flight requests get to finish on SIGTERM")
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  o.health_interval = std::chrono::milliseconds(health_interval_ms);
+  o.health_timeout = std::chrono::milliseconds(health_timeout_ms);
+  o.dead_after = std::chrono::milliseconds(dead_after_ms);
+  o.shutdown_timeout = std::chrono::milliseconds(static_cast<int64_t>(shutdown_timeout_s * 1000));
+
+  auto config = shardserve::load_cluster_config(config_path);
+  if (!config.ok()) {
+    std::cerr << "error: " << config.status().message() << "\n";
+    return 1;
+  }
+  auto coordinator = shardserve::Coordinator::start(o, std::move(*config));
+  if (!coordinator.ok()) {
+    std::cerr << "error: " << coordinator.status().message() << "\n";
+    return 1;
+  }
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("got {}; draining", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  (*coordinator)->drain_and_stop();
+  return 0;
+}

@@ -1,0 +1,56 @@
+// The coordinator: the public Generation service (proto/shardserve/v1), the Registry service that
+// workers register with, health (grpc.health.v1) and reflection, and /metrics.
+//
+// One request, in order: size limit -> model (NOT_FOUND) -> prompt to ids (tokenizer, chat
+// template; FAILED_PRECONDITION without a tokenizer) -> sampling validation against the model's
+// limits -> back-pressure (RESOURCE_EXHAUSTED past max_in_flight) -> route to the least loaded
+// serving replica -> stream the worker's token ids back through a TextStream (detokenization and
+// stop strings). The worker call is a child of the client's call: its deadline and cancellation
+// propagate, so a client that goes away frees its KV blocks at once. If the replica fails before
+// the first token, the request moves to another replica; after it, the request ends UNAVAILABLE.
+//
+// Drain (SIGTERM): health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight requests get
+// up to shutdown_timeout to finish, then the server stops.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "coordinator/config.h"
+
+namespace shardserve {
+
+struct CoordinatorOptions {
+  std::string host = "0.0.0.0";
+  int port = 50051;       // 0: any free port
+  int metrics_port = -1;  // -1: no /metrics; 0: any free port
+  // Written (JSON: address, metrics_address, groups) once the server listens and every group
+  // replica of the config is serving; a launcher or test waits for it.
+  std::string ready_file;
+  int64_t max_in_flight = 1024;           // Generate calls at once; more get RESOURCE_EXHAUSTED
+  int64_t max_request_bytes = 1 << 20;    // larger requests get INVALID_ARGUMENT
+  std::chrono::milliseconds health_interval{500};
+  std::chrono::milliseconds health_timeout{1000};
+  std::chrono::milliseconds dead_after{10000};
+  std::chrono::milliseconds shutdown_timeout{30000};
+};
+
+class Coordinator {
+ public:
+  // Loads the tokenizers, starts the servers and the health checks.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> start(const CoordinatorOptions& options, ClusterConfig config);
+  ~Coordinator();
+  int port() const;
+  // NOT_SERVING, wait for in-flight requests (up to shutdown_timeout), stop.
+  void drain_and_stop();
+
+ private:
+  struct Impl;
+  explicit Coordinator(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shardserve

@@ -1,0 +1,211 @@
+// Paged causal attention for prefill, chunked prefill and decode in one kernel.
+//
+// Grid (token, KV head, split). One CTA serves the G = Hq / Hkv query heads that share a KV head,
+// so each K/V tile is read from the paged cache once per group (GQA-aware), and it walks the
+// token's causal context [0, pos] in tiles of 32 positions with an online softmax (FP32). For
+// decode, where tokens x KV heads is far below the SM count, the context is split over `num_splits`
+// CTAs (flash-decoding) whose partial (max, sum, accumulator) are merged by a combine kernel.
+// The split count depends only on the launch shape, not on sequence lengths, so a captured CUDA
+// graph stays valid as sequences grow: splits past the end of a context simply write empty
+// partials.
+//
+// This is the CUDA-core version: prefill re-reads K/V per query token from L2. A tensor-core
+// (FlashAttention-2 style) prefill path is the next step for long prompts.
+#include <cfloat>
+
+#include "kernels/common.cuh"
+#include "kernels/kernels.h"
+
+namespace shardserve::kernels {
+namespace {
+
+constexpr int kTile = 32;  // = warp size: one lane per position in the softmax update
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxAcc = 16;  // accumulators per thread: G * D <= kThreads * kMaxAcc
+
+size_t smem_bytes(int64_t g, int64_t d) { return sizeof(float) * (g * d + kTile * (d + 1) + g * kTile + 3 * g); }
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t kvh = blockIdx.y;
+  const int split = blockIdx.z;
+  const int G = static_cast<int>(p.num_q_heads / p.num_kv_heads);
+  const int D = static_cast<int>(p.head_dim);
+  const int tid = threadIdx.x;
+
+  // The sequence of token t: the last s with query_start_loc[s] <= t.
+  int lo = 0, hi = static_cast<int>(p.num_seqs) - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.query_start_loc[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  const int s = lo;
+  const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
+  const int ctx = p.seq_lens[s] - q_len + static_cast<int>(t - p.query_start_loc[s]) + 1;  // positions [0, ctx)
+  const int tiles = (ctx + kTile - 1) / kTile;
+  const int tiles_per_split = (tiles + p.num_splits - 1) / p.num_splits;
+  const int begin = split * tiles_per_split * kTile;
+  const int end = min(ctx, begin + tiles_per_split * kTile);
+
+  extern __shared__ float smem[];
+  float* q_s = smem;                     // [G][D], pre-scaled
+  float* kv_s = q_s + G * D;             // [kTile][D + 1]
+  float* p_s = kv_s + kTile * (D + 1);   // [G][kTile]
+  float* m_s = p_s + G * kTile;          // [G]
+  float* l_s = m_s + G;                  // [G]
+  float* alpha_s = l_s + G;              // [G]
+
+  const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
+  const T* q = static_cast<const T*>(p.qkv) + t * stride + kvh * G * D;
+  for (int i = tid; i < G * D; i += kThreads) q_s[i] = to_f32(q[i]) * p.scale;
+  for (int g = tid; g < G; g += kThreads) {
+    m_s[g] = -FLT_MAX;
+    l_s[g] = 0.0f;
+  }
+  float acc[kMaxAcc];
+#pragma unroll
+  for (int k = 0; k < kMaxAcc; ++k) acc[k] = 0.0f;
+
+  const int32_t* block_table = p.block_tables + s * p.max_blocks;
+  const T* k_cache = static_cast<const T*>(p.k_cache);
+  const T* v_cache = static_cast<const T*>(p.v_cache);
+  auto cache_index = [&](int pos, int d) {
+    const int64_t slot = static_cast<int64_t>(block_table[pos / p.block_size]) * p.block_size + pos % p.block_size;
+    return (slot * p.num_kv_heads + kvh) * D + d;
+  };
+  __syncthreads();
+
+  for (int start = begin; start < end; start += kTile) {
+    const int n = min(kTile, end - start);
+    for (int i = tid; i < n * D; i += kThreads) kv_s[(i / D) * (D + 1) + i % D] = to_f32(k_cache[cache_index(start + i / D, i % D)]);
+    __syncthreads();
+    for (int i = tid; i < G * kTile; i += kThreads) {
+      const int g = i / kTile;
+      const int j = i % kTile;
+      float score = -FLT_MAX;
+      if (j < n) {
+        score = 0.0f;
+        for (int d = 0; d < D; ++d) score += q_s[g * D + d] * kv_s[j * (D + 1) + d];
+      }
+      p_s[i] = score;
+    }
+    __syncthreads();
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    for (int g = warp; g < G; g += kWarps) {
+      const float v = p_s[g * kTile + lane];
+      const float m_old = m_s[g];
+      const float m_new = fmaxf(m_old, warp_max(v));
+      const float e = lane < n ? __expf(v - m_new) : 0.0f;
+      const float sum = warp_sum(e);
+      p_s[g * kTile + lane] = e;
+      __syncwarp();
+      if (lane == 0) {
+        const float alpha = __expf(m_old - m_new);
+        alpha_s[g] = alpha;
+        l_s[g] = l_s[g] * alpha + sum;
+        m_s[g] = m_new;
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < n * D; i += kThreads) kv_s[(i / D) * (D + 1) + i % D] = to_f32(v_cache[cache_index(start + i / D, i % D)]);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kMaxAcc; ++k) {
+      const int idx = tid + k * kThreads;
+      if (idx < G * D) {
+        const int g = idx / D;
+        const int d = idx % D;
+        float a = acc[k] * alpha_s[g];
+        for (int j = 0; j < n; ++j) a += p_s[g * kTile + j] * kv_s[j * (D + 1) + d];
+        acc[k] = a;
+      }
+    }
+    __syncthreads();
+  }
+
+  const int64_t head0 = kvh * G;
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + t * p.num_q_heads * D + head0 * D;
+#pragma unroll
+    for (int k = 0; k < kMaxAcc; ++k) {
+      const int idx = tid + k * kThreads;
+      if (idx < G * D) out[idx] = from_f32<T>(acc[k] / l_s[idx / D]);
+    }
+    return;
+  }
+  // Partials: (m, l) pairs [T][Hq][splits][2], then accumulators [T][Hq][splits][D].
+  const int64_t ml_count = p.num_tokens * p.num_q_heads * p.num_splits;
+  float* ml = p.partials;
+  float* accs = p.partials + 2 * ml_count;
+  for (int g = tid; g < G; g += kThreads) {
+    const int64_t r = ((t * p.num_q_heads) + head0 + g) * p.num_splits + split;
+    ml[2 * r] = m_s[g];
+    ml[2 * r + 1] = l_s[g];
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxAcc; ++k) {
+    const int idx = tid + k * kThreads;
+    if (idx < G * D) {
+      const int64_t r = ((t * p.num_q_heads) + head0 + idx / D) * p.num_splits + split;
+      accs[r * D + idx % D] = acc[k];
+    }
+  }
+}
+
+template <typename T>
+__global__ void combine_kernel(AttentionParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t h = blockIdx.y;
+  const int64_t D = p.head_dim;
+  const int64_t ml_count = p.num_tokens * p.num_q_heads * p.num_splits;
+  const int64_t r0 = (t * p.num_q_heads + h) * p.num_splits;
+  const float* ml = p.partials + 2 * r0;
+  const float* accs = p.partials + 2 * ml_count + r0 * D;
+  float m = -FLT_MAX;
+  for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, ml[2 * s]);
+  float l = 0.0f;
+  for (int s = 0; s < p.num_splits; ++s) l += __expf(ml[2 * s] - m) * ml[2 * s + 1];
+  T* out = static_cast<T*>(p.out) + (t * p.num_q_heads + h) * D;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s) a += __expf(ml[2 * s] - m) * accs[s * D + d];
+    out[d] = from_f32<T>(a / l);
+  }
+}
+
+}  // namespace
+
+size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_t head_dim, int num_splits) {
+  if (num_splits <= 1) return 0;
+  return sizeof(float) * static_cast<size_t>(num_tokens * num_q_heads * num_splits * (head_dim + 2));
+}
+
+cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  const int64_t g = p.num_q_heads / p.num_kv_heads;
+  if (g * p.num_kv_heads != p.num_q_heads || g * p.head_dim > kThreads * kMaxAcc || p.num_splits < 1 ||
+      (p.num_splits > 1 && p.partials == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const size_t smem = smem_bytes(g, p.head_dim);
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(attention_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_kv_heads),
+                    static_cast<unsigned>(p.num_splits));
+    attention_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+    if (p.num_splits > 1) {
+      const dim3 cgrid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_q_heads));
+      combine_kernel<T><<<cgrid, 128, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace shardserve::kernels

@@ -1,0 +1,74 @@
+// Host launchers of the CUDA kernels: raw device pointers, sizes and a stream, nothing else, so
+// the CUDA backend (worker/runtime/cuda_backend) stays a thin adapter and each kernel can be tested
+// against the CPU reference backend on its own (tests/gpu/kernels_test.cc).
+//
+// `dtype` is the activation type (BF16 or F16) of the tensors marked T; math is FP32 throughout.
+// Every launcher returns the launch's cudaError_t (cudaGetLastError), checked by the caller.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "worker/runtime/dtype.h"
+
+namespace shardserve::kernels {
+
+// out[t, :] = table[ids[t] - vocab_start, :] if in [0, rows), else 0. table, out: T.
+cudaError_t embedding(const int32_t* ids, int64_t num_tokens, const void* table, int64_t rows, int64_t hidden,
+                      int64_t vocab_start, void* out, DType dtype, cudaStream_t stream);
+
+// residual (optional, in/out) += x; out = rmsnorm(residual or x) * weight. All T.
+// Rounding follows Hugging Face's LlamaRMSNorm: normalise in FP32, round to T, multiply by weight.
+cudaError_t rmsnorm(const void* x, void* residual, const void* weight, int64_t rows, int64_t hidden, float eps,
+                    void* out, DType dtype, cudaStream_t stream);
+
+// In place on qkv [T, (Hq + 2 Hkv) * D]: rotate-half RoPE on the q and k heads with cos_sin
+// [max_pos, D] (F32: cos | sin) at positions[t]; writes k and v heads to the paged caches
+// [num_blocks, block_size, Hkv, D] at slot_mapping[t] (skipped when < 0).
+cudaError_t rope_and_store_kv(void* qkv, int64_t num_tokens, int64_t num_q_heads, int64_t num_kv_heads,
+                              int64_t head_dim, const int32_t* positions, const float* cos_sin,
+                              const int32_t* slot_mapping, void* k_cache, void* v_cache, DType dtype,
+                              cudaStream_t stream);
+
+struct AttentionParams {
+  const void* qkv = nullptr;  // [T, (Hq + 2 Hkv) * D]
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  void* out = nullptr;        // [T, Hq * D]
+  const int32_t* query_start_loc = nullptr;  // [S + 1]
+  const int32_t* seq_lens = nullptr;         // [S]
+  const int32_t* block_tables = nullptr;     // [S, max_blocks]
+  int64_t num_tokens = 0;
+  int64_t num_seqs = 0;
+  int64_t num_q_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t block_size = 0;
+  int64_t max_blocks = 0;
+  float scale = 1.0f;
+  // Flash-decoding: each (token, KV head) is split over this many CTAs along the context, then
+  // combined. partials needs attention_workspace_bytes(...) bytes when num_splits > 1.
+  int num_splits = 1;
+  float* partials = nullptr;
+};
+size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_t head_dim, int num_splits);
+// Causal paged attention, GQA-aware: one CTA serves all query heads of a KV head, so each K/V
+// block is read once per group.
+cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t stream);
+
+// gate_up [T, 2F] -> out [T, F] = silu(gate) * up. T.
+cudaError_t silu_mul(const void* gate_up, int64_t rows, int64_t f, void* out, DType dtype, cudaStream_t stream);
+
+// Row gather and the vocab-parallel logits reorder, for any element size.
+cudaError_t gather_rows(const void* x, int64_t row_bytes, const int32_t* indices, int64_t n, void* out,
+                        cudaStream_t stream);
+
+// Random values, uniform in [-scale, scale), from a counter-based hash of (seed, index): the
+// synthetic-weights generator. Also fills F32.
+cudaError_t fill_uniform(void* out, int64_t n, uint64_t seed, float scale, DType dtype, cudaStream_t stream);
+
+// Converts n F32 values to T (BF16/F16) or copies F32.
+cudaError_t convert_from_f32(const float* in, int64_t n, void* out, DType dtype, cudaStream_t stream);
+
+}  // namespace shardserve::kernels

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds the CUDA targets here and bundles them for a GPU machine that has the CUDA driver,
+# cuBLASLt and NCCL but none of our other libraries: dist/bin holds the programs, dist/lib every
+# shared library they resolve outside glibc/libstdc++/libssl/libz/CUDA/NCCL.
+#   scripts/device_bundle.sh [TARGET...]     (default: the GPU tests, benchmarks and the CLI)
+# Then on the GPU machine: scripts/device_run.sh (with dist/ carried along).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${BUILD_DIR:-build-cuda}
+ARCHS=${CUDA_ARCHS:-90a}
+TARGETS=("$@")
+((${#TARGETS[@]})) || TARGETS=(gpu_tests engine_bench shardserve)
+cmake -S . -B "$BUILD_DIR" -G Ninja -DSHARDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+  -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$BUILD_DIR" -j "${BUILD_JOBS:-2}" --target "${TARGETS[@]}"
+rm -rf dist && mkdir -p dist/bin dist/lib
+for t in "${TARGETS[@]}"; do cp "$BUILD_DIR/bin/$t" dist/bin/; done
+ldd dist/bin/* | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libstdc++.so*|libgcc_s.so*|libssl.so*|libcrypto.so*|libz.so*) ;;
+    libcuda.so*|libcudart.so*|libcublas*.so*|libnccl.so*) ;;
+    *) cp -L "$lib" dist/lib/ ;;
+  esac
+done
+du -sh dist

@@ -1,0 +1,185 @@
+// Engine benchmark on one GPU: decode tokens/s at several batch sizes and prefill tokens/s for a
+// 2,048-token prompt, on a synthetic model (random weights made on the device, no files).
+// Every figure is set against the device's copy bandwidth measured in the same run:
+//   bandwidth_fraction = (weight bytes + KV bytes read per step) / step time / copy bandwidth
+// where copy bandwidth = (bytes read + bytes written) / time of a 1 GiB device-to-device copy.
+// Writes one JSON record per measurement (keys shared by every benchmark of the project).
+//   engine_bench [--model llama-3.1-8b] [--batches 1,8,32,128] [--context 512] [--out FILE]
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "worker/engine/executor.h"
+
+namespace {
+
+using shardserve::Batch;
+using shardserve::ModelConfig;
+using Clock = std::chrono::steady_clock;
+
+double copy_bandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  cudaMalloc(&a, bytes);
+  cudaMalloc(&b, bytes);
+  cudaMemset(a, 1, bytes);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    cudaEventRecord(start);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float t = 0;
+    cudaEventElapsedTime(&t, start, stop);
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaFree(a);
+  cudaFree(b);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3);
+}
+
+// Bytes of weights one decode step reads: every projection, the norms and the LM head (the
+// embedding only for the B looked-up rows, negligible).
+double weight_bytes_per_step(const ModelConfig& c, double bytes_per_param) {
+  const double h = c.hidden_size, d = c.head_dim;
+  const double attn = h * (c.num_attention_heads * d) * 2 + h * (c.num_key_value_heads * d) * 2;
+  const double ffn = 3.0 * h * c.intermediate_size;
+  return (c.num_hidden_layers * (attn + ffn + 2 * h) + h + c.vocab_size * h) * bytes_per_param;
+}
+
+std::string today() {
+  const std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&t));
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shardserve engine benchmark (one GPU, synthetic weights)"};
+  std::string model = "llama-3.1-8b";
+  std::vector<int> batches = {1, 8, 32, 128};
+  int context = 512;
+  int prefill_len = 2048;
+  int steps = 50;
+  std::string out_path;
+  app.add_option("--model", model, "synthetic preset");
+  app.add_option("--batches", batches, "decode batch sizes")->delimiter(',');
+  app.add_option("--context", context, "tokens already in each sequence's cache when decoding");
+  app.add_option("--prefill", prefill_len, "prompt length for the prefill measurement");
+  app.add_option("--steps", steps, "decode steps timed per batch size");
+  app.add_option("--out", out_path, "append JSON records here");
+  CLI11_PARSE(app, argc, argv);
+
+  const double bw = copy_bandwidth();
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  std::printf("device %s, copy bandwidth %.0f GB/s\n", prop.name, bw / 1e9);
+
+  const int max_batch = *std::max_element(batches.begin(), batches.end());
+  shardserve::ExecutorOptions options;
+  options.backend = "cuda";
+  options.synthetic = model;
+  options.max_num_batched_tokens = std::max(prefill_len, max_batch);
+  options.max_num_seqs = max_batch;
+  options.max_model_len = std::max(context + steps + 8, prefill_len) + 16;
+  options.gpu_memory_utilization = 0.90;
+  auto loaded = shardserve::load_model(options);
+  if (!loaded.ok()) {
+    std::cerr << "error: " << loaded.status() << "\n";
+    return 1;
+  }
+  shardserve::StepExecutor& exec = *loaded->executor;
+  const ModelConfig& cfg = loaded->config;
+  const int64_t bs = exec.block_size();
+  const double kv_per_token = 2.0 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2;
+  const double weights = weight_bytes_per_step(cfg, 2.0);
+  std::vector<nlohmann::json> records;
+  auto record = [&](const std::string& bench, int batch, double tokens_per_s, double fraction, double step_ms) {
+    nlohmann::json r = {{"bench", bench}, {"device", prop.name}, {"model", model}, {"quantization", "none"},
+                        {"dtype", "bfloat16"}, {"tp_size", 1}, {"batch", batch}, {"tokens_per_s", tokens_per_s},
+                        {"bandwidth_fraction", fraction}, {"step_ms", step_ms}, {"context_len", context},
+                        {"copy_bandwidth_gbps", bw / 1e9}, {"date", today()}};
+    records.push_back(r);
+  };
+
+  // Sequence i owns blocks [i * per_seq, (i + 1) * per_seq).
+  const int64_t per_seq = (options.max_model_len + bs - 1) / bs;
+  auto table = [&](int i) {
+    std::vector<int32_t> t(per_seq);
+    std::iota(t.begin(), t.end(), static_cast<int32_t>(i * per_seq));
+    return t;
+  };
+  if (max_batch * per_seq > exec.num_blocks()) {
+    std::cerr << "error: the KV cache holds " << exec.num_blocks() << " blocks; the benchmark needs " << max_batch * per_seq << "\n";
+    return 1;
+  }
+
+  // Prefill: one 2,048-token prompt.
+  {
+    Batch b;
+    b.seqs.push_back({std::vector<int32_t>(prefill_len, 1000), 0, table(0), true});
+    exec.execute(b);
+    const auto t0 = Clock::now();
+    const int reps = 5;
+    for (int r = 0; r < reps; ++r) exec.execute(b);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count() / reps;
+    std::printf("prefill %d tokens: %.1f ms, %.0f tokens/s\n", prefill_len, s * 1e3, prefill_len / s);
+    record("prefill", 1, prefill_len / s, weights / s / bw, s * 1e3);
+  }
+
+  for (int batch : batches) {
+    // Fill each sequence's cache to `context` tokens, then time decode steps.
+    Batch fill;
+    for (int i = 0; i < batch; ++i) fill.seqs.push_back({std::vector<int32_t>(context, 100 + i), 0, table(i), false});
+    for (int i = 0; i < batch; i += std::max(1, 2048 / context)) {
+      Batch chunk;
+      for (int j = i; j < std::min(batch, i + std::max(1, 2048 / context)); ++j) chunk.seqs.push_back(fill.seqs[j]);
+      chunk.seqs.back().sample = true;
+      exec.execute(chunk);
+    }
+    auto decode_batch = [&](int step) {
+      Batch b;
+      for (int i = 0; i < batch; ++i) b.seqs.push_back({{7}, context + step, table(i), true});
+      return b;
+    };
+    for (int w = 0; w < 3; ++w) exec.execute(decode_batch(w));  // warm-up (captures the graph)
+    std::vector<double> times;
+    for (int s = 0; s < steps; ++s) {
+      const Batch b = decode_batch(3 + s);
+      const auto t0 = Clock::now();
+      exec.execute(b);
+      times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    std::sort(times.begin(), times.end());
+    const double step = times[times.size() / 2];
+    const double kv = batch * (context + 3 + steps / 2.0) * kv_per_token;
+    const double fraction = (weights + kv) / step / bw;
+    std::printf("decode batch %3d: %.3f ms/step, %8.1f tokens/s, bandwidth fraction %.3f\n", batch, step * 1e3,
+                batch / step, fraction);
+    record("decode", batch, batch / step, fraction, step * 1e3);
+  }
+  if (!out_path.empty()) {
+    std::ofstream out(out_path, std::ios::app);
+    for (const auto& r : records) out << r.dump() << "\n";
+  }
+  std::printf("\n%-8s %6s %12s %10s %9s\n", "bench", "batch", "tokens/s", "step ms", "bw frac");
+  for (const auto& r : records) {
+    std::printf("%-8s %6d %12.1f %10.3f %9.3f\n", r["bench"].get<std::string>().c_str(), r["batch"].get<int>(),
+                r["tokens_per_s"].get<double>(), r["step_ms"].get<double>(), r["bandwidth_fraction"].get<double>());
+  }
+  return 0;
+}

@@ -1,0 +1,239 @@
+// Every CUDA backend op against the CPU reference backend on random inputs. Inputs are rounded to
+// BF16 first and given to both sides, so the only differences are the GPU's BF16 outputs and
+// intermediate roundings (the residual stream, normalised values, q/k after RoPE are kept in BF16
+// as the reference model keeps them) and summation order: relative errors of a few BF16 ulps
+// (2^-8 = 0.4%). Tolerances below are 1-2% of the output's scale for that reason.
+// Skipped when no CUDA device is present.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "worker/runtime/cpu_backend.h"
+#include "worker/runtime/cuda_backend.h"
+
+namespace shardserve {
+namespace {
+
+class KernelsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto b = CudaBackend::create(0, DType::kBF16);
+    if (!b.ok()) GTEST_SKIP() << b.status();
+    gpu_ = std::move(*b);
+  }
+
+  // Random values rounded to BF16, so both backends see identical inputs.
+  std::vector<float> random(int64_t n, float scale = 1.0f) {
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto& x : v) x = bf16_to_f32(f32_to_bf16(d(rng_)));
+    return v;
+  }
+  Tensor cpu_f32(const std::vector<float>& v, std::vector<int64_t> shape) {
+    return cpu_.upload(HostTensor{v.data(), DType::kF32, std::move(shape)}, DType::kF32);
+  }
+  Tensor gpu_bf16(const std::vector<float>& v, std::vector<int64_t> shape) {
+    return gpu_->upload(HostTensor{v.data(), DType::kF32, std::move(shape)}, DType::kBF16);
+  }
+  template <typename B>
+  Tensor ints(B& be, const std::vector<int32_t>& v) {
+    return be.upload(HostTensor{v.data(), DType::kI32, {static_cast<int64_t>(v.size())}}, DType::kI32);
+  }
+  template <typename B>
+  Tensor ints2(B& be, const std::vector<int32_t>& v, int64_t rows) {
+    return be.upload(HostTensor{v.data(), DType::kI32, {rows, static_cast<int64_t>(v.size()) / rows}}, DType::kI32);
+  }
+  // max |gpu - cpu| / max(1e-3, max |cpu|), after checking shapes and that nothing is NaN.
+  double rel_error(const Tensor& gpu, const Tensor& cpu) {
+    EXPECT_EQ(gpu.shape, cpu.shape);
+    const std::vector<float> g = gpu_->download_f32(gpu);
+    const std::vector<float> c = cpu_.download_f32(cpu);
+    double scale = 1e-3, err = 0.0;
+    size_t worst = 0;
+    for (size_t i = 0; i < c.size(); ++i) {
+      if (std::isnan(g[i])) return INFINITY;
+      scale = std::max(scale, std::fabs(double(c[i])));
+      if (std::fabs(double(g[i]) - c[i]) > err) {
+        err = std::fabs(double(g[i]) - c[i]);
+        worst = i;
+      }
+    }
+    if (err / scale > 1e-2) {
+      std::printf("worst element %zu of %zu: gpu %g, cpu %g\n", worst, c.size(), g[worst], c[worst]);
+    }
+    return err / scale;
+  }
+
+  std::mt19937 rng_{20261121};
+  CpuBackend cpu_{2};
+  std::unique_ptr<CudaBackend> gpu_;
+};
+
+TEST_F(KernelsTest, EmbeddingOfAVocabShard) {
+  const int64_t rows = 50, hidden = 4099;
+  const auto table = random(rows * hidden);
+  const std::vector<int32_t> ids = {100, 101, 149, 150, 99, 120};  // shard holds ids [100, 150)
+  Tensor c_out = cpu_.empty({6, hidden}, DType::kF32);
+  Tensor g_out = gpu_->empty({6, hidden}, DType::kBF16);
+  cpu_.embedding(ints(cpu_, ids), cpu_f32(table, {rows, hidden}), 100, c_out);
+  gpu_->embedding(ints(*gpu_, ids), gpu_bf16(table, {rows, hidden}), 100, g_out);
+  EXPECT_EQ(rel_error(g_out, c_out), 0.0);
+}
+
+TEST_F(KernelsTest, RmsNormAndFusedResidual) {
+  for (int64_t hidden : {64, 4096, 5003}) {
+    for (int64_t rows : {1, 3, 17}) {
+      const auto x = random(rows * hidden), res = random(rows * hidden), w = random(hidden, 0.5f);
+      Tensor c_out = cpu_.empty({rows, hidden}, DType::kF32), g_out = gpu_->empty({rows, hidden}, DType::kBF16);
+      cpu_.rmsnorm(cpu_f32(x, {rows, hidden}), cpu_f32(w, {hidden}), 1e-5f, c_out);
+      gpu_->rmsnorm(gpu_bf16(x, {rows, hidden}), gpu_bf16(w, {hidden}), 1e-5f, g_out);
+      EXPECT_LT(rel_error(g_out, c_out), 1e-2) << hidden << "x" << rows;
+      Tensor c_res = cpu_f32(res, {rows, hidden}), g_res = gpu_bf16(res, {rows, hidden});
+      cpu_.add_rmsnorm(cpu_f32(x, {rows, hidden}), c_res, cpu_f32(w, {hidden}), 1e-5f, c_out);
+      gpu_->add_rmsnorm(gpu_bf16(x, {rows, hidden}), g_res, gpu_bf16(w, {hidden}), 1e-5f, g_out);
+      EXPECT_LT(rel_error(g_res, c_res), 1e-2) << "residual " << hidden;
+      EXPECT_LT(rel_error(g_out, c_out), 2e-2) << "fused " << hidden << "x" << rows;
+    }
+  }
+}
+
+TEST_F(KernelsTest, LinearThroughCublasLt) {
+  struct Shape { int64_t t, n, k; };
+  for (const Shape s : {Shape{1, 96, 64}, Shape{7, 1000, 72}, Shape{64, 4096, 1024}, Shape{3, 6144, 4096}}) {
+    const auto x = random(s.t * s.k), w = random(s.n * s.k, 1.0f / std::sqrt(float(s.k)));
+    Tensor c_out = cpu_.empty({s.t, s.n}, DType::kF32);
+    cpu_.linear(cpu_f32(x, {s.t, s.k}), LinearWeight{cpu_f32(w, {s.n, s.k})}, c_out);
+    for (DType out_dtype : {DType::kBF16, DType::kF32}) {
+      Tensor g_out = gpu_->empty({s.t, s.n}, out_dtype);
+      gpu_->linear(gpu_bf16(x, {s.t, s.k}), LinearWeight{gpu_bf16(w, {s.n, s.k})}, g_out);
+      EXPECT_LT(rel_error(g_out, c_out), out_dtype == DType::kF32 ? 2e-3 : 1e-2)
+          << s.t << "x" << s.n << "x" << s.k << " out " << dtype_name(out_dtype);
+    }
+  }
+}
+
+TEST_F(KernelsTest, SiluMul) {
+  const int64_t rows = 5, f = 3001;
+  const auto gu = random(rows * 2 * f, 2.0f);
+  Tensor c_out = cpu_.empty({rows, f}, DType::kF32), g_out = gpu_->empty({rows, f}, DType::kBF16);
+  cpu_.silu_mul(cpu_f32(gu, {rows, 2 * f}), c_out);
+  gpu_->silu_mul(gpu_bf16(gu, {rows, 2 * f}), g_out);
+  EXPECT_LT(rel_error(g_out, c_out), 1e-2);
+}
+
+// A mixed step on a scrambled paged cache: sequence 0 prefills 37 tokens, sequence 1 continues a
+// chunked prefill (20 cached + 5 new), sequence 2 decodes at position 99 — then a decode-only step
+// (flash-decoding splits). RoPE + cache write run first, so attention reads what they wrote.
+struct AttnCase { int64_t hq, hkv, d; };
+class AttentionTest : public KernelsTest, public ::testing::WithParamInterface<AttnCase> {};
+
+TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
+  const AttnCase c = GetParam();
+  const int64_t block_size = 16, num_blocks = 24, max_pos = 256;
+  std::vector<float> cs(max_pos * c.d);
+  for (int64_t p = 0; p < max_pos; ++p) {
+    for (int64_t i = 0; i < c.d / 2; ++i) {
+      const double f = std::pow(10000.0, -2.0 * i / c.d);
+      cs[p * c.d + i] = float(std::cos(p * f));
+      cs[p * c.d + c.d / 2 + i] = float(std::sin(p * f));
+    }
+  }
+  // Each sequence's blocks, scrambled across the cache.
+  const std::vector<std::vector<int32_t>> tables = {{7, 2, 19}, {11, 0}, {3, 5, 21, 9, 14, 1, 23}};
+  struct Seq { int32_t cached, new_tokens; };
+  const std::vector<Seq> seqs = {{0, 37}, {20, 5}, {99, 1}};
+  const int64_t stride = (c.hq + 2 * c.hkv) * c.d;
+  const int64_t cache_elems = num_blocks * block_size * c.hkv * c.d;
+  Tensor ck = cpu_f32(std::vector<float>(cache_elems, 0.0f), {num_blocks, block_size, c.hkv, c.d});
+  Tensor cv = cpu_f32(std::vector<float>(cache_elems, 0.0f), {num_blocks, block_size, c.hkv, c.d});
+  Tensor gk = gpu_bf16(std::vector<float>(cache_elems, 0.0f), {num_blocks, block_size, c.hkv, c.d});
+  Tensor gv = gpu_bf16(std::vector<float>(cache_elems, 0.0f), {num_blocks, block_size, c.hkv, c.d});
+  KvLayer c_cache{ck, cv}, g_cache{gk, gv};
+
+  auto run_step = [&](const std::vector<Seq>& step, bool check) {
+    std::vector<int32_t> positions, slots, qsl{0}, lens, bt(step.size() * 7, -1);
+    int max_q = 0;
+    for (size_t s = 0; s < step.size(); ++s) {
+      for (int32_t j = 0; j < step[s].new_tokens; ++j) {
+        const int32_t pos = step[s].cached + j;
+        positions.push_back(pos);
+        slots.push_back(tables[s][pos / block_size] * int32_t(block_size) + pos % int32_t(block_size));
+      }
+      qsl.push_back(int32_t(positions.size()));
+      lens.push_back(step[s].cached + step[s].new_tokens);
+      std::copy(tables[s].begin(), tables[s].end(), bt.begin() + s * 7);
+      max_q = std::max(max_q, step[s].new_tokens);
+    }
+    const int64_t tokens = int64_t(positions.size());
+    const auto qkv = random(tokens * stride);
+    Tensor c_qkv = cpu_f32(qkv, {tokens, stride}), g_qkv = gpu_bf16(qkv, {tokens, stride});
+    cpu_.rope_and_store_kv(c_qkv, c.hq, ints(cpu_, positions), cpu_f32(cs, {max_pos, c.d}), ints(cpu_, slots), c_cache);
+    Tensor g_cs = gpu_->upload(HostTensor{cs.data(), DType::kF32, {max_pos, c.d}}, DType::kF32);
+    gpu_->rope_and_store_kv(g_qkv, c.hq, ints(*gpu_, positions), g_cs, ints(*gpu_, slots), g_cache);
+    if (check) {
+      EXPECT_LT(rel_error(g_qkv, c_qkv), 1e-2) << "rope";
+      EXPECT_LT(rel_error(g_cache.k, c_cache.k), 1e-2) << "k cache";
+      EXPECT_LT(rel_error(g_cache.v, c_cache.v), 1e-2) << "v cache";
+    }
+    AttentionMetadata cm, gm;
+    for (auto* m : {&cm, &gm}) {
+      m->num_seqs = int(step.size());
+      m->max_query_len = max_q;
+      m->block_size = int(block_size);
+    }
+    cm.query_start_loc = ints(cpu_, qsl), cm.seq_lens = ints(cpu_, lens), cm.block_tables = ints2(cpu_, bt, int64_t(step.size()));
+    gm.query_start_loc = ints(*gpu_, qsl), gm.seq_lens = ints(*gpu_, lens), gm.block_tables = ints2(*gpu_, bt, int64_t(step.size()));
+    Tensor c_out = cpu_.empty({tokens, c.hq * c.d}, DType::kF32), g_out = gpu_->empty({tokens, c.hq * c.d}, DType::kBF16);
+    const float scale = 1.0f / std::sqrt(float(c.d));
+    cpu_.attention(c_qkv, c.hq, c_cache, cm, scale, c_out);
+    gpu_->begin_step();
+    gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
+    EXPECT_LT(rel_error(g_out, c_out), 2e-2) << "attention, max_query_len " << max_q;
+  };
+  // Fill sequence 2's first 99 positions (not checked), then the mixed step, then decode only.
+  run_step({{0, 0 + 37}, {0, 20}, {0, 99}}, false);
+  run_step(seqs, true);
+  run_step({{37, 1}, {25, 1}, {100, 1}}, true);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
+                         ::testing::Values(AttnCase{32, 8, 128},  // Llama 3.1 8B
+                                           AttnCase{8, 1, 128},   // 70B per rank at TP 8
+                                           AttnCase{6, 1, 32},    // a tiny golden checkpoint
+                                           AttnCase{4, 4, 64}),   // MHA
+                         [](const auto& info) {
+                           return "hq" + std::to_string(info.param.hq) + "_hkv" + std::to_string(info.param.hkv) + "_d" +
+                                  std::to_string(info.param.d);
+                         });
+
+TEST_F(KernelsTest, GatherRowsAndJoinColumnShards) {
+  const auto x = random(10 * 33);
+  const std::vector<int32_t> idx = {9, 0, 4};
+  Tensor c_out = cpu_.empty({3, 33}, DType::kF32), g_out = gpu_->empty({3, 33}, DType::kBF16);
+  cpu_.gather_rows(cpu_f32(x, {10, 33}), ints(cpu_, idx), c_out);
+  gpu_->gather_rows(gpu_bf16(x, {10, 33}), ints(*gpu_, idx), g_out);
+  EXPECT_EQ(rel_error(g_out, c_out), 0.0);
+  // 3 shards of [2, 5] -> [2, 15].
+  const auto shards = random(3 * 2 * 5);
+  Tensor cj = cpu_.empty({2, 15}, DType::kF32), gj = gpu_->empty({2, 15}, DType::kBF16);
+  cpu_.join_column_shards(cpu_f32(shards, {6, 5}), 3, cj);
+  gpu_->join_column_shards(gpu_bf16(shards, {6, 5}), 3, gj);
+  EXPECT_EQ(rel_error(gj, cj), 0.0);
+}
+
+TEST_F(KernelsTest, FillUniformMatchesTheCpuGenerator) {
+  Tensor c = cpu_.empty({1000}, DType::kF32);
+  Tensor g = gpu_->empty({1000}, DType::kF32);
+  cpu_.fill_uniform(c, 42, 0.5f);
+  gpu_->fill_uniform(g, 42, 0.5f);
+  EXPECT_EQ(rel_error(g, c), 0.0);
+  const auto v = cpu_.download_f32(c);
+  EXPECT_LE(*std::max_element(v.begin(), v.end()), 0.5f);
+  EXPECT_GE(*std::min_element(v.begin(), v.end()), -0.5f);
+  EXPECT_NEAR(std::accumulate(v.begin(), v.end(), 0.0) / 1000, 0.0, 0.03);
+}
+
+}  // namespace
+}  // namespace shardserve

@@ -1,0 +1,79 @@
+// TpExecutor: a tensor-parallel group of N CPU ranks in this process, seen by the Engine as one
+// StepExecutor.
+//
+// Rank r has its own CpuBackend, LlamaModel shard and ModelRunner, whose KV cache holds the
+// rank's KV heads. Every rank has the same number of blocks, so the engine's one BlockManager
+// (and the block tables in each Batch) describe all of them. Ranks talk through an
+// InProcessGroup, exactly as GPU ranks talk through NCCL.
+//
+// Rank 0 runs on the caller's thread. execute(batch) packs the batch into a step message (the
+// same bytes a GPU group leader sends its follower processes), publishes it on a one-slot
+// broadcast channel, runs its own shard and returns the full logits (the model gathers them over
+// the group). Each follower thread loops: take the next message, unpack it, run the same step,
+// drop the logits. Rank 0 publishes step k + 1 only after every follower took step k.
+//
+// Failure: any exception on any rank breaks the group, so ranks blocked in a collective stop at
+// once; the failing call on rank 0 rethrows, and every later execute() throws CollectiveError
+// naming the first failure. Failures here are programming errors or a lost rank, never bad
+// requests (the engine validates those), so there is no recovery: the caller ends.
+// Destruction: channel closed -> group broken (wakes a follower stuck in a collective) ->
+// followers joined.
+#pragma once
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/engine/executor.h"
+#include "worker/engine/model_runner.h"
+#include "worker/model/checkpoint.h"
+#include "worker/model/llama.h"
+#include "worker/runtime/cpu_backend.h"
+#include "worker/runtime/inproc_communicator.h"
+
+namespace shardserve {
+
+class TpExecutor final : public StepExecutor {
+ public:
+  // Loads every rank's shard (options.tp_size ranks) and starts the followers. INVALID_ARGUMENT
+  // when tp_size does not divide the model (see LlamaModel).
+  static absl::StatusOr<std::unique_ptr<TpExecutor>> create(const ModelConfig& config,
+                                                            const ExecutorOptions& options);
+  ~TpExecutor() override;
+
+  std::vector<float> execute(const Batch& batch) override;
+  const ModelConfig& config() const override { return ranks_[0]->model->config(); }
+  int64_t num_blocks() const override { return ranks_[0]->runner->num_blocks(); }
+  int64_t block_size() const override { return ranks_[0]->runner->block_size(); }
+  int tp_size() const { return group_.world_size(); }
+
+ private:
+  struct Rank {
+    std::unique_ptr<CpuBackend> backend;
+    std::unique_ptr<LlamaModel> model;
+    std::unique_ptr<ModelRunner> runner;
+    std::thread thread;  // followers only
+  };
+
+  explicit TpExecutor(int tp_size) : group_(tp_size) {}
+  void publish(std::string message);
+  void follow(int rank);
+
+  InProcessGroup group_;
+  std::unique_ptr<Checkpoint> checkpoint_;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+
+  // The broadcast channel, guarded by mu_.
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::string message_;    // the current step
+  uint64_t step_ = 0;      // steps published
+  int num_taken_ = 0;      // followers that took the current step
+  bool closed_ = false;
+};
+
+}  // namespace shardserve

@@ -1,0 +1,323 @@
+#include "worker/runtime/cuda_backend.h"
+
+#include <cublasLt.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/kernels.h"
+
+namespace shardserve {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
+}
+void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string("cuBLASLt error in ") + what + ": status " + std::to_string(static_cast<int>(s)));
+  }
+}
+
+cudaDataType_t cuda_type(DType d) {
+  switch (d) {
+    case DType::kBF16: return CUDA_R_16BF;
+    case DType::kF16: return CUDA_R_16F;
+    case DType::kF32: return CUDA_R_32F;
+    default: throw std::logic_error("cuda backend: no cuBLAS type for " + std::string(dtype_name(d)));
+  }
+}
+
+const int32_t* i32(const Tensor& t) { return static_cast<const int32_t*>(t.data); }
+
+constexpr size_t kAlign = 256;
+size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+}  // namespace
+
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  ~GemmPlan() {
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(int device, DType activation_dtype) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return absl::NotFoundError("no CUDA device is available");
+  }
+  if (device < 0 || device >= count) {
+    return absl::InvalidArgumentError(absl::StrCat("CUDA device ", device, " does not exist (", count, " present)"));
+  }
+  if (activation_dtype != DType::kBF16 && activation_dtype != DType::kF16 && activation_dtype != DType::kF32) {
+    return absl::InvalidArgumentError("the CUDA backend runs BF16, F16 or F32 (checking) activations");
+  }
+  auto b = std::unique_ptr<CudaBackend>(new CudaBackend());
+  b->device_ = device;
+  b->dtype_ = activation_dtype;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  b->num_sms_ = prop.multiProcessorCount;
+  b->device_name_ = prop.name;
+  check(cudaStreamCreateWithFlags(&b->stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  cublasLtHandle_t handle;
+  check(cublasLtCreate(&handle), "cublasLtCreate");
+  b->cublaslt_ = handle;
+  b->gemm_workspace_bytes_ = size_t{32} << 20;
+  check(cudaMalloc(&b->gemm_workspace_, b->gemm_workspace_bytes_), "cudaMalloc(gemm workspace)");
+  return b;
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  gemm_plans_.clear();
+  for (void* p : measured_) cudaFree(p);
+  if (arena_) cudaFree(arena_);
+  if (gemm_workspace_) cudaFree(gemm_workspace_);
+  if (cublaslt_) cublasLtDestroy(static_cast<cublasLtHandle_t>(cublaslt_));
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+Tensor CudaBackend::empty(std::vector<int64_t> shape, DType dtype) {
+  Tensor t;
+  t.dtype = dtype;
+  t.shape = std::move(shape);
+  void* mem = nullptr;
+  const size_t bytes = std::max<size_t>(t.nbytes(), 1);
+  check(cudaMalloc(&mem, bytes), "cudaMalloc");
+  persistent_bytes_ += bytes;
+  t.storage = std::shared_ptr<void>(mem, [](void* p) { cudaFree(p); });
+  t.data = mem;
+  return t;
+}
+
+Tensor CudaBackend::scratch(std::vector<int64_t> shape, DType dtype) {
+  Tensor t;
+  t.dtype = dtype;
+  t.shape = std::move(shape);
+  const size_t bytes = aligned(std::max<size_t>(t.nbytes(), 1));
+  if (arena_ == nullptr) {  // measure mode
+    void* mem = nullptr;
+    check(cudaMalloc(&mem, bytes), "cudaMalloc(scratch)");
+    measured_.push_back(mem);
+    t.data = mem;
+  } else {
+    if (arena_used_ + bytes > arena_bytes_) {
+      throw std::runtime_error(absl::StrCat("scratch arena of ", arena_bytes_, " bytes exhausted (step needs more than the warm-up measured)"));
+    }
+    t.data = arena_ + arena_used_;
+  }
+  arena_used_ += bytes;
+  scratch_peak_ = std::max(scratch_peak_, arena_used_);
+  return t;
+}
+
+void CudaBackend::begin_step() {
+  if (!measured_.empty()) {
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    for (void* p : measured_) cudaFree(p);
+    measured_.clear();
+  }
+  arena_used_ = 0;
+}
+
+void CudaBackend::reserve_scratch(size_t bytes) {
+  begin_step();
+  if (arena_) cudaFree(arena_);
+  arena_ = nullptr;
+  void* mem = nullptr;
+  check(cudaMalloc(&mem, bytes), "cudaMalloc(scratch arena)");
+  arena_ = static_cast<char*>(mem);
+  arena_bytes_ = bytes;
+}
+
+// Every copy goes on stream_ and is waited for: stream_ does not synchronise with the legacy
+// default stream, and a pageable cudaMemcpy may return before its DMA has landed.
+Tensor CudaBackend::upload(const HostTensor& src, DType dtype) {
+  Tensor t = empty(src.shape, dtype);
+  const auto n = static_cast<size_t>(src.numel());
+  if (src.dtype == dtype) {
+    check(cudaMemcpyAsync(t.data, src.data, n * dtype_size(dtype), cudaMemcpyHostToDevice, stream_), "cudaMemcpy(upload)");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return t;
+  }
+  // Widen to F32 on the host (exact), then round on the device.
+  std::vector<float> f32(n);
+  convert_to_f32(src.data, src.dtype, n, f32.data());
+  if (dtype == DType::kF32) {
+    check(cudaMemcpyAsync(t.data, f32.data(), n * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpy(upload)");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return t;
+  }
+  void* staging = nullptr;
+  check(cudaMalloc(&staging, n * 4), "cudaMalloc(staging)");
+  check(cudaMemcpyAsync(staging, f32.data(), n * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpy(upload)");
+  check(kernels::convert_from_f32(static_cast<float*>(staging), static_cast<int64_t>(n), t.data, dtype, stream_), "convert_from_f32");
+  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  cudaFree(staging);
+  return t;
+}
+
+std::vector<float> CudaBackend::download_f32(const Tensor& src) {
+  std::vector<uint8_t> raw(src.nbytes());
+  check(cudaMemcpyAsync(raw.data(), src.data, raw.size(), cudaMemcpyDeviceToHost, stream_), "cudaMemcpy(download)");
+  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  std::vector<float> out(static_cast<size_t>(src.numel()));
+  convert_to_f32(raw.data(), src.dtype, out.size(), out.data());
+  return out;
+}
+
+void CudaBackend::synchronize() { check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+void CudaBackend::copy_from_host(const void* src, Tensor& dst) {
+  check(cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, stream_), "cudaMemcpy(copy_from_host)");
+}
+
+void CudaBackend::fill_uniform(Tensor& t, uint64_t seed, float scale) {
+  check(kernels::fill_uniform(t.data, t.numel(), seed, scale, t.dtype, stream_), "fill_uniform");
+}
+
+void CudaBackend::embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start, Tensor& out) {
+  check(kernels::embedding(i32(ids), ids.numel(), table.data, table.dim(0), table.dim(1), vocab_start, out.data,
+                           table.dtype, stream_), "embedding");
+}
+
+void CudaBackend::rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+  const int64_t hidden = weight.numel();
+  check(kernels::rmsnorm(x.data, nullptr, weight.data, x.numel() / hidden, hidden, eps, out.data, x.dtype, stream_), "rmsnorm");
+}
+
+void CudaBackend::add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor& out) {
+  const int64_t hidden = weight.numel();
+  check(kernels::rmsnorm(x.data, residual.data, weight.data, x.numel() / hidden, hidden, eps, out.data, x.dtype,
+                         stream_), "add_rmsnorm");
+}
+
+GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DType c) {
+  const std::string key = absl::StrCat(m, "x", n, "x", k, ":", static_cast<int>(ab), ":", static_cast<int>(c));
+  auto it = gemm_plans_.find(key);
+  if (it != gemm_plans_.end()) return *it->second;
+  auto plan = std::make_unique<GemmPlan>();
+  check(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  const cublasOperation_t trans = CUBLAS_OP_T;
+  check(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)), "TRANSA");
+  // Column-major view: W [N, K] row-major is K x N (ld K), used transposed; x [T, K] is K x T;
+  // y [T, N] is N x T. So y^T = W x^T with m = N, n = T, k = K.
+  check(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(ab), k, m, k), "layout A");
+  check(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(ab), k, n, k), "layout B");
+  check(cublasLtMatrixLayoutCreate(&plan->c, cuda_type(c), m, n, m), "layout C");
+  cublasLtMatmulPreference_t pref;
+  check(cublasLtMatmulPreferenceCreate(&pref), "preference");
+  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &gemm_workspace_bytes_,
+                                             sizeof(gemm_workspace_bytes_)), "preference workspace");
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(cublaslt_), plan->desc, plan->a,
+                                                          plan->b, plan->c, plan->c, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  check(s, "cublasLtMatmulAlgoGetHeuristic");
+  if (found == 0) throw std::runtime_error("cuBLASLt has no algorithm for " + key);
+  plan->algo = result.algo;
+  return *gemm_plans_.emplace(key, std::move(plan)).first->second;
+}
+
+void CudaBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
+  const int64_t k = w.in_features();
+  const int64_t n_out = w.out_features();
+  const int64_t tokens = x.numel() / k;
+  if (tokens == 0) return;
+  GemmPlan& plan = gemm_plan(n_out, tokens, k, w.weight.dtype, out.dtype);
+  const float alpha = 1.0f;
+  const float beta = 0.0f;
+  check(cublasLtMatmul(static_cast<cublasLtHandle_t>(cublaslt_), plan.desc, &alpha, w.weight.data, plan.a, x.data,
+                       plan.b, &beta, out.data, plan.c, out.data, plan.c, &plan.algo, gemm_workspace_,
+                       gemm_workspace_bytes_, stream_), "cublasLtMatmul");
+}
+
+void CudaBackend::rope_and_store_kv(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
+                                   const Tensor& slot_mapping, KvLayer& cache) {
+  check(kernels::rope_and_store_kv(qkv.data, qkv.dim(0), num_q_heads, cache.k.dim(2), cache.k.dim(3), i32(positions),
+                                   cos_sin.as<float>(), i32(slot_mapping), cache.k.data, cache.v.data, qkv.dtype,
+                                   stream_), "rope_and_store_kv");
+}
+
+void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache, const AttentionMetadata& meta,
+                            float scale, Tensor& out) {
+  kernels::AttentionParams p;
+  p.qkv = qkv.data;
+  p.k_cache = cache.k.data;
+  p.v_cache = cache.v.data;
+  p.out = out.data;
+  p.query_start_loc = i32(meta.query_start_loc);
+  p.seq_lens = i32(meta.seq_lens);
+  p.block_tables = i32(meta.block_tables);
+  p.num_tokens = qkv.dim(0);
+  p.num_seqs = meta.num_seqs;
+  p.num_q_heads = num_q_heads;
+  p.num_kv_heads = cache.k.dim(2);
+  p.head_dim = cache.k.dim(3);
+  p.block_size = cache.k.dim(1);
+  p.max_blocks = meta.block_tables.dim(1);
+  p.scale = scale;
+  // Decode-only steps have too few (token, KV head) pairs to fill the GPU: split each context
+  // over enough CTAs for about two waves. Depends on the shape only (see kernels/attention.cu).
+  if (meta.max_query_len == 1) {
+    const int64_t ctas = p.num_tokens * p.num_kv_heads;
+    p.num_splits = static_cast<int>(std::clamp<int64_t>(2 * num_sms_ / std::max<int64_t>(ctas, 1), 1, 32));
+  }
+  Tensor partials;
+  if (p.num_splits > 1) {
+    const size_t bytes = kernels::attention_workspace_bytes(p.num_tokens, p.num_q_heads, p.head_dim, p.num_splits);
+    partials = scratch({static_cast<int64_t>(bytes / 4)}, DType::kF32);
+    p.partials = partials.as<float>();
+  }
+  check(kernels::paged_attention(p, qkv.dtype, stream_), "paged_attention");
+}
+
+void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {
+  check(kernels::silu_mul(gate_up.data, out.dim(0), out.dim(1), out.data, out.dtype, stream_), "silu_mul");
+}
+
+void CudaBackend::gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) {
+  const auto row_bytes = static_cast<int64_t>(x.nbytes() / static_cast<size_t>(x.dim(0)));
+  check(kernels::gather_rows(x.data, row_bytes, i32(indices), indices.numel(), out.data, stream_), "gather_rows");
+}
+
+void CudaBackend::join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) {
+  const int64_t rows = out.dim(0);
+  const size_t shard_row_bytes = shards.nbytes() / static_cast<size_t>(shards.dim(0));
+  // Shard k's rows land at column offset k * C of every output row: a strided 2D copy each.
+  for (int64_t k = 0; k < num_shards; ++k) {
+    check(cudaMemcpy2DAsync(static_cast<char*>(out.data) + k * shard_row_bytes, num_shards * shard_row_bytes,
+                            static_cast<const char*>(shards.data) + k * rows * shard_row_bytes, shard_row_bytes,
+                            shard_row_bytes, rows, cudaMemcpyDeviceToDevice, stream_), "join_column_shards");
+  }
+}
+
+std::shared_ptr<void> CudaBackend::capture(const std::function<void()>& fn) {
+  cudaGraph_t graph;
+  check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  fn();
+  check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+  cudaGraphExec_t exec;
+  const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  check(e, "cudaGraphInstantiate");
+  return std::shared_ptr<void>(exec, [](void* g) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(g)); });
+}
+
+void CudaBackend::replay(const std::shared_ptr<void>& graph) {
+  check(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph.get()), stream_), "cudaGraphLaunch");
+}
+
+}  // namespace shardserve

@@ -1,0 +1,95 @@
+// CudaBackend: the Backend ops on one NVIDIA GPU. Kernels live in kernels/ (one per op);
+// dense linear layers go through cuBLASLt (BF16/FP16 in, FP32 accumulation), with the algorithm
+// chosen once per shape and cached.
+//
+// Memory: empty()/upload() are persistent allocations (weights, KV cache), counted in
+// persistent_bytes(). scratch() comes from one arena that begin_step() rewinds, so the same step
+// shape always gets the same addresses (CUDA graphs replay them). Until reserve_scratch() fixes
+// the arena, scratch allocations are measured instead (measure mode): run a warm-up step at the
+// largest batch, read scratch_peak_bytes(), then reserve that.
+// All work is queued on one stream; a CUDA or cuBLAS error throws std::runtime_error naming the
+// call (a worker cannot continue past a device error).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/runtime/backend.h"
+
+namespace shardserve {
+
+struct GemmPlan;
+
+class CudaBackend final : public Backend {
+ public:
+  // NOT_FOUND when no device is present.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> create(int device, DType activation_dtype);
+  ~CudaBackend() override;
+
+  std::string name() const override { return "cuda"; }
+  DType activation_dtype() const override { return dtype_; }
+
+  Tensor empty(std::vector<int64_t> shape, DType dtype) override;
+  Tensor upload(const HostTensor& src, DType dtype) override;
+  std::vector<float> download_f32(const Tensor& src) override;
+  void synchronize() override;
+  Tensor scratch(std::vector<int64_t> shape, DType dtype) override;
+  void begin_step() override;
+  void copy_from_host(const void* src, Tensor& dst) override;
+  void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
+  bool supports_graphs() const override { return arena_ != nullptr; }
+  std::shared_ptr<void> capture(const std::function<void()>& fn) override;
+  void replay(const std::shared_ptr<void>& graph) override;
+
+  void embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start, Tensor& out) override;
+  void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
+  void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor& out) override;
+  void linear(const Tensor& x, const LinearWeight& w, Tensor& out) override;
+  void rope_and_store_kv(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
+                         const Tensor& slot_mapping, KvLayer& cache) override;
+  void attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache, const AttentionMetadata& meta,
+                 float scale, Tensor& out) override;
+  void silu_mul(const Tensor& gate_up, Tensor& out) override;
+  void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) override;
+  void join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) override;
+
+  // Fixes the scratch arena at `bytes` (leaving measure mode).
+  void reserve_scratch(size_t bytes);
+  size_t scratch_peak_bytes() const { return scratch_peak_; }
+  size_t persistent_bytes() const { return persistent_bytes_; }
+  cudaStream_t stream() const { return stream_; }
+  int device() const { return device_; }
+  int num_sms() const { return num_sms_; }
+  std::string device_name() const { return device_name_; }
+
+
+ private:
+  CudaBackend() = default;
+  GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DType c);
+
+  int device_ = 0;
+  int num_sms_ = 0;
+  std::string device_name_;
+  DType dtype_ = DType::kBF16;
+  cudaStream_t stream_ = nullptr;
+  void* cublaslt_ = nullptr;  // cublasLtHandle_t
+  void* gemm_workspace_ = nullptr;
+  size_t gemm_workspace_bytes_ = 0;
+  std::unordered_map<std::string, std::unique_ptr<GemmPlan>> gemm_plans_;
+  size_t persistent_bytes_ = 0;
+
+  // Scratch arena (fixed) or measure mode (arena_ == nullptr).
+  char* arena_ = nullptr;
+  size_t arena_bytes_ = 0;
+  size_t arena_used_ = 0;
+  size_t scratch_peak_ = 0;
+  std::vector<void*> measured_;  // measure mode: this step's scratch allocations
+};
+
+}  // namespace shardserve

@@ -1,0 +1,280 @@
+#include "worker/service/worker_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <prometheus/exposer.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "shardserve/worker/v1/worker.grpc.pb.h"
+#include "worker/service/engine_loop.h"
+#include "worker/service/worker_metrics.h"
+
+namespace shardserve {
+namespace {
+
+namespace wv1 = shardserve::worker::v1;
+
+grpc::Status to_grpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+class WorkerService final : public wv1::Worker::Service {
+ public:
+  explicit WorkerService(std::string group) : group_(std::move(group)) {}
+
+  // loading -> serving
+  void serve(EngineLoop* loop) {
+    loop_ = loop;
+    state_ = wv1::WORKER_STATE_SERVING;
+  }
+  // serving -> draining; waits for the handlers of in-flight requests, up to `timeout`.
+  void drain(std::chrono::milliseconds timeout) {
+    state_ = wv1::WORKER_STATE_DRAINING;
+    std::unique_lock lock(mu_);
+    spdlog::info("draining: {} requests in flight, waiting up to {} ms", active_, timeout.count());
+    cv_.wait_for(lock, timeout, [this] { return active_ == 0; });
+    if (active_ > 0) spdlog::warn("shutdown timeout: {} requests still in flight", active_);
+  }
+
+  grpc::Status Generate(grpc::ServerContext* ctx, const wv1::WorkerRequest* req,
+                        grpc::ServerWriter<wv1::WorkerOutput>* writer) override {
+    if (state_ != wv1::WORKER_STATE_SERVING) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          state_ == wv1::WORKER_STATE_DRAINING ? "the worker is draining" : "the worker is loading");
+    }
+    {
+      std::lock_guard lock(mu_);
+      ++active_;
+    }
+    struct Leave {
+      WorkerService* s;
+      ~Leave() {
+        std::lock_guard lock(s->mu_);
+        if (--s->active_ == 0) s->cv_.notify_all();
+      }
+    } leave{this};
+
+    Request r;
+    // Our own id: the engine needs uniqueness, which a client-chosen id does not promise.
+    r.request_id = absl::StrCat(next_id_.fetch_add(1));
+    r.prompt_token_ids.assign(req->prompt_token_ids().begin(), req->prompt_token_ids().end());
+    SamplingParams& p = r.params;
+    p.max_tokens = req->max_tokens();
+    p.temperature = req->temperature();
+    p.top_k = req->top_k();
+    p.top_p = req->top_p();
+    p.min_p = req->min_p();
+    if (req->has_seed()) p.seed = req->seed();
+    p.repetition_penalty = req->repetition_penalty();
+    p.presence_penalty = req->presence_penalty();
+    p.frequency_penalty = req->frequency_penalty();
+    p.stop_token_ids.assign(req->stop_token_ids().begin(), req->stop_token_ids().end());
+    p.ignore_eos = req->ignore_eos();
+    p.logprobs = req->logprobs();
+    const std::string id = r.request_id;
+    spdlog::debug("request {} (coordinator's {}): {} prompt tokens", id, req->request_id(), r.prompt_token_ids.size());
+
+    EngineLoop* loop = loop_.load();
+    std::shared_ptr<RequestStream> stream = loop->submit(std::move(r));
+    std::deque<RequestOutput> outputs;
+    for (;;) {
+      bool done = false;
+      absl::Status status;
+      {
+        std::unique_lock lock(stream->mu);
+        // Bounded, so that a cancelled call is noticed within a few ms even when nothing comes.
+        stream->cv.wait_for(lock, std::chrono::milliseconds(5),
+                            [&] { return !stream->outputs.empty() || stream->done; });
+        outputs.swap(stream->outputs);
+        done = stream->done;
+        status = stream->status;
+      }
+      for (RequestOutput& o : outputs) {
+        wv1::WorkerOutput out;
+        *out.mutable_token_ids() = {o.new_token_ids.begin(), o.new_token_ids.end()};
+        for (const TokenLogprobs& lp : o.new_logprobs) {
+          auto* l = out.add_logprobs();
+          l->set_token_id(lp.token_id);
+          l->set_logprob(lp.logprob);
+          for (const auto& [tid, v] : lp.top) {
+            auto* t = l->add_top_logprobs();
+            t->set_token_id(tid);
+            t->set_logprob(v);
+          }
+        }
+        out.set_finished(o.finished);
+        out.set_finish_reason(o.finish_reason);
+        out.set_num_prompt_tokens(o.num_prompt_tokens);
+        out.set_num_cached_prompt_tokens(o.num_cached_prompt_tokens);
+        if (!writer->Write(out)) {
+          loop->abort(id);
+          return grpc::Status(grpc::StatusCode::CANCELLED, "the coordinator went away");
+        }
+      }
+      outputs.clear();
+      if (done) return to_grpc(status);
+      if (ctx->IsCancelled()) {
+        loop->abort(id);  // frees the request's KV blocks before the next step
+        return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      }
+    }
+  }
+
+  grpc::Status GetStats(grpc::ServerContext*, const wv1::GetStatsRequest*, wv1::WorkerStats* resp) override {
+    resp->set_state(state_.load());
+    resp->set_group(group_);
+    if (EngineLoop* loop = loop_) {
+      const EngineStats s = loop->stats();
+      resp->set_num_waiting(static_cast<int64_t>(s.num_waiting));
+      resp->set_num_running(static_cast<int64_t>(s.num_running));
+      resp->set_num_free_blocks(s.num_free_blocks);
+      resp->set_num_blocks(s.num_blocks);
+      resp->set_block_size(loop->block_size());
+      resp->set_num_preemptions(s.num_preemptions);
+      resp->set_prefix_cache_hits(s.prefix_cache_hits);
+      resp->set_prefix_cache_queries(s.prefix_cache_queries);
+      resp->set_vocab_size(loop->model_config().vocab_size);
+      resp->set_max_model_len(loop->max_model_len());
+      resp->set_num_in_flight(loop->num_in_flight());
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  const std::string group_;
+  std::atomic<wv1::WorkerState> state_{wv1::WORKER_STATE_LOADING};
+  std::atomic<EngineLoop*> loop_{nullptr};
+  std::atomic<uint64_t> next_id_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int64_t active_ = 0;
+};
+
+absl::StatusOr<wv1::Assignment> register_with_coordinator(const WorkerOptions& o, const wv1::RegisterRequest& req) {
+  auto channel = grpc::CreateChannel(o.coordinator, grpc::InsecureChannelCredentials());
+  auto stub = wv1::Registry::NewStub(channel);
+  using SystemClock = std::chrono::system_clock;  // what gRPC deadlines take
+  const auto give_up = SystemClock::now() + o.register_timeout;
+  grpc::Status last;
+  while (SystemClock::now() < give_up) {
+    grpc::ClientContext ctx;
+    ctx.set_wait_for_ready(true);  // the coordinator may start after us
+    ctx.set_deadline(std::min(give_up, SystemClock::now() + std::chrono::seconds(5)));
+    wv1::Assignment a;
+    last = stub->Register(&ctx, req, &a);
+    if (last.ok()) return a;
+    if (last.error_code() != grpc::StatusCode::UNAVAILABLE && last.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
+      return absl::Status(static_cast<absl::StatusCode>(last.error_code()),
+                          absl::StrCat("registering with ", o.coordinator, ": ", last.error_message()));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // a retry back-off, not a synchronisation
+  }
+  return absl::UnavailableError(absl::StrCat("could not register with the coordinator at ", o.coordinator, " within ",
+                                             o.register_timeout.count(), " ms: ", last.error_message()));
+}
+
+void wait_for_termination() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("got {}; draining", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+}  // namespace
+
+absl::Status run_worker(const WorkerOptions& o) {
+  WorkerService service(o.group);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::StrCat(o.host, ":", o.port), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", o.host, ":", o.port));
+
+  std::unique_ptr<prometheus::Exposer> exposer;
+  int metrics_port = -1;
+  if (o.metrics_port >= 0) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(o.host, ":", o.metrics_port));
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(absl::StrCat("cannot serve metrics on port ", o.metrics_port, ": ", e.what()));
+    }
+    metrics_port = exposer->GetListeningPorts().at(0);
+  }
+  const std::string advertise = o.advertise_host.empty() ? o.host : o.advertise_host;
+
+  wv1::RegisterRequest req;
+  req.set_group(o.group);
+  req.set_rank(o.rank);
+  if (o.rank == 0) req.set_address(absl::StrCat(advertise, ":", port));
+  if (metrics_port >= 0) req.set_metrics_address(absl::StrCat(advertise, ":", metrics_port));
+  req.set_worker_id(absl::StrCat(advertise, ":", port, "/", getpid(), "/", std::random_device{}()));
+  auto assignment = register_with_coordinator(o, req);
+  if (!assignment.ok()) return assignment.status();
+  const wv1::Assignment& a = *assignment;
+  spdlog::info("assigned: group {}/{} rank {}/{} of model '{}' ({}), backend {}, serving on {}:{}", a.group(),
+               a.replica(), a.rank(), a.tp_size(), a.model(), a.checkpoint(), a.backend(), advertise, port);
+  if (a.local_ranks() < a.tp_size()) {
+    return absl::UnimplementedError(absl::StrCat(
+        "group '", a.group(), "' has tp_size ", a.tp_size(), " on the ", a.backend(),
+        " backend with one process per rank, which needs the NCCL executor; this build runs tensor parallelism only "
+        "as CPU threads (backend: cpu)"));
+  }
+  if (a.quantization() != "none" && !a.quantization().empty()) {
+    return absl::UnimplementedError(absl::StrCat("quantization '", a.quantization(), "' is not supported by this build"));
+  }
+  if (a.dtype() != "auto" && !a.dtype().empty()) {
+    spdlog::warn("dtype '{}' requested; this build uses the checkpoint's dtype", a.dtype());
+  }
+
+  ExecutorOptions eo;
+  eo.model_dir = a.checkpoint();
+  eo.backend = a.backend();
+  eo.tp_size = a.tp_size();
+  if (a.block_size() > 0) eo.block_size = a.block_size();
+  eo.num_kv_blocks = a.num_kv_blocks();
+  if (a.kv_cache_bytes() > 0) eo.kv_cache_bytes = a.kv_cache_bytes();
+  auto loaded = load_model(eo);
+  if (!loaded.ok()) {
+    return absl::Status(loaded.status().code(), absl::StrCat("loading ", a.checkpoint(), ": ", loaded.status().message()));
+  }
+  EngineConfig ec;
+  if (a.max_num_seqs() > 0) ec.scheduler.max_num_seqs = a.max_num_seqs();
+  if (a.max_num_batched_tokens() > 0) ec.scheduler.max_num_batched_tokens = a.max_num_batched_tokens();
+  ec.max_model_len = a.max_model_len();
+  ec.enable_prefix_caching = a.enable_prefix_caching();
+  ec.eos_token_ids = stop_token_ids(loaded->config, loaded->generation);
+
+  auto metrics = std::make_shared<WorkerMetrics>(a.group(), a.model());
+  if (exposer) exposer->RegisterCollectable(metrics->registry());
+  EngineLoopHooks hooks;
+  hooks.on_queue_time = [metrics](double s) { metrics->queue_time(s); };
+  hooks.on_finished = [metrics](const std::string& reason) { metrics->request_finished(reason); };
+  hooks.on_stats = [metrics](const EngineStats& s, int64_t in_flight) { metrics->update(s, in_flight); };
+  auto loop = std::make_unique<EngineLoop>(std::move(*loaded), ec, hooks);
+  metrics->update(loop->stats(), 0);
+  service.serve(loop.get());
+  spdlog::info("serving: {} KV blocks of {} tokens, max model length {}", loop->stats().num_blocks, loop->block_size(),
+               loop->max_model_len());
+
+  wait_for_termination();
+  server->GetHealthCheckService()->SetServingStatus(false);
+  service.drain(o.shutdown_timeout);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  loop.reset();
+  return absl::OkStatus();
+}
+
+}  // namespace shardserve
