@@ -1,5 +1,6 @@
-// shardserve-coordinator: the public gRPC API of a cluster (no CUDA). Workers find it with
-// --coordinator ADDR; clients call it. SIGTERM or SIGINT drains it.
+// shardserve-coordinator: the public gRPC API of a cluster (no CUDA), and with --http-port the
+// OpenAI-compatible HTTP API. Workers find it with --coordinator ADDR; clients call it. SIGTERM or
+// SIGINT drains it.
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
@@ -33,11 +34,18 @@ int main(int argc, char** argv) {
   app.add_option("--port", o.port, "gRPC port (0: any free port)")->capture_default_str();
   app.add_option("--metrics-port", o.metrics_port, "Prometheus /metrics port (0: any free port; -1: off)")
       ->capture_default_str();
+  app.add_option("--http-port", o.http_port,
+                 "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /generate, /health, "
+                 "/ready; 0: any free port; -1: off)")
+      ->capture_default_str();
+  app.add_option("--http-threads", o.http_threads, "HTTP connections served at once")->capture_default_str();
   app.add_option("--ready-file", o.ready_file,
-                 "Write this JSON file (address, metrics_address, groups) once every group is serving");
+                 "Write this JSON file (address, metrics_address, http_address, groups) once every group is "
+                 "serving");
   app.add_option("--max-in-flight", o.max_in_flight, "Generate calls served at once; more get RESOURCE_EXHAUSTED")
       ->capture_default_str();
-  app.add_option("--max-request-bytes", o.max_request_bytes, "Largest request; larger ones get INVALID_ARGUMENT")
+  app.add_option("--max-request-bytes", o.max_request_bytes,
+                 "Largest request; larger ones get INVALID_ARGUMENT (HTTP: 413)")
       ->capture_default_str();
   app.add_option("--health-interval-ms", health_interval_ms, "Between health checks of each worker")
       ->capture_default_str();
@@ -48,6 +56,8 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-timeout", shutdown_timeout_s, "Seconds in-flight requests get to finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  bool check_config = false;
+  app.add_flag("--check-config", check_config, "Only parse and check --config, print its groups, and exit");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
   o.health_interval = std::chrono::milliseconds(health_interval_ms);
@@ -59,6 +69,13 @@ int main(int argc, char** argv) {
   if (!config.ok()) {
     std::cerr << "error: " << config.status().message() << "\n";
     return 1;
+  }
+  if (check_config) {
+    for (const shardserve::GroupSpec& g : config->groups) {
+      std::cout << "group " << g.name << ": model " << g.model << ", tp_size " << g.tp_size << ", backend "
+                << g.backend << ", quantization " << g.quantization << ", replicas " << g.replicas << "\n";
+    }
+    return 0;
   }
   auto coordinator = shardserve::Coordinator::start(o, std::move(*config));
   if (!coordinator.ok()) {

@@ -7,6 +7,8 @@
 #include <prometheus/exposer.h>
 #include <spdlog/spdlog.h>
 
+#include <signal.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
@@ -16,10 +18,13 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "coordinator/frontend.h"
+#include "coordinator/http_server.h"
 #include "coordinator/metrics.h"
 #include "coordinator/registry.h"
 #include "coordinator/text_stream.h"
@@ -109,7 +114,7 @@ class ParseErrorInterceptorFactory final : public grpc::experimental::ServerInte
 
 }  // namespace
 
-struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service {
+struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service, Frontend {
   CoordinatorOptions options;
   ClusterConfig config;
   std::map<std::string, ServedModel> models;
@@ -117,8 +122,10 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
   std::unique_ptr<Registry> registry;
   std::unique_ptr<prometheus::Exposer> exposer;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<HttpServer> http;
   int port = 0;
   int metrics_port = -1;
+  int http_port = -1;
 
   std::atomic<bool> draining{false};
   std::atomic<int64_t> request_counter{0};
@@ -169,7 +176,7 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     return ids;
   }
 
-  absl::StatusOr<Prepared> prepare(const v1::GenerateRequest& r) {
+  absl::StatusOr<Prepared> prepare(const v1::GenerateRequest& r, const AdmitOptions& opts) {
     const size_t size = r.ByteSizeLong();
     if (static_cast<int64_t>(size) > options.max_request_bytes) {
       return absl::InvalidArgumentError(absl::StrCat("the request is ", size, " bytes; the limit is ",
@@ -237,6 +244,9 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     // The model's limits, as its workers reported them; checked again against the chosen replica.
     const Registry::ModelState state = registry->model_state(m.spec->name);
     const int64_t prompt_len = static_cast<int64_t>(p.prompt.size());
+    if (opts.max_tokens_to_context_end && !r.has_max_tokens() && state.max_model_len > prompt_len) {
+      sp.max_tokens = state.max_model_len - prompt_len;
+    }
     const int64_t vocab = state.vocab_size > 0 ? state.vocab_size
                           : m.tokenizer       ? m.tokenizer->vocab_size()
                                               : std::numeric_limits<int32_t>::max();
@@ -253,48 +263,92 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     if (--in_flight == 0) in_flight_cv.notify_all();
   }
 
-  // Runs one Generate call; emit() gets each delta (false: the client is gone).
-  grpc::Status serve(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
-                     const std::function<bool(const v1::GenerateResponse&)>& emit) {
+  // The end of a request, whichever way it ends: its metrics and, for failures, a debug line.
+  absl::Status finish(const std::string& label, Clock::time_point arrival, absl::Status s) {
+    metrics.request_done(label, status_label(static_cast<int>(s.code())));
+    metrics.model(label).e2e_latency->Observe(seconds(Clock::now() - arrival));
+    if (!s.ok() && s.code() != absl::StatusCode::kCancelled) {
+      spdlog::debug("request failed: {} {}", status_label(static_cast<int>(s.code())), std::string(s.message()));
+    }
+    return s;
+  }
+
+  // A request between admit() and its end: holds an in-flight slot until destroyed.
+  struct Admitted final : AdmittedRequest {
+    Impl* impl;
+    Prepared p;
+    Clock::time_point arrival;
+    std::string id;
+    const CoordinatorMetrics::Model* series;
+    bool finished = false;  // its metrics are recorded
+
+    Admitted(Impl* i, Prepared prepared, Clock::time_point t, std::string request_id)
+        : impl(i), p(std::move(prepared)), arrival(t), id(std::move(request_id)),
+          series(&i->metrics.model(p.model->spec->name)) {
+      series->in_flight->Increment();
+    }
+    ~Admitted() override {
+      if (!finished) {
+        (void)impl->finish(model(), arrival, absl::CancelledError("the client left before the request started"));
+      }
+      series->in_flight->Decrement();
+      impl->leave();
+    }
+    absl::Status run(const std::function<bool(const v1::GenerateResponse&)>& emit) override {
+      return impl->run(*this, nullptr, emit);
+    }
+    const std::string& model() const override { return p.model->spec->name; }
+    const std::string& request_id() const override { return id; }
+    const Tokenizer* tokenizer() const override { return p.model->tokenizer.get(); }
+  };
+
+  absl::StatusOr<std::unique_ptr<Admitted>> admit_request(const v1::GenerateRequest& req, const AdmitOptions& opts) {
     const auto arrival = Clock::now();
     std::string label = "unknown";  // the model label of the metrics: only names we serve
-    auto done = [&](const grpc::Status& s) {
-      metrics.request_done(label, status_label(s.error_code()));
-      metrics.model(label).e2e_latency->Observe(seconds(Clock::now() - arrival));
-      if (!s.ok() && s.error_code() != grpc::StatusCode::CANCELLED) {
-        spdlog::debug("request failed: {} {}", status_label(s.error_code()), s.error_message());
-      }
-      return s;
-    };
     if (auto m = find_model(req.model()); m.ok()) label = (*m)->spec->name;
-    if (draining) return done(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry"));
-    auto prepared = prepare(req);
-    if (!prepared.ok()) return done(to_grpc(prepared.status()));
-    Prepared& p = *prepared;
-    const std::string& model = p.model->spec->name;
-    const CoordinatorMetrics::Model& series = metrics.model(model);
-
+    if (draining) return finish(label, arrival, absl::UnavailableError("the server is shutting down; retry"));
+    auto prepared = prepare(req, opts);
+    if (!prepared.ok()) return finish(label, arrival, prepared.status());
     {
       std::lock_guard lock(in_flight_mu);
       if (in_flight >= options.max_in_flight) {
-        return done(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                 absl::StrCat("the server is full: ", in_flight, " requests in flight (limit ",
-                                              options.max_in_flight, ", --max-in-flight); retry later")));
+        return finish(label, arrival,
+                      absl::ResourceExhaustedError(absl::StrCat("the server is full: ", in_flight,
+                                                                " requests in flight (limit ", options.max_in_flight,
+                                                                ", --max-in-flight); retry later")));
       }
       ++in_flight;
     }
-    series.in_flight->Increment();
-    struct Leave {
-      Impl* impl;
-      const CoordinatorMetrics::Model& series;
-      ~Leave() {
-        series.in_flight->Decrement();
-        impl->leave();
-      }
-    } leave_guard{this, series};
-
     const std::string request_id =
         req.request_id().empty() ? absl::StrCat("req-", request_counter.fetch_add(1)) : req.request_id();
+    auto admitted = std::make_unique<Admitted>(this, std::move(*prepared), arrival, request_id);
+    // No serving group now: fail at once, before a door commits to a response. (A group that
+    // fails later is handled by the routing loop in run().)
+    const Registry::ModelState state = registry->model_state(label);
+    if (state.num_serving == 0) {
+      admitted->finished = true;
+      const std::string why =
+          state.num_groups == 0
+              ? absl::StrCat("no group of the cluster config serves model '", label, "'")
+              : absl::StrCat("no healthy worker group serves model '", label, "' right now; retry later");
+      return finish(label, arrival, absl::UnavailableError(why));
+    }
+    return admitted;
+  }
+
+  // Routes an admitted request and streams it. `ctx` is the gRPC call it came from, or null (the
+  // HTTP front): with it, the client's deadline and cancellation reach the worker call.
+  absl::Status run(Admitted& a, grpc::ServerContext* ctx,
+                   const std::function<bool(const v1::GenerateResponse&)>& emit) {
+    if (a.finished) return absl::FailedPreconditionError("the request already ran");
+    a.finished = true;
+    Prepared& p = a.p;
+    const auto arrival = a.arrival;
+    const std::string& model = p.model->spec->name;
+    const std::string& request_id = a.id;
+    const CoordinatorMetrics::Model& series = *a.series;
+    auto done = [&](absl::Status s) { return finish(model, arrival, std::move(s)); };
+
     wv1::WorkerRequest wreq;
     wreq.set_request_id(request_id);
     *wreq.mutable_prompt_token_ids() = {p.prompt.begin(), p.prompt.end()};
@@ -324,10 +378,9 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
       auto route = registry->acquire(model, excluded, prompt_len + p.params.max_tokens);
       if (!route.ok()) {
         if (!failures.empty()) {
-          return done(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                   absl::StrCat(route.status().message(), " (tried: ", failures, ")")));
+          return done(absl::UnavailableError(absl::StrCat(route.status().message(), " (tried: ", failures, ")")));
         }
-        return done(to_grpc(route.status()));
+        return done(route.status());
       }
       struct Release {
         Registry* registry;
@@ -337,11 +390,14 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
       if (route->max_model_len > 0) {
         absl::Status st = validate(p.params, prompt_len, route->max_model_len, route->vocab_size);
         if (st.ok()) st = check_ids(p.prompt, route->vocab_size, "prompt_token_ids");
-        if (!st.ok()) return done(to_grpc(st));
+        if (!st.ok()) return done(st);
       }
 
-      // A child call: the client's deadline and cancellation reach the worker.
-      std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*ctx);
+      // gRPC: a child call, so that the client's deadline and cancellation reach the worker.
+      // HTTP: a call of its own, cancelled when emit() finds the client gone or at shutdown.
+      std::unique_ptr<grpc::ClientContext> call =
+          ctx ? grpc::ClientContext::FromServerContext(*ctx) : std::make_unique<grpc::ClientContext>();
+      OwnCall own_call(this, ctx ? nullptr : call.get());
       std::unique_ptr<grpc::ClientReader<wv1::WorkerOutput>> reader = route->stub->Generate(call.get(), wreq);
       wv1::WorkerOutput out;
       bool finished = false;
@@ -366,7 +422,7 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
           auto t = text.push(std::span<const int32_t>(out.token_ids().data(), n));
           if (!t.ok()) {
             call->TryCancel();
-            return done(grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat("detokenizing: ", t.status().message())));
+            return done(absl::InternalError(absl::StrCat("detokenizing: ", t.status().message())));
           }
           delta.set_text(std::move(t->text));
           if (t->stop) {
@@ -386,7 +442,7 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
           delta.mutable_usage()->set_completion_tokens(produced);
           delta.mutable_usage()->set_cached_prompt_tokens(cached_prompt_tokens);
         }
-        if (!sent_metadata) {  // which replica served it: for logs, debugging and tests
+        if (!sent_metadata && ctx) {  // which replica served it: for logs, debugging and tests
           ctx->AddInitialMetadata("shardserve-group", route->name);
           sent_metadata = true;
         }
@@ -398,9 +454,9 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
       }
       if (client_gone || finished) call->TryCancel();  // a stop string ends it early: free its blocks now
       const grpc::Status ws = reader->Finish();
-      if (finished && !client_gone) return done(grpc::Status::OK);
-      if (client_gone || ctx->IsCancelled()) {
-        return done(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the request"));
+      if (finished && !client_gone) return done(absl::OkStatus());
+      if (client_gone || (ctx && ctx->IsCancelled()) || own_call.cancelled()) {
+        return done(absl::CancelledError("the client cancelled the request"));
       }
       switch (ws.error_code()) {
         case grpc::StatusCode::INVALID_ARGUMENT:
@@ -408,7 +464,8 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
         case grpc::StatusCode::DEADLINE_EXCEEDED:
         case grpc::StatusCode::FAILED_PRECONDITION:
         case grpc::StatusCode::OUT_OF_RANGE:
-          return done(ws);  // about this request, not the replica
+          // About this request, not the replica.
+          return done(absl::Status(static_cast<absl::StatusCode>(ws.error_code()), ws.error_message()));
         default:
           break;
       }
@@ -422,10 +479,70 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
         absl::StrAppend(&failures, failures.empty() ? "" : "; ", route->name, ": ", why);
         continue;
       }
-      return done(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                               absl::StrCat("worker group ", route->name, " failed after ", produced,
-                                            " tokens of this request (", why, "); retry the request")));
+      return done(absl::UnavailableError(absl::StrCat("worker group ", route->name, " failed after ", produced,
+                                                      " tokens of this request (", why, "); retry the request")));
     }
+  }
+
+  // One gRPC Generate call: the same path as every door.
+  grpc::Status serve(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
+                     const std::function<bool(const v1::GenerateResponse&)>& emit) {
+    auto admitted = admit_request(req, AdmitOptions{});
+    if (!admitted.ok()) return to_grpc(admitted.status());
+    return to_grpc(run(**admitted, ctx, emit));
+  }
+
+  // ---- the Frontend of the HTTP door ----
+
+  absl::StatusOr<std::unique_ptr<AdmittedRequest>> admit(const v1::GenerateRequest& request,
+                                                         const AdmitOptions& opts) override {
+    auto admitted = admit_request(request, opts);
+    if (!admitted.ok()) return admitted.status();
+    return std::unique_ptr<AdmittedRequest>(std::move(*admitted));
+  }
+
+  v1::ListModelsResponse list_models() override {
+    v1::ListModelsResponse resp;
+    ListModels(nullptr, nullptr, &resp);
+    return resp;
+  }
+
+  bool serving() const override { return !draining; }
+
+  // Worker calls of HTTP requests (gRPC ones are children of their client's call): cancelled
+  // together when the server stops.
+  std::mutex own_calls_mu;
+  std::set<grpc::ClientContext*> own_calls;
+  bool own_calls_cancelled = false;
+
+  class OwnCall {
+   public:
+    OwnCall(Impl* impl, grpc::ClientContext* call) : impl_(impl), call_(call) {
+      if (!call_) return;
+      std::lock_guard lock(impl_->own_calls_mu);
+      impl_->own_calls.insert(call_);
+      if (impl_->own_calls_cancelled) call_->TryCancel();
+    }
+    ~OwnCall() {
+      if (!call_) return;
+      std::lock_guard lock(impl_->own_calls_mu);
+      impl_->own_calls.erase(call_);
+    }
+    bool cancelled() const {
+      if (!call_) return false;
+      std::lock_guard lock(impl_->own_calls_mu);
+      return impl_->own_calls_cancelled;
+    }
+
+   private:
+    Impl* impl_;
+    grpc::ClientContext* call_;
+  };
+
+  void cancel_own_calls() {
+    std::lock_guard lock(own_calls_mu);
+    own_calls_cancelled = true;
+    for (grpc::ClientContext* c : own_calls) c->TryCancel();
   }
 
   grpc::Status Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req, v1::GenerateResponse* resp) override {
@@ -535,6 +652,7 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     const std::string host = options.host == "0.0.0.0" ? "127.0.0.1" : options.host;
     j["address"] = absl::StrCat(host, ":", port);
     j["metrics_address"] = metrics_port >= 0 ? absl::StrCat(host, ":", metrics_port) : "";
+    j["http_address"] = http_port >= 0 ? absl::StrCat(host, ":", http_port) : "";
     j["groups"] = registry->describe();
     const std::string tmp = options.ready_file + ".tmp";
     {
@@ -570,11 +688,16 @@ Coordinator::~Coordinator() {
   }
   impl_->ready_cv.notify_all();
   if (impl_->ready_thread.joinable()) impl_->ready_thread.join();
+  if (impl_->http) {
+    impl_->cancel_own_calls();
+    impl_->http->stop();
+  }
   if (impl_->server) impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   impl_->registry->stop_health_checks();
 }
 
 int Coordinator::port() const { return impl_->port; }
+int Coordinator::http_port() const { return impl_->http_port; }
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const CoordinatorOptions& options,
                                                                  ClusterConfig config) {
@@ -615,11 +738,29 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const Coordinato
   if (!impl->server || impl->port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " (is the port in use?)"));
   }
+  if (options.http_port >= 0) {
+    // A client that leaves mid-stream must cost a failed write, not the process: httplib sends
+    // without MSG_NOSIGNAL.
+    signal(SIGPIPE, SIG_IGN);
+    HttpOptions ho;
+    ho.host = options.host;
+    ho.port = options.http_port;
+    ho.threads = options.http_threads;
+    ho.max_body_bytes = options.max_request_bytes;
+    auto http = HttpServer::start(impl.get(), ho);
+    if (!http.ok()) {
+      impl->server->Shutdown();
+      return http.status();
+    }
+    impl->http = std::move(*http);
+    impl->http_port = impl->http->port();
+  }
   impl->server->GetHealthCheckService()->SetServingStatus(true);
   impl->registry->start_health_checks();
   impl->start_ready_watch();
-  spdlog::info("shardserve-coordinator listening on {}:{}{}", options.host, impl->port,
-               impl->metrics_port >= 0 ? absl::StrCat(", metrics on :", impl->metrics_port) : "");
+  spdlog::info("shardserve-coordinator listening on {}:{}{}{}", options.host, impl->port,
+               impl->metrics_port >= 0 ? absl::StrCat(", metrics on :", impl->metrics_port) : "",
+               impl->http_port >= 0 ? absl::StrCat(", HTTP (OpenAI API) on :", impl->http_port) : "");
   return std::unique_ptr<Coordinator>(new Coordinator(std::move(impl)));
 }
 
@@ -633,6 +774,10 @@ void Coordinator::drain_and_stop() {
                  impl.options.shutdown_timeout.count());
     impl.in_flight_cv.wait_for(lock, impl.options.shutdown_timeout, [&] { return impl.in_flight == 0; });
     if (impl.in_flight > 0) spdlog::warn("shutdown timeout: cancelling {} requests", impl.in_flight);
+  }
+  if (impl.http) {
+    impl.cancel_own_calls();
+    impl.http->stop();
   }
   impl.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   impl.registry->stop_health_checks();

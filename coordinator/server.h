@@ -1,5 +1,6 @@
 // The coordinator: the public Generation service (proto/shardserve/v1), the Registry service that
-// workers register with, health (grpc.health.v1) and reflection, and /metrics.
+// workers register with, health (grpc.health.v1) and reflection, /metrics, and optionally the
+// OpenAI-compatible HTTP API (http_server.h), a second door to the same request path (frontend.h).
 //
 // One request, in order: size limit -> model (NOT_FOUND) -> prompt to ids (tokenizer, chat
 // template; FAILED_PRECONDITION without a tokenizer) -> sampling validation against the model's
@@ -27,11 +28,13 @@ struct CoordinatorOptions {
   std::string host = "0.0.0.0";
   int port = 50051;       // 0: any free port
   int metrics_port = -1;  // -1: no /metrics; 0: any free port
-  // Written (JSON: address, metrics_address, groups) once the server listens and every group
+  int http_port = -1;     // -1: no HTTP API (http_server.h); 0: any free port
+  int http_threads = 64;  // HTTP connections served at once
+  // Written (JSON: address, metrics_address, http_address, groups) once the server listens and every group
   // replica of the config is serving; a launcher or test waits for it.
   std::string ready_file;
   int64_t max_in_flight = 1024;           // Generate calls at once; more get RESOURCE_EXHAUSTED
-  int64_t max_request_bytes = 1 << 20;    // larger requests get INVALID_ARGUMENT
+  int64_t max_request_bytes = 1 << 20;    // larger requests get INVALID_ARGUMENT (HTTP bodies: 413)
   std::chrono::milliseconds health_interval{500};
   std::chrono::milliseconds health_timeout{1000};
   std::chrono::milliseconds dead_after{10000};
@@ -44,6 +47,7 @@ class Coordinator {
   static absl::StatusOr<std::unique_ptr<Coordinator>> start(const CoordinatorOptions& options, ClusterConfig config);
   ~Coordinator();
   int port() const;
+  int http_port() const;  // -1 without the HTTP API
   // NOT_SERVING, wait for in-flight requests (up to shutdown_timeout), stop.
   void drain_and_stop();
 

@@ -24,7 +24,9 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxAcc = 16;  // accumulators per thread: G * D <= kThreads * kMaxAcc
 
-size_t smem_bytes(int64_t g, int64_t d) { return sizeof(float) * (g * d + kTile * (d + 1) + g * kTile + 3 * g); }
+size_t smem_bytes(int64_t g, int64_t d) {
+  return sizeof(float) * (g * d + 2 * kTile * (d + 1) + g * kTile + 3 * g + 1) + sizeof(int64_t) * kTile;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) {
@@ -51,11 +53,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 
   extern __shared__ float smem[];
   float* q_s = smem;                     // [G][D], pre-scaled
-  float* kv_s = q_s + G * D;             // [kTile][D + 1]
-  float* p_s = kv_s + kTile * (D + 1);   // [G][kTile]
+  float* k_s = q_s + G * D;              // [kTile][D + 1] (padded: conflict-free column reads)
+  float* v_s = k_s + kTile * (D + 1);    // [kTile][D + 1]
+  float* p_s = v_s + kTile * (D + 1);    // [G][kTile]
   float* m_s = p_s + G * kTile;          // [G]
   float* l_s = m_s + G;                  // [G]
   float* alpha_s = l_s + G;              // [G]
+  int64_t* slot_s = reinterpret_cast<int64_t*>(alpha_s + G + (G % 2));  // [kTile], 8-byte aligned
 
   const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
   const T* q = static_cast<const T*>(p.qkv) + t * stride + kvh * G * D;
@@ -71,15 +75,34 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
   const int32_t* block_table = p.block_tables + s * p.max_blocks;
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
-  auto cache_index = [&](int pos, int d) {
-    const int64_t slot = static_cast<int64_t>(block_table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-    return (slot * p.num_kv_heads + kvh) * D + d;
-  };
+  // K and V rows are moved as 16-byte vectors; the addresses come from slot_s, so every load of a
+  // tile is independent of the others and they all fly at once.
+  constexpr int kVec = 16 / sizeof(T);
+  const int vecs_per_row = D / kVec;
   __syncthreads();
 
   for (int start = begin; start < end; start += kTile) {
     const int n = min(kTile, end - start);
-    for (int i = tid; i < n * D; i += kThreads) kv_s[(i / D) * (D + 1) + i % D] = to_f32(k_cache[cache_index(start + i / D, i % D)]);
+    if (tid < n) {
+      const int pos = start + tid;
+      const int64_t slot = static_cast<int64_t>(block_table[pos / p.block_size]) * p.block_size + pos % p.block_size;
+      slot_s[tid] = (slot * p.num_kv_heads + kvh) * D;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int i = tid; i < n * vecs_per_row; i += kThreads) {
+      const int j = i / vecs_per_row;
+      const int c = (i % vecs_per_row) * kVec;
+      const uint4 kv = *reinterpret_cast<const uint4*>(k_cache + slot_s[j] + c);
+      const uint4 vv = *reinterpret_cast<const uint4*>(v_cache + slot_s[j] + c);
+      const T* ke = reinterpret_cast<const T*>(&kv);
+      const T* ve = reinterpret_cast<const T*>(&vv);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        k_s[j * (D + 1) + c + e] = to_f32(ke[e]);
+        v_s[j * (D + 1) + c + e] = to_f32(ve[e]);
+      }
+    }
     __syncthreads();
     for (int i = tid; i < G * kTile; i += kThreads) {
       const int g = i / kTile;
@@ -87,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
       float score = -FLT_MAX;
       if (j < n) {
         score = 0.0f;
-        for (int d = 0; d < D; ++d) score += q_s[g * D + d] * kv_s[j * (D + 1) + d];
+        for (int d = 0; d < D; ++d) score += q_s[g * D + d] * k_s[j * (D + 1) + d];
       }
       p_s[i] = score;
     }
@@ -110,8 +133,6 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
       }
     }
     __syncthreads();
-    for (int i = tid; i < n * D; i += kThreads) kv_s[(i / D) * (D + 1) + i % D] = to_f32(v_cache[cache_index(start + i / D, i % D)]);
-    __syncthreads();
 #pragma unroll
     for (int k = 0; k < kMaxAcc; ++k) {
       const int idx = tid + k * kThreads;
@@ -119,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
         const int g = idx / D;
         const int d = idx % D;
         float a = acc[k] * alpha_s[g];
-        for (int j = 0; j < n; ++j) a += p_s[g * kTile + j] * kv_s[j * (D + 1) + d];
+        for (int j = 0; j < n; ++j) a += p_s[g * kTile + j] * v_s[j * (D + 1) + d];
         acc[k] = a;
       }
     }
@@ -187,6 +208,7 @@ cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t 
   if (p.num_tokens == 0) return cudaSuccess;
   const int64_t g = p.num_q_heads / p.num_kv_heads;
   if (g * p.num_kv_heads != p.num_q_heads || g * p.head_dim > kThreads * kMaxAcc || p.num_splits < 1 ||
+      p.head_dim % (dtype == DType::kF32 ? 4 : 8) != 0 ||
       (p.num_splits > 1 && p.partials == nullptr)) {
     return cudaErrorInvalidValue;
   }

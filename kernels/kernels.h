@@ -57,6 +57,13 @@ size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_
 // block is read once per group.
 cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t stream);
 
+// Decode GEMV: y[T, N] = x[T, K] * W^T (W [N, K]) for T <= kMaxGemvTokens, x and W of the same
+// 16-bit dtype, K a multiple of 8; y in that dtype or F32. Callers check gemv_supported().
+constexpr int64_t kMaxGemvTokens = 8;
+bool gemv_supported(int64_t tokens, int64_t k, DType weight, DType x);
+cudaError_t gemv(const void* x, const void* w, int64_t tokens, int64_t n, int64_t k, void* y, DType dtype,
+                 DType out_dtype, cudaStream_t stream);
+
 // gate_up [T, 2F] -> out [T, F] = silu(gate) * up. T.
 cudaError_t silu_mul(const void* gate_up, int64_t rows, int64_t f, void* out, DType dtype, cudaStream_t stream);
 

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build-cuda}
 ARCHS=${CUDA_ARCHS:-90a}
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(gpu_tests engine_bench shardserve)
+((${#TARGETS[@]})) || TARGETS=(gpu_tests engine_bench)
 cmake -S . -B "$BUILD_DIR" -G Ninja -DSHARDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
   -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD_DIR" -j "${BUILD_JOBS:-2}" --target "${TARGETS[@]}"

@@ -16,6 +16,6 @@ if [[ $what == tests || $what == all ]]; then
   status=${PIPESTATUS[0]}
 fi
 if [[ $what == bench || $what == all ]]; then
-  dist/bin/engine_bench --out "$OUT/engine_bench.jsonl" 2>&1 | tee "$OUT/engine_bench.log" | tail -25
+  dist/bin/engine_bench --micro --out "$OUT/engine_bench.jsonl" 2>&1 | tee "$OUT/engine_bench.log" | tail -25
 fi
 exit "$status"

@@ -9,14 +9,20 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config git
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev libpcre2-dev libabsl-dev
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev libyaml-cpp-dev prometheus-cpp-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev libyaml-cpp-dev prometheus-cpp-dev libcpp-httplib-dev
   python3-numpy python3-grpcio python3-grpc-tools
-  prometheus
+  prometheus curl  # curl, and node/npm below: the HTTP API's e2e test (tests/e2e/http_test.py)
 )
+# The deploy checks' tools (tests/deploy): Debian's package only when the command is missing, so
+# a kubectl or node installed another way is used as it is.
+declare -A TOOLS=([kubectl]=kubernetes-client [node]=nodejs [npm]=npm)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+for cmd in "${!TOOLS[@]}"; do
+  command -v "$cmd" >/dev/null || missing+=("${TOOLS[$cmd]}")
 done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"

@@ -17,7 +17,9 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "tests/bench/op_bench.h"
 #include "worker/engine/executor.h"
+#include "worker/model/presets.h"
 
 namespace {
 
@@ -76,12 +78,14 @@ int main(int argc, char** argv) {
   int prefill_len = 2048;
   int steps = 50;
   std::string out_path;
+  bool micro = false;
   app.add_option("--model", model, "synthetic preset");
   app.add_option("--batches", batches, "decode batch sizes")->delimiter(',');
   app.add_option("--context", context, "tokens already in each sequence's cache when decoding");
   app.add_option("--prefill", prefill_len, "prompt length for the prefill measurement");
   app.add_option("--steps", steps, "decode steps timed per batch size");
   app.add_option("--out", out_path, "append JSON records here");
+  app.add_flag("--micro", micro, "also time single ops at the model's decode shapes");
   CLI11_PARSE(app, argc, argv);
 
   const double bw = copy_bandwidth();
@@ -89,6 +93,16 @@ int main(int argc, char** argv) {
   cudaGetDeviceProperties(&prop, 0);
   std::printf("device %s, copy bandwidth %.0f GB/s\n", prop.name, bw / 1e9);
 
+  std::vector<nlohmann::json> op_records;
+  if (micro) {
+    auto preset = shardserve::preset_or_config(model);
+    if (!preset.ok()) {
+      std::cerr << "error: " << preset.status() << "\n";
+      return 1;
+    }
+    std::printf("ops at %s decode shapes:\n", model.c_str());
+    op_records = shardserve::run_op_benchmarks(*preset, bw, context, prop.name);
+  }
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   shardserve::ExecutorOptions options;
   options.backend = "cuda";
@@ -174,6 +188,11 @@ int main(int argc, char** argv) {
   }
   if (!out_path.empty()) {
     std::ofstream out(out_path, std::ios::app);
+    for (auto& r : op_records) {
+      r["model"] = model;
+      r["date"] = today();
+      out << r.dump() << "\n";
+    }
     for (const auto& r : records) out << r.dump() << "\n";
   }
   std::printf("\n%-8s %6s %12s %10s %9s\n", "bench", "batch", "tokens/s", "step ms", "bw frac");

@@ -66,9 +66,10 @@ def run(args, **kw):
 
 
 class Cluster:
-    """models: {name: (checkpoint, tokenizer or None)}; groups: [dict of the YAML group keys]."""
+    """models: {name: (checkpoint, tokenizer or None)}; groups: [dict of the YAML group keys].
+    http: also serve the HTTP API (--http-port 0); its address is then http_address."""
 
-    def __init__(self, models, groups, coordinator_args=(), health_interval_ms=200):
+    def __init__(self, models, groups, coordinator_args=(), health_interval_ms=200, http=False):
         self.dir = tempfile.mkdtemp(prefix="shardserve-e2e-")
         self.procs = {}
         lines = ["models:"]
@@ -84,27 +85,29 @@ class Cluster:
         self.groups = groups
         self.coordinator_args = list(coordinator_args)
         self.health_interval_ms = health_interval_ms
+        self.http = http
 
     def start(self, timeout=120):
         ready = os.path.join(self.dir, "ready.json")
-        for attempt in range(3):  # a port picked free can be taken before we bind it
+        for attempt in range(3):
             self.port = free_port()
             self.address = f"127.0.0.1:{self.port}"
             self._spawn("coordinator", [os.path.join(BIN_DIR, "shardserve-coordinator"), "--config", self.config,
-                                        "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
+                                        "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(free_port()),
                                         "--ready-file", ready, "--health-interval-ms", str(self.health_interval_ms),
                                         "--health-timeout-ms", "1000", "--shutdown-timeout", "10"]
-                        + self.coordinator_args)
+                        + (["--http-port", "0"] if self.http else []) + self.coordinator_args)
             for g in self.groups:
                 self._spawn(f"worker-{g['name']}", [os.path.join(BIN_DIR, "shardserve-worker"),
                                                     "--coordinator", self.address, "--group", g["name"],
-                                                    "--metrics-port", "0", "--shutdown-timeout", "10"])
+                                                    "--metrics-port", str(free_port()), "--shutdown-timeout", "10"])
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if os.path.exists(ready):
                     with open(ready) as f:
                         self.ready = json.load(f)
                     self.metrics_address = self.ready["metrics_address"]
+                    self.http_address = self.ready.get("http_address", "")
                     self.workers = {g["group"]: g for g in self.ready["groups"]}
                     return self
                 dead = [n for n, p in self.procs.items() if p.poll() is not None]
@@ -113,7 +116,8 @@ class Cluster:
                 time.sleep(0.05)  # polling for the ready file the coordinator writes
             logs = self.logs()
             self.stop()
-            if "coordinator" in dead and "in use" in logs:
+            # A port picked free can be taken before the process binds it: start again.
+            if "in use" in logs or "binding to port" in logs:
                 continue
             raise RuntimeError(f"cluster did not become ready (exited: {dead})\n{logs}")
         raise RuntimeError("no free port for the coordinator")

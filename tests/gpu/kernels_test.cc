@@ -99,17 +99,23 @@ TEST_F(KernelsTest, RmsNormAndFusedResidual) {
   }
 }
 
-TEST_F(KernelsTest, LinearThroughCublasLt) {
+// Up to 8 tokens go through the decode GEMV, more through cuBLASLt; F32 activations (checking
+// mode aside) always through cuBLASLt.
+TEST_F(KernelsTest, LinearGemvAndCublasLt) {
   struct Shape { int64_t t, n, k; };
-  for (const Shape s : {Shape{1, 96, 64}, Shape{7, 1000, 72}, Shape{64, 4096, 1024}, Shape{3, 6144, 4096}}) {
+  for (const Shape s : {Shape{1, 96, 64}, Shape{7, 1000, 72}, Shape{64, 4096, 1024}, Shape{3, 6144, 4096},
+                        Shape{8, 4096, 14336}, Shape{2, 32003, 512}, Shape{9, 200, 512}, Shape{5, 100, 60}}) {
     const auto x = random(s.t * s.k), w = random(s.n * s.k, 1.0f / std::sqrt(float(s.k)));
     Tensor c_out = cpu_.empty({s.t, s.n}, DType::kF32);
     cpu_.linear(cpu_f32(x, {s.t, s.k}), LinearWeight{cpu_f32(w, {s.n, s.k})}, c_out);
-    for (DType out_dtype : {DType::kBF16, DType::kF32}) {
-      Tensor g_out = gpu_->empty({s.t, s.n}, out_dtype);
-      gpu_->linear(gpu_bf16(x, {s.t, s.k}), LinearWeight{gpu_bf16(w, {s.n, s.k})}, g_out);
-      EXPECT_LT(rel_error(g_out, c_out), out_dtype == DType::kF32 ? 2e-3 : 1e-2)
-          << s.t << "x" << s.n << "x" << s.k << " out " << dtype_name(out_dtype);
+    for (int64_t gemv_max : {int64_t{0}, int64_t{8}}) {  // cuBLASLt only, then the GEMV where it applies
+      gpu_->set_gemv_max_tokens(gemv_max);
+      for (DType out_dtype : {DType::kBF16, DType::kF32}) {
+        Tensor g_out = gpu_->empty({s.t, s.n}, out_dtype);
+        gpu_->linear(gpu_bf16(x, {s.t, s.k}), LinearWeight{gpu_bf16(w, {s.n, s.k})}, g_out);
+        EXPECT_LT(rel_error(g_out, c_out), out_dtype == DType::kF32 ? 2e-3 : 1e-2)
+            << s.t << "x" << s.n << "x" << s.k << " out " << dtype_name(out_dtype) << " gemv_max " << gemv_max;
+      }
     }
   }
 }

@@ -13,5 +13,7 @@ void register_tokenize(CLI::App& app);
 void register_serve(CLI::App& app);
 // `shardserve client`: one request to a running server (client_cmd.cc).
 void register_client(CLI::App& app);
+// `shardserve plan`: the memory planner (plan_cmd.cc).
+void register_plan(CLI::App& app);
 
 }  // namespace shardserve::cli

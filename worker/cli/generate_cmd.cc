@@ -33,6 +33,9 @@ struct GenerateArgs {
   SamplingParams params;
   int64_t seed = -1;
   std::string backend = "cpu";
+  std::string synthetic;
+  std::string dtype = "auto";
+  double gpu_memory_utilization = 0.90;
   int tp_size = 1;
   std::string output = "text";
   int64_t max_num_seqs = 256;
@@ -157,6 +160,7 @@ json result_json(const RequestOutput& o) {
 }
 
 absl::Status run_generate(GenerateArgs args) {
+  if (args.model.empty() == args.synthetic.empty()) return absl::InvalidArgumentError("give one of --model and --synthetic");
   const int sources = !args.prompt_ids.empty() + !args.prompt_text.empty() + !args.chat_json.empty() + !args.prompts_jsonl.empty();
   if (sources != 1) {
     return absl::InvalidArgumentError("give exactly one of --prompt-ids, --prompt, --chat and --prompts-jsonl");
@@ -192,11 +196,17 @@ absl::Status run_generate(GenerateArgs args) {
 
   ExecutorOptions options;
   options.model_dir = args.model;
+  options.synthetic = args.synthetic;
+  options.dtype = args.dtype;
+  options.gpu_memory_utilization = args.gpu_memory_utilization;
+  options.max_model_len = args.max_model_len;
+  options.max_num_seqs = args.max_num_seqs;
+  options.max_num_batched_tokens = args.max_num_batched_tokens;
   options.backend = args.backend;
   options.tp_size = args.tp_size;
   options.block_size = args.block_size;
   options.num_kv_blocks = args.num_kv_blocks;
-  if (options.num_kv_blocks <= 0) {  // room for every request at once
+  if (options.num_kv_blocks <= 0 && args.backend == "cpu") {  // room for every request at once; a GPU plans its own
     for (const Request& r : requests) {
       options.num_kv_blocks += (static_cast<int64_t>(r.prompt_token_ids.size()) + r.params.max_tokens +
                                 args.block_size - 1) / args.block_size;
@@ -238,7 +248,14 @@ void register_generate(CLI::App& app) {
   args->params.temperature = 0.0;  // a checking tool: greedy unless asked
   SamplingParams& p = args->params;
   CLI::App* cmd = app.add_subcommand("generate", "Generate from a checkpoint in this process (no server)");
-  cmd->add_option("--model", args->model, "Hugging Face checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  auto* model = cmd->add_option("--model", args->model, "Hugging Face checkpoint directory")->check(CLI::ExistingDirectory);
+  cmd->add_option("--synthetic", args->synthetic,
+                  "Random weights of a preset shape (llama-3.1-8b, llama-3.1-70b, llama-3.2-1b) or config.json, made on the device")
+      ->excludes(model);
+  cmd->add_option("--dtype", args->dtype, "auto (the checkpoint's), bfloat16, float16 or float32 (GPU checking)")
+      ->capture_default_str();
+  cmd->add_option("--gpu-memory-utilization", args->gpu_memory_utilization,
+                  "Share of GPU memory for weights + activations + KV cache")->capture_default_str();
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma-separated, used verbatim (no BOS added)");
   cmd->add_option("--prompt", args->prompt_text, "Prompt text (tokenized with BOS; needs the tokenizer)");
   cmd->add_option("--chat", args->chat_json,

@@ -37,6 +37,7 @@ struct ServeArgs {
   std::string host = "127.0.0.1";
   int port = 50051;
   int metrics_port = -1;
+  int http_port = -1;
   int64_t num_kv_blocks = 0;
   int64_t max_model_len = 0;
   int64_t max_num_seqs = 0;
@@ -122,6 +123,10 @@ int run_serve(const ServeArgs& args) {
     std::cerr << "error: --port must be a port number (the workers need to know it in advance)\n";
     return 1;
   }
+  if (args.http_port == 0 || args.http_port < -1) {
+    std::cerr << "error: --http-port must be a port number, or -1 for no HTTP API\n";
+    return 1;
+  }
   const std::string model_dir = fs::absolute(args.model.empty() ? default_model() : args.model).string();
   if (!fs::exists(fs::path(model_dir) / "config.json")) {
     std::cerr << "error: " << model_dir << " has no config.json: not a Hugging Face checkpoint\n";
@@ -164,7 +169,8 @@ int run_serve(const ServeArgs& args) {
   bool ok = start("shardserve-coordinator",
                   {(bin / "shardserve-coordinator").string(), "--config", config.string(), "--host", args.host,
                    "--port", std::to_string(args.port), "--metrics-port", std::to_string(args.metrics_port),
-                   "--ready-file", ready.string(), "--shutdown-timeout", shutdown});
+                   "--http-port", std::to_string(args.http_port), "--ready-file", ready.string(),
+                   "--shutdown-timeout", shutdown});
   // CPU ranks are threads of one process; GPU ranks are one process each.
   const int processes = args.backend == "cpu" ? 1 : args.tp_size;
   for (int rank = 0; ok && rank < processes; ++rank) {
@@ -194,9 +200,17 @@ int run_serve(const ServeArgs& args) {
   if (!stopping) {
     std::cout << "shardserve: serving model '" << name << "' (" << model_dir << ") at " << coordinator;
     if (args.metrics_port >= 0) std::cout << ", metrics at http://" << connect_host << ":" << args.metrics_port << "/metrics";
+    if (args.http_port > 0) {
+      std::cout << ", OpenAI-compatible HTTP API at http://" << connect_host << ":" << args.http_port << "/v1";
+    }
     std::cout << "\n  try: " << (bin / "shardserve").string() << " client --address " << coordinator
-              << " --prompt 'Hello'   (Ctrl-C stops the server)\n"
-              << std::flush;
+              << " --prompt 'Hello'   (Ctrl-C stops the server)\n";
+    if (args.http_port > 0) {
+      std::cout << "  or:  curl http://" << connect_host << ":" << args.http_port
+                << "/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],"
+                   "\"max_tokens\":32}'\n";
+    }
+    std::cout << std::flush;
   }
   while (!stopping) {
     int status = 0;
@@ -230,6 +244,9 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--host", args->host, "Address the coordinator listens on")->capture_default_str();
   cmd->add_option("--port", args->port, "gRPC port")->capture_default_str();
   cmd->add_option("--metrics-port", args->metrics_port, "Coordinator /metrics port (-1: off; workers pick free ports)")
+      ->capture_default_str();
+  cmd->add_option("--http-port", args->http_port,
+                  "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /generate; -1: off)")
       ->capture_default_str();
   cmd->add_option("--num-kv-blocks", args->num_kv_blocks, "KV-cache blocks (default: from the cache budget)");
   cmd->add_option("--max-model-len", args->max_model_len, "Longest prompt + output (default: the model's)");

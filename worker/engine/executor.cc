@@ -7,6 +7,7 @@
 #include "worker/engine/tp_executor.h"
 #include "worker/model/checkpoint.h"
 #include "worker/model/llama.h"
+#include "worker/model/memory_plan.h"
 #include "worker/model/presets.h"
 #include "worker/model/weight_source.h"
 #include "worker/runtime/communicator.h"
@@ -96,18 +97,35 @@ absl::Status plan_and_build_cuda(LocalExecutor& exec, CudaBackend& gpu, const Ex
   int64_t blocks = o.num_kv_blocks;
   if (blocks <= 0) blocks = budget > 0 ? static_cast<int64_t>(budget / static_cast<double>(block_bytes)) : 0;
   const int64_t tokens = blocks * bs;
+  // The planner's prediction from the shapes alone (what `shardserve plan` prints), beside what was
+  // measured: "other" is what the device uses beyond weights and arena (context, workspaces).
+  PlanOptions po;
+  po.gpu_memory_utilization = o.gpu_memory_utilization;
+  po.max_model_len = max_len;
+  po.activation_dtype = gpu.activation_dtype();
+  po.block_size = bs;
+  po.max_num_batched_tokens = o.max_num_batched_tokens;
+  po.max_num_seqs = o.max_num_seqs;
+  const GpuSpec spec{gpu.device_name(), static_cast<int64_t>(total_bytes), gpu.num_sms()};
+  const MemoryPlan plan = plan_memory(config, spec, po).value_or(MemoryPlan{});
+  const double other = static_cast<double>(total_bytes - free_bytes) - static_cast<double>(weight_bytes + arena);
   std::fprintf(stderr,
-               "memory plan on %s (%.1f GiB, gpu_memory_utilization %.2f):\n"
-               "  weights              %8.2f GiB\n"
-               "  activations (peak)   %8.2f GiB  (warm-up at %lld batched tokens, %lld sequences)\n"
-               "  KV cache             %8.2f GiB  %lld blocks of %lld tokens, %lld tokens, %lld bytes/token\n"
-               "  max_model_len        %8lld      -> %.1f concurrent sequences at full length\n",
+               "memory plan on %s (%.1f GiB, gpu_memory_utilization %.2f):  predicted     measured\n"
+               "  weights                %8.2f GiB  %8.2f GiB\n"
+               "  activations (arena)    %8.2f GiB  %8.2f GiB  (warm-up at %lld batched tokens, %lld sequences)\n"
+               "  other (CUDA context)   %8.2f GiB  %8.2f GiB\n"
+               "  KV cache               %8.2f GiB  %8.2f GiB  %lld blocks of %lld tokens, %lld bytes/token\n"
+               "  KV tokens              %12lld  %12lld\n"
+               "  max_model_len          %8lld      -> %.1f concurrent sequences at full length\n",
                gpu.device_name().c_str(), static_cast<double>(total_bytes) / kGiB, o.gpu_memory_utilization,
-               static_cast<double>(weight_bytes) / kGiB, static_cast<double>(arena) / kGiB,
+               static_cast<double>(plan.weights_bytes_per_gpu) / kGiB, static_cast<double>(weight_bytes) / kGiB,
+               static_cast<double>(plan.activation_bytes) / kGiB, static_cast<double>(arena) / kGiB,
                static_cast<long long>(o.max_num_batched_tokens), static_cast<long long>(o.max_num_seqs),
-               static_cast<double>(blocks * block_bytes) / kGiB, static_cast<long long>(blocks),
-               static_cast<long long>(bs), static_cast<long long>(tokens),
-               static_cast<long long>(exec.model->kv_bytes_per_token()), static_cast<long long>(max_len),
+               static_cast<double>(plan.overhead_bytes) / kGiB, other / kGiB,
+               static_cast<double>(plan.kv_cache_bytes) / kGiB, static_cast<double>(blocks * block_bytes) / kGiB,
+               static_cast<long long>(blocks), static_cast<long long>(bs),
+               static_cast<long long>(exec.model->kv_bytes_per_token()), static_cast<long long>(plan.kv_capacity_tokens),
+               static_cast<long long>(tokens), static_cast<long long>(max_len),
                static_cast<double>(tokens) / static_cast<double>(max_len));
   if (tokens < max_len) {
     return absl::ResourceExhaustedError(absl::StrCat(

@@ -156,25 +156,19 @@ int64_t LlamaModel::kv_bytes_per_token() const {
          static_cast<int64_t>(dtype_size(backend_.activation_dtype()));
 }
 
-void LlamaModel::attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in,
-                           KvLayer& kv, Tensor& out) {
-  const int64_t tokens = x.dim(0);
-  Tensor qkv = backend_.scratch({tokens, layer.qkv_proj.out_features()}, backend_.activation_dtype());
-  layer.qkv_proj.forward(backend_, x, qkv);
-  backend_.rope_and_store_kv(qkv, num_q_heads_, in.positions, cos_sin_, in.attn.slot_mapping, kv);
-  Tensor attn = backend_.scratch({tokens, num_q_heads_ * config_.head_dim}, backend_.activation_dtype());
+void LlamaModel::attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in, KvLayer& kv,
+                           Workspace& ws, Tensor& out) {
+  layer.qkv_proj.forward(backend_, x, ws.qkv);
+  backend_.rope_and_store_kv(ws.qkv, num_q_heads_, in.positions, cos_sin_, in.attn.slot_mapping, kv);
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
-  backend_.attention(qkv, num_q_heads_, kv, in.attn, scale, attn);
-  layer.o_proj.forward(backend_, attn, out);
+  backend_.attention(ws.qkv, num_q_heads_, kv, in.attn, scale, ws.attn);
+  layer.o_proj.forward(backend_, ws.attn, out);
 }
 
-void LlamaModel::feed_forward(const DecoderLayer& layer, const Tensor& x, Tensor& out) {
-  const int64_t tokens = x.dim(0);
-  Tensor gate_up = backend_.scratch({tokens, 2 * ffn_size_}, backend_.activation_dtype());
-  layer.gate_up_proj.forward(backend_, x, gate_up);
-  Tensor act = backend_.scratch({tokens, ffn_size_}, backend_.activation_dtype());
-  backend_.silu_mul(gate_up, act);
-  layer.down_proj.forward(backend_, act, out);
+void LlamaModel::feed_forward(const DecoderLayer& layer, const Tensor& x, Workspace& ws, Tensor& out) {
+  layer.gate_up_proj.forward(backend_, x, ws.gate_up);
+  backend_.silu_mul(ws.gate_up, ws.act);
+  layer.down_proj.forward(backend_, ws.act, out);
 }
 
 // Each token's row lives on exactly one rank; the others contribute zeros to the all-reduce.
@@ -208,6 +202,9 @@ Tensor LlamaModel::forward(const StepInputs& in, std::vector<KvLayer>& kv_cache)
   Tensor residual = embed(in.token_ids);
   Tensor x = backend_.scratch({tokens, hidden}, act);  // normed input of each sublayer
   Tensor h = backend_.scratch({tokens, hidden}, act);  // output of each sublayer
+  Workspace ws{backend_.scratch({tokens, layers_.front().qkv_proj.out_features()}, act),
+               backend_.scratch({tokens, num_q_heads_ * config_.head_dim}, act),
+               backend_.scratch({tokens, 2 * ffn_size_}, act), backend_.scratch({tokens, ffn_size_}, act)};
   for (size_t i = 0; i < layers_.size(); ++i) {
     const DecoderLayer& layer = layers_[i];
     if (i == 0) {
@@ -215,9 +212,9 @@ Tensor LlamaModel::forward(const StepInputs& in, std::vector<KvLayer>& kv_cache)
     } else {
       backend_.add_rmsnorm(h, residual, layer.input_layernorm, eps, x);
     }
-    attention(layer, x, in, kv_cache[i], h);
+    attention(layer, x, in, kv_cache[i], ws, h);
     backend_.add_rmsnorm(h, residual, layer.post_attention_layernorm, eps, x);
-    feed_forward(layer, x, h);
+    feed_forward(layer, x, ws, h);
   }
   backend_.add_rmsnorm(h, residual, norm_, eps, x);
 

@@ -77,9 +77,14 @@ class LlamaModel {
 
   LlamaModel(const ModelConfig& config, Backend& backend, Communicator& comm)
       : config_(config), backend_(backend), comm_(comm) {}
-  void attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in, KvLayer& kv,
+  // Temporaries of one step, shared by every layer: scratch memory is rewound only per step, so
+  // allocating them per layer would grow the activation arena with depth.
+  struct Workspace {
+    Tensor qkv, attn, gate_up, act;
+  };
+  void attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in, KvLayer& kv, Workspace& ws,
                  Tensor& out);
-  void feed_forward(const DecoderLayer& layer, const Tensor& x, Tensor& out);
+  void feed_forward(const DecoderLayer& layer, const Tensor& x, Workspace& ws, Tensor& out);
   Tensor embed(const Tensor& token_ids);
   Tensor lm_head(const Tensor& x);
 

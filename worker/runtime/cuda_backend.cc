@@ -169,10 +169,15 @@ Tensor CudaBackend::upload(const HostTensor& src, DType dtype) {
 }
 
 std::vector<float> CudaBackend::download_f32(const Tensor& src) {
+  std::vector<float> out(static_cast<size_t>(src.numel()));
+  if (src.dtype == DType::kF32) {  // logits: straight into the result
+    check(cudaMemcpyAsync(out.data(), src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_), "cudaMemcpy(download)");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return out;
+  }
   std::vector<uint8_t> raw(src.nbytes());
   check(cudaMemcpyAsync(raw.data(), src.data, raw.size(), cudaMemcpyDeviceToHost, stream_), "cudaMemcpy(download)");
   check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-  std::vector<float> out(static_cast<size_t>(src.numel()));
   convert_to_f32(raw.data(), src.dtype, out.size(), out.data());
   return out;
 }
@@ -236,6 +241,10 @@ void CudaBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
   const int64_t n_out = w.out_features();
   const int64_t tokens = x.numel() / k;
   if (tokens == 0) return;
+  if (tokens <= gemv_max_tokens_ && kernels::gemv_supported(tokens, k, w.weight.dtype, x.dtype)) {
+    check(kernels::gemv(x.data, w.weight.data, tokens, n_out, k, out.data, x.dtype, out.dtype, stream_), "gemv");
+    return;
+  }
   GemmPlan& plan = gemm_plan(n_out, tokens, k, w.weight.dtype, out.dtype);
   const float alpha = 1.0f;
   const float beta = 0.0f;

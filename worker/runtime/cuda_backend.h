@@ -59,6 +59,9 @@ class CudaBackend final : public Backend {
   void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) override;
   void join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) override;
 
+  // Linear layers with at most this many tokens use the decode GEMV, others cuBLASLt (0: never
+  // the GEMV; for comparisons).
+  void set_gemv_max_tokens(int64_t n) { gemv_max_tokens_ = n; }
   // Fixes the scratch arena at `bytes` (leaving measure mode).
   void reserve_scratch(size_t bytes);
   size_t scratch_peak_bytes() const { return scratch_peak_; }
@@ -83,6 +86,9 @@ class CudaBackend final : public Backend {
   size_t gemm_workspace_bytes_ = 0;
   std::unordered_map<std::string, std::unique_ptr<GemmPlan>> gemm_plans_;
   size_t persistent_bytes_ = 0;
+  // Above 2 tokens the GEMV turns issue-bound (every weight is converted and multiplied per token
+  // on CUDA cores) and cuBLASLt's tensor cores win; measured with engine_bench --micro.
+  int64_t gemv_max_tokens_ = 2;
 
   // Scratch arena (fixed) or measure mode (arena_ == nullptr).
   char* arena_ = nullptr;

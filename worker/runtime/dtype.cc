@@ -101,32 +101,38 @@ float fp8e4m3_to_f32(uint8_t bits) {
 }
 
 void convert_to_f32(const void* src, DType dtype, size_t n, float* dst) {
+  // One loop per dtype: this runs on every downloaded logit row, so no per-element dispatch.
   const auto* bytes = static_cast<const uint8_t*>(src);
-  for (size_t i = 0; i < n; ++i) {
-    switch (dtype) {
-      case DType::kF32: {
-        float v;
-        std::memcpy(&v, bytes + 4 * i, 4);
-        dst[i] = v;
-        break;
-      }
-      case DType::kF16:
-      case DType::kBF16: {
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * 4);
+      return;
+    case DType::kF16:
+    case DType::kBF16: {
+      const bool half = dtype == DType::kF16;
+      for (size_t i = 0; i < n; ++i) {
         uint16_t v;
         std::memcpy(&v, bytes + 2 * i, 2);
-        dst[i] = dtype == DType::kF16 ? f16_to_f32(v) : bf16_to_f32(v);
-        break;
+        dst[i] = half ? f16_to_f32(v) : bf16_to_f32(v);
       }
-      case DType::kF8E4M3: dst[i] = fp8e4m3_to_f32(bytes[i]); break;
-      case DType::kI32: {
+      return;
+    }
+    case DType::kF8E4M3:
+      for (size_t i = 0; i < n; ++i) dst[i] = fp8e4m3_to_f32(bytes[i]);
+      return;
+    case DType::kI32:
+      for (size_t i = 0; i < n; ++i) {
         int32_t v;
         std::memcpy(&v, bytes + 4 * i, 4);
         dst[i] = static_cast<float>(v);
-        break;
       }
-      case DType::kI8: dst[i] = static_cast<int8_t>(bytes[i]); break;
-      case DType::kU8: dst[i] = bytes[i]; break;
-    }
+      return;
+    case DType::kI8:
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(bytes[i]);
+      return;
+    case DType::kU8:
+      for (size_t i = 0; i < n; ++i) dst[i] = bytes[i];
+      return;
   }
 }
 

@@ -206,11 +206,18 @@ absl::Status run_worker(const WorkerOptions& o) {
   std::unique_ptr<prometheus::Exposer> exposer;
   int metrics_port = -1;
   if (o.metrics_port >= 0) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(o.host, ":", o.metrics_port));
-    } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat("cannot serve metrics on port ", o.metrics_port, ": ", e.what()));
+    // civetweb occasionally fails to start under load (seen once in CI, with port 0): a few tries
+    // before the worker gives up.
+    std::string error;
+    for (int attempt = 0; attempt < 3 && !exposer; ++attempt) {
+      try {
+        exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(o.host, ":", o.metrics_port));
+      } catch (const std::exception& e) {
+        error = e.what();
+        std::this_thread::sleep_for(std::chrono::milliseconds(200 * (attempt + 1)));
+      }
     }
+    if (!exposer) return absl::UnavailableError(absl::StrCat("cannot serve metrics on port ", o.metrics_port, ": ", error));
     metrics_port = exposer->GetListeningPorts().at(0);
   }
   const std::string advertise = o.advertise_host.empty() ? o.host : o.advertise_host;
@@ -246,6 +253,10 @@ absl::Status run_worker(const WorkerOptions& o) {
   if (a.block_size() > 0) eo.block_size = a.block_size();
   eo.num_kv_blocks = a.num_kv_blocks();
   if (a.kv_cache_bytes() > 0) eo.kv_cache_bytes = a.kv_cache_bytes();
+  // The GPU memory plan sizes activations and the KV cache for the group's engine limits.
+  eo.max_model_len = a.max_model_len();
+  if (a.max_num_seqs() > 0) eo.max_num_seqs = a.max_num_seqs();
+  if (a.max_num_batched_tokens() > 0) eo.max_num_batched_tokens = a.max_num_batched_tokens();
   auto loaded = load_model(eo);
   if (!loaded.ok()) {
     return absl::Status(loaded.status().code(), absl::StrCat("loading ", a.checkpoint(), ": ", loaded.status().message()));

@@ -1,0 +1,115 @@
+#include "tests/bench/op_bench.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <numeric>
+
+#include "worker/runtime/cuda_backend.h"
+
+namespace shardserve {
+namespace {
+
+double median_ms(CudaBackend& gpu, const std::function<void()>& fn) {
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  for (int i = 0; i < 5; ++i) fn();
+  std::vector<float> ms;
+  for (int i = 0; i < 50; ++i) {
+    cudaEventRecord(start, gpu.stream());
+    fn();
+    cudaEventRecord(stop, gpu.stream());
+    cudaEventSynchronize(stop);
+    float t = 0;
+    cudaEventElapsedTime(&t, start, stop);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+}  // namespace
+
+std::vector<nlohmann::json> run_op_benchmarks(const ModelConfig& c, double bw, int context, const std::string& device) {
+  auto made = CudaBackend::create(0, DType::kBF16);
+  if (!made.ok()) return {};
+  CudaBackend& gpu = **made;
+  gpu.reserve_scratch(size_t{64} << 20);
+  std::vector<nlohmann::json> records;
+  auto report = [&](const std::string& op, int64_t tokens, double ms, double bytes) {
+    const double fraction = bytes / (ms * 1e-3) / bw;
+    std::printf("  %-34s T=%-3lld %9.1f us  %7.1f MB  bw fraction %.3f\n", op.c_str(), static_cast<long long>(tokens),
+                ms * 1e3, bytes / 1e6, fraction);
+    records.push_back({{"bench", "op"}, {"op", op}, {"device", device}, {"quantization", "none"}, {"tp_size", 1},
+                       {"batch", tokens}, {"time_us", ms * 1e3},
+                       {"bytes", bytes}, {"bandwidth_fraction", fraction}});
+  };
+  const int64_t h = c.hidden_size, d = c.head_dim, hq = c.num_attention_heads, hkv = c.num_key_value_heads;
+  struct Shape { const char* name; int64_t n, k; };
+  const Shape shapes[] = {{"qkv_proj", (hq + 2 * hkv) * d, h}, {"o_proj", h, hq * d}, {"gate_up_proj", 2 * c.intermediate_size, h},
+                          {"down_proj", h, c.intermediate_size}, {"lm_head (f32 out)", c.vocab_size, h}};
+  for (const Shape& s : shapes) {
+    Tensor w = gpu.empty({s.n, s.k}, DType::kBF16);
+    gpu.fill_uniform(w, 1, 0.02f);
+    for (int64_t t : {1, 2, 4, 8}) {
+      Tensor x = gpu.empty({t, s.k}, DType::kBF16);
+      gpu.fill_uniform(x, 2, 1.0f);
+      const DType out_dtype = s.n == c.vocab_size ? DType::kF32 : DType::kBF16;
+      Tensor y = gpu.empty({t, s.n}, out_dtype);
+      const double bytes = double(s.n) * s.k * 2;
+      for (int64_t gemv_max : {int64_t{0}, int64_t{8}}) {
+        gpu.set_gemv_max_tokens(gemv_max);
+        const double ms = median_ms(gpu, [&] { gpu.linear(x, LinearWeight{w}, y); });
+        report(std::string(s.name) + (gemv_max ? " gemv" : " cublaslt"), t, ms, bytes);
+      }
+    }
+  }
+  gpu.set_gemv_max_tokens(2);
+  // Decode attention over `context` cached tokens per sequence.
+  for (int64_t t : {1, 8}) {
+    const int64_t bs = 16, blocks_per_seq = (context + bs) / bs + 1;
+    Tensor kc = gpu.empty({t * blocks_per_seq, bs, hkv, d}, DType::kBF16);
+    Tensor vc = gpu.empty({t * blocks_per_seq, bs, hkv, d}, DType::kBF16);
+    gpu.fill_uniform(kc, 3, 1.0f);
+    gpu.fill_uniform(vc, 4, 1.0f);
+    Tensor qkv = gpu.empty({t, (hq + 2 * hkv) * d}, DType::kBF16);
+    gpu.fill_uniform(qkv, 5, 1.0f);
+    std::vector<int32_t> host(static_cast<size_t>(t + 1 + t + t * blocks_per_seq));
+    for (int64_t i = 0; i <= t; ++i) host[i] = static_cast<int32_t>(i);
+    for (int64_t i = 0; i < t; ++i) host[t + 1 + i] = context + 1;
+    std::iota(host.begin() + 2 * t + 1, host.end(), 0);
+    Tensor meta_t = gpu.empty({static_cast<int64_t>(host.size())}, DType::kI32);
+    gpu.copy_from_host(host.data(), meta_t);
+    AttentionMetadata meta;
+    meta.num_seqs = static_cast<int>(t);
+    meta.max_query_len = 1;
+    meta.query_start_loc = meta_t.rows(0, t + 1);
+    meta.seq_lens = meta_t.rows(t + 1, 2 * t + 1);
+    meta.block_tables = meta_t.rows(2 * t + 1, static_cast<int64_t>(host.size())).reshaped({t, blocks_per_seq});
+    Tensor out = gpu.empty({t, hq * d}, DType::kBF16);
+    KvLayer kv{kc, vc};
+    const double ms = median_ms(gpu, [&] {
+      gpu.begin_step();
+      gpu.attention(qkv, hq, kv, meta, 0.088f, out);
+    });
+    report("attention decode ctx " + std::to_string(context), t, ms, double(t) * (context + 1) * hkv * d * 2 * 2);
+  }
+  // The small per-layer ops at T = 1.
+  Tensor x = gpu.empty({1, h}, DType::kBF16), res = gpu.empty({1, h}, DType::kBF16), wn = gpu.empty({h}, DType::kBF16);
+  Tensor y = gpu.empty({1, h}, DType::kBF16);
+  gpu.fill_uniform(x, 6, 1.0f);
+  gpu.fill_uniform(res, 7, 1.0f);
+  gpu.fill_uniform(wn, 8, 1.0f);
+  report("add_rmsnorm", 1, median_ms(gpu, [&] { gpu.add_rmsnorm(x, res, wn, 1e-5f, y); }), 4.0 * h * 2);
+  Tensor gu = gpu.empty({1, 2 * c.intermediate_size}, DType::kBF16), act = gpu.empty({1, c.intermediate_size}, DType::kBF16);
+  gpu.fill_uniform(gu, 9, 1.0f);
+  report("silu_mul", 1, median_ms(gpu, [&] { gpu.silu_mul(gu, act); }), 3.0 * c.intermediate_size * 2);
+  return records;
+}
+
+}  // namespace shardserve
