@@ -2,7 +2,8 @@
 
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-#include <prometheus/exposer.h>
+#include <httplib.h>
+#include <prometheus/text_serializer.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -180,6 +181,45 @@ absl::StatusOr<wv1::Assignment> register_with_coordinator(const WorkerOptions& o
                                              o.register_timeout.count(), " ms: ", last.error_message()));
 }
 
+// /metrics over cpp-httplib rather than prometheus-cpp's Exposer: civetweb starts its threads with
+// a fixed 100 KB stack, and a worker built with CUDA carries cuBLASLt's static TLS, which alone is
+// larger, so every pthread_create in civetweb fails with EINVAL there.
+class MetricsServer {
+ public:
+  ~MetricsServer() {
+    server_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  // Listens on host:port (0: any free port) and returns the port.
+  absl::StatusOr<int> start(const std::string& host, int port) {
+    server_.new_task_queue = [] { return new httplib::ThreadPool(2); };
+    server_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      std::vector<prometheus::MetricFamily> families;
+      {
+        std::lock_guard lock(mu_);
+        for (const auto& c : collectables_) {
+          for (auto& f : c->Collect()) families.push_back(std::move(f));
+        }
+      }
+      res.set_content(prometheus::TextSerializer().Serialize(families), "text/plain; version=0.0.4");
+    });
+    const int bound = port == 0 ? server_.bind_to_any_port(host) : (server_.bind_to_port(host, port) ? port : -1);
+    if (bound <= 0) return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", host, ":", port));
+    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    return bound;
+  }
+  void add(std::shared_ptr<prometheus::Collectable> collectable) {
+    std::lock_guard lock(mu_);
+    collectables_.push_back(std::move(collectable));
+  }
+
+ private:
+  httplib::Server server_;
+  std::thread thread_;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;
+};
+
 void wait_for_termination() {
   sigset_t signals;
   sigemptyset(&signals);
@@ -203,22 +243,12 @@ absl::Status run_worker(const WorkerOptions& o) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", o.host, ":", o.port));
 
-  std::unique_ptr<prometheus::Exposer> exposer;
+  MetricsServer metrics_server;
   int metrics_port = -1;
   if (o.metrics_port >= 0) {
-    // civetweb occasionally fails to start under load (seen once in CI, with port 0): a few tries
-    // before the worker gives up.
-    std::string error;
-    for (int attempt = 0; attempt < 3 && !exposer; ++attempt) {
-      try {
-        exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(o.host, ":", o.metrics_port));
-      } catch (const std::exception& e) {
-        error = e.what();
-        std::this_thread::sleep_for(std::chrono::milliseconds(200 * (attempt + 1)));
-      }
-    }
-    if (!exposer) return absl::UnavailableError(absl::StrCat("cannot serve metrics on port ", o.metrics_port, ": ", error));
-    metrics_port = exposer->GetListeningPorts().at(0);
+    auto bound = metrics_server.start(o.host, o.metrics_port);
+    if (!bound.ok()) return bound.status();
+    metrics_port = *bound;
   }
   const std::string advertise = o.advertise_host.empty() ? o.host : o.advertise_host;
 
@@ -269,7 +299,7 @@ absl::Status run_worker(const WorkerOptions& o) {
   ec.eos_token_ids = stop_token_ids(loaded->config, loaded->generation);
 
   auto metrics = std::make_shared<WorkerMetrics>(a.group(), a.model());
-  if (exposer) exposer->RegisterCollectable(metrics->registry());
+  if (metrics_port >= 0) metrics_server.add(metrics->registry());
   EngineLoopHooks hooks;
   hooks.on_queue_time = [metrics](double s) { metrics->queue_time(s); };
   hooks.on_finished = [metrics](const std::string& reason) { metrics->request_finished(reason); };
