@@ -1,27 +1,19 @@
-// Synthetic weights straight on the device: a splitmix64 hash of (seed, index) mapped to
-// uniform [-scale, scale). Deterministic for a seed, no host memory or files involved.
+// Synthetic weights straight on the device (synthetic_uniform: the CPU backend makes the same
+// values), and the F32 -> 16-bit conversion of uploads.
 #include <algorithm>
 
 #include "kernels/common.cuh"
 #include "kernels/kernels.h"
+#include "worker/runtime/synthetic_uniform.h"
 
 namespace shardserve::kernels {
 namespace {
-
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 template <typename T>
 __global__ void fill_uniform_kernel(T* out, int64_t n, uint64_t seed, float scale) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t bits = splitmix64(seed ^ (static_cast<uint64_t>(i) * 0xd1b54a32d192ed03ull));
-    const float u = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-    out[i] = from_f32<T>((2.0f * u - 1.0f) * scale);
+    out[i] = from_f32<T>(synthetic_uniform(seed, static_cast<uint64_t>(i), scale));
   }
 }
 

@@ -1,5 +1,7 @@
 #include "worker/runtime/cpu_backend.h"
 
+#include "worker/runtime/synthetic_uniform.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -81,21 +83,10 @@ std::vector<float> CpuBackend::download_f32(const Tensor& src) {
 
 void CpuBackend::copy_from_host(const void* src, Tensor& dst) { std::memcpy(dst.data, src, dst.nbytes()); }
 
-static uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float scale) {
   require_f32(t, "fill_uniform target");
   // The same values as kernels::fill_uniform before rounding to the device's dtype.
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    const uint64_t bits = splitmix64(seed ^ (static_cast<uint64_t>(i) * 0xd1b54a32d192ed03ull));
-    const float u = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);
-    t.as<float>()[i] = (2.0f * u - 1.0f) * scale;
-  }
+  for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = synthetic_uniform(seed, static_cast<uint64_t>(i), scale);
 }
 
 void CpuBackend::embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start,
