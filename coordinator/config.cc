@@ -26,6 +26,7 @@ std::string resolve(const std::string& path, const std::string& base_dir) {
 absl::Status check_keys(const YAML::Node& node, const std::string& where, const std::set<std::string>& allowed) {
   if (!node.IsMap()) return bad(where, "must be a mapping");
   for (const auto& kv : node) {
+    if (!kv.first.IsScalar()) return bad(where, "a key is not a plain name");
     const std::string key = kv.first.as<std::string>();
     if (!allowed.count(key)) return bad(where, absl::StrCat("unknown key '", key, "'"));
   }
@@ -91,7 +92,7 @@ absl::StatusOr<ClusterConfig> parse_cluster_config(const std::string& yaml_text,
     if (auto st = check_keys(n, where,
                              {"name", "model", "tp_size", "backend", "dtype", "quantization", "replicas",
                               "num_kv_blocks", "kv_cache_bytes", "block_size", "max_num_seqs",
-                              "max_num_batched_tokens", "max_model_len", "enable_prefix_caching"});
+                              "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "process_per_rank"});
         !st.ok()) {
       return st;
     }
@@ -104,7 +105,8 @@ absl::StatusOr<ClusterConfig> parse_cluster_config(const std::string& yaml_text,
                             read(n, "block_size", where, g.block_size), read(n, "max_num_seqs", where, g.max_num_seqs),
                             read(n, "max_num_batched_tokens", where, g.max_num_batched_tokens),
                             read(n, "max_model_len", where, g.max_model_len),
-                            read(n, "enable_prefix_caching", where, g.enable_prefix_caching)}) {
+                            read(n, "enable_prefix_caching", where, g.enable_prefix_caching),
+                            read(n, "process_per_rank", where, g.process_per_rank)}) {
       if (!st.ok()) return st;
     }
     if (g.name.empty()) return bad(where, "needs a name");
@@ -114,12 +116,20 @@ absl::StatusOr<ClusterConfig> parse_cluster_config(const std::string& yaml_text,
     if (g.tp_size < 1) return bad(where, "tp_size must be >= 1");
     if (g.replicas < 1) return bad(where, "replicas must be >= 1");
     if (g.backend != "cpu" && g.backend != "cuda") return bad(where, "backend must be cpu or cuda");
+    if (g.backend == "cuda") g.process_per_rank = true;  // one GPU per process
     if (g.dtype != "auto" && g.dtype != "bfloat16" && g.dtype != "float16") {
       return bad(where, "dtype must be auto, bfloat16 or float16");
     }
     static const std::set<std::string> kQuant = {"none", "awq", "gptq", "int8", "fp8"};
     if (!kQuant.count(g.quantization)) return bad(where, "quantization must be none, awq, gptq, int8 or fp8");
     if (g.block_size < 1) return bad(where, "block_size must be >= 1");
+    // 0 means the worker's default; a negative value must not silently mean it too.
+    for (auto [key, value] : {std::pair{"num_kv_blocks", g.num_kv_blocks}, std::pair{"kv_cache_bytes", g.kv_cache_bytes},
+                              std::pair{"max_num_seqs", g.max_num_seqs},
+                              std::pair{"max_num_batched_tokens", g.max_num_batched_tokens},
+                              std::pair{"max_model_len", g.max_model_len}}) {
+      if (value < 0) return bad(where, absl::StrCat(key, " must be >= 0 (0: the worker's default), got ", value));
+    }
     config.groups.push_back(std::move(g));
   }
   return config;

@@ -13,6 +13,7 @@
 //       dtype: auto            # auto, bfloat16 or float16
 //       quantization: none     # none, awq, gptq, int8, fp8
 //       replicas: 1
+//       process_per_rank: false # cpu: one worker process per rank instead of threads (cuda: always)
 //       # engine settings, all optional (0: the worker's default)
 //       num_kv_blocks: 0
 //       kv_cache_bytes: 0
@@ -48,6 +49,7 @@ struct GroupSpec {
   std::string dtype = "auto";
   std::string quantization = "none";
   int replicas = 1;
+  bool process_per_rank = false;  // always true for cuda groups
   int64_t num_kv_blocks = 0;
   int64_t kv_cache_bytes = 0;
   int64_t block_size = 16;

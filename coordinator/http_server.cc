@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/api_key.h"
 #include "coordinator/openai.h"
 
 namespace shardserve {
@@ -28,7 +29,7 @@ void send_error(httplib::Response& res, const openai::HttpError& e) { send_json(
 struct HttpServer::Impl {
   Frontend* frontend = nullptr;
   HttpOptions options;
-  httplib::Server server;
+  std::unique_ptr<httplib::Server> server;  // an httplib::SSLServer with TLS
   std::thread thread;
   int port = 0;
   int64_t started = 0;
@@ -114,22 +115,35 @@ struct HttpServer::Impl {
 
   void routes() {
     using openai::Endpoint;
-    server.Post("/v1/completions",
-                [this](const httplib::Request& q, httplib::Response& r) { generate(Endpoint::kCompletions, q, r); });
-    server.Post("/v1/chat/completions",
-                [this](const httplib::Request& q, httplib::Response& r) { generate(Endpoint::kChat, q, r); });
-    server.Post("/generate",
-                [this](const httplib::Request& q, httplib::Response& r) { generate(Endpoint::kGenerate, q, r); });
-    server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& r) { models(r); });
-    server.Get(R"(/v1/models/(.+))",
-               [this](const httplib::Request& q, httplib::Response& r) { model(q.matches[1], r); });
-    server.Get("/health", [this](const httplib::Request&, httplib::Response& r) {
+    server->Post("/v1/completions",
+                 [this](const httplib::Request& q, httplib::Response& r) { generate(Endpoint::kCompletions, q, r); });
+    server->Post("/v1/chat/completions",
+                 [this](const httplib::Request& q, httplib::Response& r) { generate(Endpoint::kChat, q, r); });
+    server->Post("/generate",
+                 [this](const httplib::Request& q, httplib::Response& r) { generate(Endpoint::kGenerate, q, r); });
+    server->Get("/v1/models", [this](const httplib::Request&, httplib::Response& r) { models(r); });
+    server->Get(R"(/v1/models/(.+))",
+                [this](const httplib::Request& q, httplib::Response& r) { model(q.matches[1], r); });
+    server->Get("/health", [this](const httplib::Request&, httplib::Response& r) {
       const bool serving = frontend->serving();
       send_json(r, serving ? 200 : 503, {{"status", serving ? "SERVING" : "NOT_SERVING"}});
     });
-    server.Get("/ready", [this](const httplib::Request&, httplib::Response& r) { ready(r); });
+    server->Get("/ready", [this](const httplib::Request&, httplib::Response& r) { ready(r); });
+    if (!options.api_key.empty()) {
+      // Before routing, so that no route can be reached without the key; probes need none.
+      server->set_pre_routing_handler([this](const httplib::Request& q, httplib::Response& r) {
+        if (q.path == "/health" || q.path == "/ready") return httplib::Server::HandlerResponse::Unhandled;
+        const absl::Status st = check_api_key(options.api_key, q.get_header_value("Authorization"));
+        if (st.ok()) return httplib::Server::HandlerResponse::Unhandled;
+        openai::HttpError e = openai::http_error(401, std::string(st.message()));
+        e.body["error"]["code"] = "invalid_api_key";  // OpenAI's code for it
+        r.set_header("WWW-Authenticate", "Bearer");
+        send_error(r, e);
+        return httplib::Server::HandlerResponse::Handled;
+      });
+    }
     // httplib's own errors (no route, body over the limit, a malformed request) in OpenAI's shape.
-    server.set_error_handler(
+    server->set_error_handler(
         httplib::Server::HandlerWithResponse([this](const httplib::Request& q, httplib::Response& r) {
           if (!r.body.empty() || r.is_chunked_content_provider_) return httplib::Server::HandlerResponse::Unhandled;
           std::string message;
@@ -152,7 +166,7 @@ struct HttpServer::Impl {
           send_error(r, openai::http_error(r.status, message));
           return httplib::Server::HandlerResponse::Handled;
         }));
-    server.set_exception_handler([](const httplib::Request&, httplib::Response& r, std::exception_ptr ep) {
+    server->set_exception_handler([](const httplib::Request&, httplib::Response& r, std::exception_ptr ep) {
       std::string what = "unknown";
       try {
         std::rethrow_exception(ep);
@@ -174,7 +188,7 @@ int HttpServer::port() const { return impl_->port; }
 
 void HttpServer::stop() {
   if (!impl_->thread.joinable()) return;
-  impl_->server.stop();
+  impl_->server->stop();
   impl_->thread.join();
 }
 
@@ -183,7 +197,21 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::start(Frontend* frontend
   impl->frontend = frontend;
   impl->options = options;
   impl->started = static_cast<int64_t>(std::time(nullptr));
-  httplib::Server& s = impl->server;
+  if (options.tls_cert.empty()) {
+    impl->server = std::make_unique<httplib::Server>();
+  } else {
+    auto ssl = std::make_unique<httplib::SSLServer>(
+        options.tls_cert.c_str(), options.tls_key.c_str(),
+        options.tls_client_ca.empty() ? nullptr : options.tls_client_ca.c_str());
+    if (!ssl->is_valid()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "HTTPS: cannot use the certificate ", options.tls_cert, " and key ", options.tls_key,
+          options.tls_client_ca.empty() ? "" : " and client CA ", options.tls_client_ca,
+          " (unreadable, not PEM, or not a pair)"));
+    }
+    impl->server = std::move(ssl);
+  }
+  httplib::Server& s = *impl->server;
   const int threads = std::max(options.threads, 1);
   s.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   s.set_payload_max_length(static_cast<size_t>(std::max<int64_t>(options.max_body_bytes, 0)));
@@ -199,7 +227,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::start(Frontend* frontend
         absl::StrCat("cannot serve HTTP on ", options.host, ":", options.port, " (is the port in use?)"));
   }
   Impl* raw = impl.get();
-  impl->thread = std::thread([raw] { raw->server.listen_after_bind(); });
+  impl->thread = std::thread([raw] { raw->server->listen_after_bind(); });
   // stop() before the loop runs would be lost, and the thread never joined.
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!s.is_running() && std::chrono::steady_clock::now() < give_up) {

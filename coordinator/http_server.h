@@ -18,6 +18,10 @@
 // noticed at the next write: its request is aborted upstream and its KV blocks freed. (A unary
 // request whose client leaves runs to its end: nothing is written to the socket before then.)
 // Bodies over max_body_bytes get 413.
+//
+// With tls_cert and tls_key it serves HTTPS only (and with tls_client_ca, only to clients with a
+// certificate that CA signed). With api_key, every route but /health and /ready answers 401
+// unless the request carries `Authorization: Bearer KEY`.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +38,8 @@ struct HttpOptions {
   int port = 0;      // 0: any free port
   int threads = 64;  // connections served at once (an idle keep-alive connection holds one)
   int64_t max_body_bytes = 1 << 20;
+  std::string tls_cert, tls_key, tls_client_ca;  // PEM files (server.h)
+  std::string api_key;                           // empty: none asked for
 };
 
 class HttpServer {

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdlib>
 #include <iostream>
 
 #include "coordinator/config.h"
@@ -47,6 +48,19 @@ int main(int argc, char** argv) {
   app.add_option("--max-request-bytes", o.max_request_bytes,
                  "Largest request; larger ones get INVALID_ARGUMENT (HTTP: 413)")
       ->capture_default_str();
+  app.add_option("--worker-port", o.worker_port,
+                 "Plaintext port where workers register (0: any free port; -1: on --port). Required with TLS or "
+                 "an API key, which workers cannot present; keep it on the cluster's internal network")
+      ->capture_default_str();
+  app.add_option("--tls-cert", o.tls_cert, "PEM certificate (chain): serve gRPC and HTTP over TLS")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-key", o.tls_key, "PEM private key of --tls-cert")->check(CLI::ExistingFile);
+  app.add_option("--tls-client-ca", o.tls_client_ca,
+                 "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+      ->check(CLI::ExistingFile);
+  app.add_option("--api-key", o.api_key,
+                 "Require 'authorization: Bearer KEY' on every API call (health checks exempt); default: "
+                 "$SHARDSERVE_API_KEY, which keeps the key out of the process list");
   app.add_option("--health-interval-ms", health_interval_ms, "Between health checks of each worker")
       ->capture_default_str();
   app.add_option("--health-timeout-ms", health_timeout_ms, "A health check slower than this fails")
@@ -60,6 +74,9 @@ int main(int argc, char** argv) {
   app.add_flag("--check-config", check_config, "Only parse and check --config, print its groups, and exit");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
+  if (o.api_key.empty()) {
+    if (const char* key = std::getenv("SHARDSERVE_API_KEY")) o.api_key = key;
+  }
   o.health_interval = std::chrono::milliseconds(health_interval_ms);
   o.health_timeout = std::chrono::milliseconds(health_timeout_ms);
   o.dead_after = std::chrono::milliseconds(dead_after_ms);

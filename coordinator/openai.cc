@@ -23,6 +23,12 @@ absl::Status bad_field(const std::string& param, const std::string& message) {
   return s;
 }
 
+// The string at `key` of an object; "" when it is absent or not a string (json::value would throw).
+std::string string_or_empty(const json& object, const char* key) {
+  const auto it = object.find(key);
+  return it != object.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 // Reads the fields of a request body, keeping the first error. null counts as absent (OpenAI's
 // SDKs send it for unset fields).
 class Fields {
@@ -121,7 +127,7 @@ void read_sampling(Fields& f, Request& out) {
     if (const json* v = f.get(key); v && !(v->is_array() && v->empty())) f.fail(key, "tool calls are not supported");
   }
   if (const json* v = f.get("response_format")) {
-    if (!v->is_object() || v->value("type", "") != "text") {
+    if (!v->is_object() || string_or_empty(*v, "type") != "text") {
       f.fail("response_format", "only {\"type\": \"text\"} is supported");
     }
   }
@@ -211,7 +217,7 @@ void read_messages(Fields& f, Request& out) {
       for (size_t j = 0; j < content->size(); ++j) {
         const json& part = (*content)[j];
         const std::string pat = absl::StrCat(at, ".content[", j, "]");
-        if (!part.is_object() || part.value("type", "") != "text") {
+        if (!part.is_object() || string_or_empty(part, "type") != "text") {
           return f.fail(pat, "only text parts ({\"type\": \"text\", \"text\": ...}) are supported");
         }
         const auto t = part.find("text");

@@ -59,11 +59,12 @@ wv1::Assignment Registry::assignment_for(const Replica& r, int rank) const {
   a.set_checkpoint(m.checkpoint);
   a.set_rank(rank);
   a.set_tp_size(g.tp_size);
-  a.set_local_ranks(g.backend == "cpu" ? g.tp_size : 1);
+  a.set_local_ranks(g.backend == "cpu" && !g.process_per_rank ? g.tp_size : 1);
   a.set_backend(g.backend);
   a.set_dtype(g.dtype);
   a.set_quantization(g.quantization);
   a.set_nccl_unique_id(r.nccl_unique_id);
+  a.set_group_address(r.group_address);
   a.set_num_kv_blocks(g.num_kv_blocks);
   a.set_kv_cache_bytes(g.kv_cache_bytes);
   a.set_block_size(g.block_size);
@@ -86,7 +87,7 @@ absl::StatusOr<wv1::Assignment> Registry::register_worker(const wv1::RegisterReq
     return absl::InvalidArgumentError(
         absl::StrCat("rank ", req.rank(), " is outside group '", group->name, "' (tp_size ", group->tp_size, ")"));
   }
-  if (req.rank() > 0 && group->backend == "cpu") {
+  if (req.rank() > 0 && group->backend == "cpu" && !group->process_per_rank) {
     return absl::FailedPreconditionError(absl::StrCat(
         "group '", group->name, "' runs on the cpu backend: its ", group->tp_size,
         " ranks are threads of the rank-0 worker, so start only rank 0"));
@@ -95,10 +96,21 @@ absl::StatusOr<wv1::Assignment> Registry::register_worker(const wv1::RegisterReq
   if (req.rank() == 0) {
     if (req.address().empty()) return absl::InvalidArgumentError("rank 0 must register the address of its Worker service");
     Replica* slot = nullptr;
+    Replica* failing = nullptr;  // failing longest
     for (Replica& r : replicas_) {
       if (r.group != group) continue;
-      if (!req.worker_id().empty() && r.worker_id == req.worker_id()) return assignment_for(r, 0);  // a retried call
+      // A retried call, or the worker's periodic re-registration (worker_service.cc).
+      if (!req.worker_id().empty() && r.worker_id == req.worker_id()) return assignment_for(r, 0);
       if (!slot && r.state == State::kEmpty) slot = &r;
+      if (r.state == State::kUnhealthy && (!failing || r.failing_since < failing->failing_since)) failing = &r;
+    }
+    if (!slot && failing) {
+      // Most often the same worker restarted (kill -9, an OOM kill, a pod restart) before
+      // dead_after freed its slot: waiting would keep a live worker out for that long. If the
+      // old one comes back, it finds its slot taken and stays out of routing.
+      spdlog::warn("group {}/{}: a new rank 0 at {} replaces the unhealthy worker at {}", group->name, failing->index,
+                   req.address(), failing->address);
+      slot = failing;
     }
     if (!slot) {
       return absl::FailedPreconditionError(absl::StrCat("all ", group->replicas, " replicas of group '", group->name,
@@ -115,6 +127,7 @@ absl::StatusOr<wv1::Assignment> Registry::register_worker(const wv1::RegisterReq
     slot->metrics_address = req.metrics_address();
     slot->worker_id = req.worker_id();
     slot->nccl_unique_id = req.nccl_unique_id();
+    slot->group_address = req.group_address();
     slot->follower_ranks.clear();
     slot->has_stats = false;
     slot->outstanding_tokens = 0;
@@ -161,17 +174,21 @@ absl::StatusOr<Registry::Route> Registry::acquire(const std::string& model, cons
   Replica& r = replicas_[i];
   r.outstanding_tokens += cost;
   return Route{i, absl::StrCat(r.group->name, "/", r.index), r.stub, r.stats.vocab_size(), r.stats.max_model_len(),
-               cost};
+               cost, r.worker_id};
 }
 
 void Registry::release(const Route& route) {
   std::lock_guard lock(mu_);
-  replicas_[route.replica].outstanding_tokens -= route.cost;
+  Replica& r = replicas_[route.replica];
+  // A worker registered in the slot meanwhile started from 0; taking this cost off would
+  // understate its load.
+  if (r.worker_id == route.worker_id) r.outstanding_tokens -= route.cost;
 }
 
-void Registry::report_failure(int replica, const std::string& why) {
+void Registry::report_failure(const Route& route, const std::string& why) {
   std::lock_guard lock(mu_);
-  Replica& r = replicas_[replica];
+  Replica& r = replicas_[route.replica];
+  if (r.worker_id != route.worker_id) return;
   if (r.state == State::kServing || r.state == State::kDraining || r.state == State::kLoading) {
     set_state(r, State::kUnhealthy, why);
   }

@@ -9,6 +9,8 @@
 //   any live  -> unhealthy   a health check fails or times out, or a request's stream to it breaks
 //   unhealthy -> (reported)  a health check succeeds again
 //   unhealthy -> empty       failing for longer than dead_after: a new worker may take the slot
+//   unhealthy -> loading     a new rank 0 registers while no slot of its group is empty (the
+//                            worker restarted before dead_after): it takes the slot failing longest
 //
 // Registration is also the NCCL rendezvous for GPU groups: rank 0 registers the group's
 // ncclUniqueId, and followers (rank > 0) registering later receive it (UNAVAILABLE, to be retried,
@@ -64,12 +66,14 @@ class Registry {
     int64_t vocab_size = 0;
     int64_t max_model_len = 0;
     int64_t cost = 0;
+    std::string worker_id;  // the worker that had the slot: a replaced one's cost is not returned
   };
   // The least loaded serving replica of `model` not in `excluded`. UNAVAILABLE when there is none.
   absl::StatusOr<Route> acquire(const std::string& model, const std::vector<int>& excluded, int64_t cost);
   void release(const Route& route);
-  // A request's stream to the replica broke: stop routing to it until a health check passes.
-  void report_failure(int replica, const std::string& why);
+  // A request's stream to the replica broke: stop routing to it until a health check passes
+  // (unless another worker has taken the slot since the route was acquired).
+  void report_failure(const Route& route, const std::string& why);
 
   struct ModelState {
     int num_groups = 0;  // replica slots
@@ -93,6 +97,7 @@ class Registry {
     int index = 0;
     State state = State::kEmpty;
     std::string address, metrics_address, worker_id, nccl_unique_id;
+    std::string group_address;  // rank 0's, where its followers connect
     std::set<int> follower_ranks;
     std::shared_ptr<worker::v1::Worker::Stub> stub;
     bool has_stats = false;

@@ -23,6 +23,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "coordinator/api_key.h"
 #include "coordinator/frontend.h"
 #include "coordinator/http_server.h"
 #include "coordinator/metrics.h"
@@ -112,6 +113,16 @@ class ParseErrorInterceptorFactory final : public grpc::experimental::ServerInte
   }
 };
 
+absl::StatusOr<std::string> read_pem(const std::string& path, const char* flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(flag, ": cannot read ", path));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (text.find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": ", path, " is not a PEM file"));
+  }
+  return text;
+}
+
 }  // namespace
 
 struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service, Frontend {
@@ -122,8 +133,10 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
   std::unique_ptr<Registry> registry;
   std::unique_ptr<prometheus::Exposer> exposer;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<grpc::Server> worker_server;  // the Registry alone, when worker_port is set
   std::unique_ptr<HttpServer> http;
   int port = 0;
+  int worker_port = 0;
   int metrics_port = -1;
   int http_port = -1;
 
@@ -456,6 +469,11 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
       const grpc::Status ws = reader->Finish();
       if (finished && !client_gone) return done(absl::OkStatus());
       if (client_gone || (ctx && ctx->IsCancelled()) || own_call.cancelled()) {
+        // A write that failed because the call's deadline passed (a client that stopped reading,
+        // say) is counted as what it is, not as a cancellation.
+        if (ctx && std::chrono::system_clock::now() >= ctx->deadline()) {
+          return done(absl::DeadlineExceededError("the request's deadline passed"));
+        }
         return done(absl::CancelledError("the client cancelled the request"));
       }
       switch (ws.error_code()) {
@@ -470,7 +488,7 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
           break;
       }
       const std::string why = ws.ok() ? "the worker ended the stream early" : ws.error_message();
-      registry->report_failure(route->replica, why);
+      registry->report_failure(*route, why);
       if (produced == 0) {
         spdlog::warn("request {}: replica {} failed before the first token ({}); trying another", request_id,
                      route->name, why);
@@ -484,9 +502,19 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     }
   }
 
+  // The public API's calls, before anything else: the API key (when the server has one).
+  absl::Status authorize(const grpc::ServerContext* ctx) const {
+    if (options.api_key.empty()) return absl::OkStatus();
+    const auto& md = ctx->client_metadata();
+    const auto it = md.find("authorization");
+    return check_api_key(options.api_key,
+                         it == md.end() ? std::string_view() : std::string_view(it->second.data(), it->second.size()));
+  }
+
   // One gRPC Generate call: the same path as every door.
   grpc::Status serve(grpc::ServerContext* ctx, const v1::GenerateRequest& req,
                      const std::function<bool(const v1::GenerateResponse&)>& emit) {
+    if (auto st = authorize(ctx); !st.ok()) return to_grpc(finish("unknown", Clock::now(), st));
     auto admitted = admit_request(req, AdmitOptions{});
     if (!admitted.ok()) return to_grpc(admitted.status());
     return to_grpc(run(**admitted, ctx, emit));
@@ -565,7 +593,8 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     return serve(ctx, *req, [&](const v1::GenerateResponse& d) { return writer->Write(d); });
   }
 
-  grpc::Status Tokenize(grpc::ServerContext*, const v1::TokenizeRequest* req, v1::TokenizeResponse* resp) override {
+  grpc::Status Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* req, v1::TokenizeResponse* resp) override {
+    if (auto st = authorize(ctx); !st.ok()) return to_grpc(st);
     if (static_cast<int64_t>(req->ByteSizeLong()) > options.max_request_bytes) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           absl::StrCat("the request is larger than ", options.max_request_bytes, " bytes"));
@@ -590,7 +619,11 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     return grpc::Status::OK;
   }
 
-  grpc::Status ListModels(grpc::ServerContext*, const v1::ListModelsRequest*, v1::ListModelsResponse* resp) override {
+  grpc::Status ListModels(grpc::ServerContext* ctx, const v1::ListModelsRequest*,
+                          v1::ListModelsResponse* resp) override {
+    if (ctx) {  // null: the HTTP door's list_models(), which checked the key itself
+      if (auto st = authorize(ctx); !st.ok()) return to_grpc(st);
+    }
     for (const auto& [name, m] : models) {
       const Registry::ModelState s = registry->model_state(name);
       v1::Model* out = resp->add_models();
@@ -651,6 +684,7 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
     nlohmann::json j;
     const std::string host = options.host == "0.0.0.0" ? "127.0.0.1" : options.host;
     j["address"] = absl::StrCat(host, ":", port);
+    j["worker_address"] = absl::StrCat(host, ":", worker_port);
     j["metrics_address"] = metrics_port >= 0 ? absl::StrCat(host, ":", metrics_port) : "";
     j["http_address"] = http_port >= 0 ? absl::StrCat(host, ":", http_port) : "";
     j["groups"] = registry->describe();
@@ -693,11 +727,14 @@ Coordinator::~Coordinator() {
     impl_->http->stop();
   }
   if (impl_->server) impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  if (impl_->worker_server) impl_->worker_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   impl_->registry->stop_health_checks();
 }
 
 int Coordinator::port() const { return impl_->port; }
 int Coordinator::http_port() const { return impl_->http_port; }
+int Coordinator::worker_port() const { return impl_->worker_port; }
+Frontend& Coordinator::frontend() { return *impl_; }
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const CoordinatorOptions& options,
                                                                  ClusterConfig config) {
@@ -722,21 +759,66 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const Coordinato
     impl->metrics_port = impl->exposer->GetListeningPorts().at(0);
   }
 
+  const bool tls = !options.tls_cert.empty() || !options.tls_key.empty();
+  if (tls && (options.tls_cert.empty() || options.tls_key.empty())) {
+    return absl::InvalidArgumentError("TLS needs both --tls-cert and --tls-key");
+  }
+  if (!tls && !options.tls_client_ca.empty()) {
+    return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key (TLS)");
+  }
+  if ((tls || !options.api_key.empty()) && options.worker_port < 0) {
+    return absl::InvalidArgumentError(
+        "with TLS or an API key, workers register on a port of their own: set --worker-port (plaintext, for the "
+        "cluster's internal network)");
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (tls) {
+    auto cert = read_pem(options.tls_cert, "--tls-cert");
+    if (!cert.ok()) return cert.status();
+    auto key = read_pem(options.tls_key, "--tls-key");
+    if (!key.ok()) return key.status();
+    grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    if (!options.tls_client_ca.empty()) {
+      auto ca = read_pem(options.tls_client_ca, "--tls-client-ca");
+      if (!ca.ok()) return ca.status();
+      ssl.pem_root_certs = std::move(*ca);
+      ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+    }
+    ssl.pem_key_cert_pairs.push_back({std::move(*key), std::move(*cert)});
+    credentials = grpc::SslServerCredentials(ssl);
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   const std::string address = absl::StrCat(options.host, ":", options.port);
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.AddListeningPort(address, credentials, &impl->port);
   // Above our own limit, so that an oversized request gets our INVALID_ARGUMENT, not gRPC's error.
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::max<int64_t>(options.max_request_bytes * 4, 16 << 20)));
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ParseErrorInterceptorFactory>());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.RegisterService(static_cast<v1::Generation::Service*>(impl.get()));
-  builder.RegisterService(static_cast<wv1::Registry::Service*>(impl.get()));
+  if (options.worker_port < 0) builder.RegisterService(static_cast<wv1::Registry::Service*>(impl.get()));
   impl->server = builder.BuildAndStart();
   if (!impl->server || impl->port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " (is the port in use?)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", address,
+                     tls ? " (is the port in use, or are the TLS certificate and key invalid?)" : " (is the port in use?)"));
+  }
+  impl->worker_port = impl->port;
+  if (options.worker_port >= 0) {
+    // Plaintext and without the key: workers hold neither. The Registry alone is served here (and
+    // health, for probes that cannot speak TLS); the public API is not.
+    grpc::ServerBuilder worker_builder;
+    const std::string worker_address = absl::StrCat(options.host, ":", options.worker_port);
+    worker_builder.AddListeningPort(worker_address, grpc::InsecureServerCredentials(), &impl->worker_port);
+    worker_builder.RegisterService(static_cast<wv1::Registry::Service*>(impl.get()));
+    impl->worker_server = worker_builder.BuildAndStart();
+    if (!impl->worker_server || impl->worker_port == 0) {
+      impl->server->Shutdown();
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", worker_address, " (is the port in use?)"));
+    }
   }
   if (options.http_port >= 0) {
     // A client that leaves mid-stream must cost a failed write, not the process: httplib sends
@@ -747,18 +829,27 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const Coordinato
     ho.port = options.http_port;
     ho.threads = options.http_threads;
     ho.max_body_bytes = options.max_request_bytes;
+    ho.tls_cert = options.tls_cert;
+    ho.tls_key = options.tls_key;
+    ho.tls_client_ca = options.tls_client_ca;
+    ho.api_key = options.api_key;
     auto http = HttpServer::start(impl.get(), ho);
     if (!http.ok()) {
       impl->server->Shutdown();
+      if (impl->worker_server) impl->worker_server->Shutdown();
       return http.status();
     }
     impl->http = std::move(*http);
     impl->http_port = impl->http->port();
   }
   impl->server->GetHealthCheckService()->SetServingStatus(true);
+  // Probes that cannot speak TLS (Kubernetes' gRPC probe) check the plaintext worker port.
+  if (impl->worker_server) impl->worker_server->GetHealthCheckService()->SetServingStatus(true);
   impl->registry->start_health_checks();
   impl->start_ready_watch();
-  spdlog::info("shardserve-coordinator listening on {}:{}{}{}", options.host, impl->port,
+  spdlog::info("shardserve-coordinator listening on {}:{}{}{}{}{}{}", options.host, impl->port, tls ? " (TLS)" : "",
+               options.api_key.empty() ? "" : " (API key)",
+               impl->worker_server ? absl::StrCat(", workers register on :", impl->worker_port) : "",
                impl->metrics_port >= 0 ? absl::StrCat(", metrics on :", impl->metrics_port) : "",
                impl->http_port >= 0 ? absl::StrCat(", HTTP (OpenAI API) on :", impl->http_port) : "");
   return std::unique_ptr<Coordinator>(new Coordinator(std::move(impl)));
@@ -768,6 +859,7 @@ void Coordinator::drain_and_stop() {
   Impl& impl = *impl_;
   impl.draining = true;
   impl.server->GetHealthCheckService()->SetServingStatus(false);
+  if (impl.worker_server) impl.worker_server->GetHealthCheckService()->SetServingStatus(false);
   {
     std::unique_lock lock(impl.in_flight_mu);
     spdlog::info("draining: {} requests in flight, waiting up to {} ms", impl.in_flight,
@@ -780,6 +872,7 @@ void Coordinator::drain_and_stop() {
     impl.http->stop();
   }
   impl.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  if (impl.worker_server) impl.worker_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   impl.registry->stop_health_checks();
 }
 

@@ -12,6 +12,14 @@
 //
 // Drain (SIGTERM): health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight requests get
 // up to shutdown_timeout to finish, then the server stops.
+//
+// Security (all optional): TLS on the gRPC port and the HTTP port (one certificate for both; with
+// a client CA, clients must present a certificate it signed), and an API key that every call of
+// the public API must carry (gRPC metadata `authorization: Bearer KEY`, the HTTP header
+// `Authorization: Bearer KEY`, as OpenAI's SDKs send it); health endpoints answer without it.
+// Workers cannot present either, so with TLS or an API key the Registry service moves to a
+// plaintext worker_port of its own, meant for the cluster's internal network only. Requests name
+// models only by the names of the cluster config: nothing in a request becomes a path.
 #pragma once
 
 #include <chrono>
@@ -24,6 +32,8 @@
 
 namespace shardserve {
 
+class Frontend;
+
 struct CoordinatorOptions {
   std::string host = "0.0.0.0";
   int port = 50051;       // 0: any free port
@@ -35,6 +45,13 @@ struct CoordinatorOptions {
   std::string ready_file;
   int64_t max_in_flight = 1024;           // Generate calls at once; more get RESOURCE_EXHAUSTED
   int64_t max_request_bytes = 1 << 20;    // larger requests get INVALID_ARGUMENT (HTTP bodies: 413)
+  // -1: the Registry service (worker registration) is on `port`; else its own plaintext port
+  // (0: any free port). Required with TLS or an API key.
+  int worker_port = -1;
+  std::string tls_cert;       // PEM certificate chain; with tls_key, TLS on the gRPC and HTTP ports
+  std::string tls_key;        // PEM private key
+  std::string tls_client_ca;  // PEM CA bundle: clients must present a certificate it signed (mTLS)
+  std::string api_key;        // empty: no key is asked for
   std::chrono::milliseconds health_interval{500};
   std::chrono::milliseconds health_timeout{1000};
   std::chrono::milliseconds dead_after{10000};
@@ -47,7 +64,11 @@ class Coordinator {
   static absl::StatusOr<std::unique_ptr<Coordinator>> start(const CoordinatorOptions& options, ClusterConfig config);
   ~Coordinator();
   int port() const;
-  int http_port() const;  // -1 without the HTTP API
+  int http_port() const;    // -1 without the HTTP API
+  int worker_port() const;  // where workers register: port() unless worker_port was set
+  // The request path behind every door (frontend.h), for in-process callers: the request
+  // validation fuzzer (tests/fuzz) admits requests through it without a network call.
+  Frontend& frontend();
   // NOT_SERVING, wait for in-flight requests (up to shutdown_timeout), stop.
   void drain_and_stop();
 

@@ -50,6 +50,13 @@ std::string TextStream::finish() {
   if (!detokenizer_ || stopped_) return "";
   std::string rest = std::move(held_) + detokenizer_->finish();
   held_.clear();
+  // The flushed tail (U+FFFD for an unfinished character) can complete a stop string too.
+  size_t stop_at = std::string::npos;
+  for (const std::string& s : stop_) stop_at = std::min(stop_at, rest.find(s));
+  if (stop_at != std::string::npos) {
+    rest.resize(stop_at);
+    stopped_ = true;
+  }
   return rest;
 }
 

@@ -31,7 +31,8 @@ class TextStream {
   // The text that `ids` complete and that is safe to show. Once a stop string matched, the stream
   // is stopped and further pushes return nothing.
   absl::StatusOr<Delta> push(std::span<const int32_t> ids);
-  // The held-back text at the end of generation (no stop string matched).
+  // The held-back text at the end of generation, cut before a stop string that the flushed
+  // end (an unfinished character's U+FFFD) completes; stopped() tells that apart.
   std::string finish();
   bool stopped() const { return stopped_; }
 

@@ -10,11 +10,15 @@ BUILD_DIR=${BUILD_DIR:-build-cuda}
 ARCHS=${CUDA_ARCHS:-90a}
 TARGETS=("$@")
 ((${#TARGETS[@]})) || TARGETS=(gpu_tests engine_bench)
-cmake -S . -B "$BUILD_DIR" -G Ninja -DSHARDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
-  -DCMAKE_BUILD_TYPE=Release >/dev/null
+# An existing build directory keeps its configuration (BUILD_DIR=build reuses the main build).
+if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DSHARDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+    -DCMAKE_BUILD_TYPE=Release >/dev/null
+fi
 cmake --build "$BUILD_DIR" -j "${BUILD_JOBS:-2}" --target "${TARGETS[@]}"
 rm -rf dist && mkdir -p dist/bin dist/lib
-for t in "${TARGETS[@]}"; do cp "$BUILD_DIR/bin/$t" dist/bin/; done
+# Without debug sections: the working tree that travels to the GPU machine is size-limited.
+for t in "${TARGETS[@]}"; do objcopy --strip-debug "$BUILD_DIR/bin/$t" "dist/bin/$t"; done
 ldd dist/bin/* | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
   case "$(basename "$lib")" in
     libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libstdc++.so*|libgcc_s.so*|libssl.so*|libcrypto.so*|libz.so*) ;;

@@ -15,6 +15,11 @@ EOS, so the reference involves no incremental state at all. It also checks that 
 applied the llama3 rope scaling the config asks for, by recomputing inv_freq here.
 
     python3 scripts/make_golden.py --data tests/data/tiny [--steps 24]
+    python3 scripts/make_golden.py tests/data/tiny-quant/*/dequantized   # named checkpoints only
+
+The quantized checkpoints' goldens come from their dequantized twins (what
+scripts/make_quant_checkpoints.py writes beside each): transformers runs the exact FP32 weights the
+quantized model stands for, so our CPU backend must match them as it matches the 16-bit goldens.
 """
 import argparse
 import glob
@@ -59,11 +64,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="tests/data/tiny")
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("checkpoints", nargs="*", help="checkpoint directories (default: every one under --data)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_grad_enabled(False)
 
-    for path in sorted(glob.glob(os.path.join(args.data, "*", "config.json"))):
+    configs = [os.path.join(c, "config.json") for c in args.checkpoints] or \
+        sorted(glob.glob(os.path.join(args.data, "*", "config.json")))
+    for path in configs:
         ckpt = os.path.dirname(path)
         cfg = json.load(open(path))
         model = load(ckpt)

@@ -11,7 +11,10 @@ PACKAGES=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev libpcre2-dev libabsl-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev libyaml-cpp-dev prometheus-cpp-dev libcpp-httplib-dev
   python3-numpy python3-grpcio python3-grpc-tools
+  python3-matplotlib  # scripts/plot_bench.py: the serving benchmark's plots (and tests/e2e/bench_test.py)
   prometheus curl  # curl, and node/npm below: the HTTP API's e2e test (tests/e2e/http_test.py)
+  openssl python3-yaml  # tests/e2e/security_test.py: its test certificates, the rendered manifests
+  clang libclang-rt-14-dev llvm-14  # sanitizer and libFuzzer builds (scripts/sanitize.sh, scripts/fuzz.sh)
 )
 # The deploy checks' tools (tests/deploy): Debian's package only when the command is missing, so
 # a kubectl or node installed another way is used as it is.

@@ -132,7 +132,8 @@ absl::StatusOr<ChatTemplate> ChatTemplate::load(const std::string& dir) {
     template_text = config["chat_template"].get<std::string>();
   } else if (config.contains("chat_template") && config["chat_template"].is_array()) {
     for (const json& entry : config["chat_template"]) {
-      if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
+      // == on the json value: json::value("name", "") would throw for a name that is not a string.
+      if (entry.is_object() && entry.contains("name") && entry["name"] == "default" && entry.contains("template") &&
           entry["template"].is_string()) {
         template_text = entry["template"].get<std::string>();
       }

@@ -169,6 +169,27 @@ MatchScratch& match_scratch() {
 
 bool is_null_or_absent(const json& j, const char* key) { return !j.contains(key) || j[key].is_null(); }
 
+// Ids index dense tables (id -> bytes, flags), so an id far beyond any real vocabulary (the
+// largest in use have ~256K tokens) would only make the load allocate gigabytes.
+constexpr int64_t kMaxTokenId = (int64_t{1} << 21) - 1;
+
+// A token id as tokenizer.json writes it: an integer in [0, kMaxTokenId]; nullopt for anything
+// else (a float, a negative or absurd id, a string), which must be an error, not a cast.
+std::optional<int32_t> token_id(const json& j) {
+  if (!j.is_number_integer()) return std::nullopt;
+  if (j.is_number_unsigned()) {
+    if (j.get<uint64_t>() > static_cast<uint64_t>(kMaxTokenId)) return std::nullopt;
+  } else if (j.get<int64_t>() < 0 || j.get<int64_t>() > kMaxTokenId) {
+    return std::nullopt;
+  }
+  return static_cast<int32_t>(j.get<int64_t>());
+}
+
+absl::Status bad_id(std::string_view where, const json& id) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(av(where), ": id ", id.dump(), " is not an integer in [0, ", kMaxTokenId, "]"));
+}
+
 }  // namespace
 
 struct Tokenizer::PreTokenizerStep {
@@ -232,15 +253,22 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::from_json(std::string_view
     absl::flat_hash_map<std::string_view, int32_t> token_ids;  // ByteLevel form -> id, for the merges
     token_ids.reserve(vocab.size());
     int32_t max_id = -1;
-    for (const auto& [token, id_json] : vocab.items()) max_id = std::max(max_id, id_json.get<int32_t>());
-    for (const json& added : root.value("added_tokens", json::array())) max_id = std::max(max_id, added.at("id").get<int32_t>());
+    for (const auto& [token, id_json] : vocab.items()) {
+      const std::optional<int32_t> id = token_id(id_json);
+      if (!id) return bad_id(absl::StrCat("vocab token ", token), id_json);
+      max_id = std::max(max_id, *id);
+    }
+    for (const json& added : root.value("added_tokens", json::array())) {
+      const std::optional<int32_t> id = token_id(added.at("id"));
+      if (!id) return bad_id("added token", added.at("id"));
+      max_id = std::max(max_id, *id);
+    }
     if (max_id < 0) return absl::InvalidArgumentError("empty vocab");
     tok->id_to_bytes_.assign(max_id + 1, std::string());
     tok->id_flags_.assign(max_id + 1, 0);
     tok->bytes_to_id_.reserve(vocab.size());
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-      const int32_t id = it.value().get<int32_t>();
-      if (id < 0) return absl::InvalidArgumentError(absl::StrCat("negative id for token ", it.key()));
+      const int32_t id = *token_id(it.value());  // checked above
       token_ids.emplace(it.key(), id);
       tok->id_to_bytes_[id] = decoded_bytes(it.key());
       tok->id_flags_[id] |= kKnown;
@@ -290,7 +318,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::from_json(std::string_view
         return absl::UnimplementedError(
             absl::StrCat("added token ", added.value("content", ""), ": lstrip/rstrip/single_word are not supported"));
       }
-      AddedToken t{added.at("content").get<std::string>(), added.at("id").get<int32_t>(), added.value("special", false)};
+      AddedToken t{added.at("content").get<std::string>(), *token_id(added.at("id")), added.value("special", false)};
       if (t.content.empty()) return absl::InvalidArgumentError("added token with empty content");
       tok->id_to_bytes_[t.id] = decoded_bytes(t.content);
       tok->id_flags_[t.id] |= kKnown | (t.special ? kSpecial : 0);
@@ -362,7 +390,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::from_json(std::string_view
         }
         const std::string name = piece.at("SpecialToken").at("id").get<std::string>();
         for (const json& id : pp.at("special_tokens").at(name).at("ids")) {
-          (after_sequence ? tok->suffix_ids_ : tok->prefix_ids_).push_back(id.get<int32_t>());
+          const std::optional<int32_t> checked = token_id(id);
+          if (!checked) return bad_id("post-processor", id);
+          (after_sequence ? tok->suffix_ids_ : tok->prefix_ids_).push_back(*checked);
         }
       }
       return absl::OkStatus();

@@ -1,11 +1,14 @@
-// Engine benchmark on one GPU: decode tokens/s at several batch sizes and prefill tokens/s for a
-// 2,048-token prompt, on a synthetic model (random weights made on the device, no files).
+// Engine benchmark on one GPU, or N with tensor parallelism (--tp-size): decode tokens/s at
+// several batch sizes and prefill tokens/s for a 2,048-token prompt, on a synthetic model (random
+// weights made on the device, no files). With N GPUs the bytes are per GPU (each reads its shard)
+// and the step's collectives are also timed alone (collective_ms_per_step).
 // Every figure is set against the device's copy bandwidth measured in the same run:
 //   bandwidth_fraction = (weight bytes + KV bytes read per step) / step time / copy bandwidth
 // where copy bandwidth = (bytes read + bytes written) / time of a 1 GiB device-to-device copy.
 // Writes one JSON record per measurement (keys shared by every benchmark of the project).
 //   engine_bench [--model llama-3.1-8b] [--batches 1,8,32,128] [--context 512] [--out FILE]
 #include <cuda_runtime.h>
+#include <nccl.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -14,6 +17,7 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
 
@@ -61,6 +65,59 @@ double weight_bytes_per_step(const ModelConfig& c, double bytes_per_param) {
   return (c.num_hidden_layers * (attn + ffn + 2 * h) + h + c.vocab_size * h) * bytes_per_param;
 }
 
+// Median time of one NCCL collective over `n` GPUs of this process (ncclCommInitAll), for a
+// message of `bytes`: all-reduce (BF16 sum) or all-gather (FP32, `bytes` per rank).
+double collective_seconds(int n, size_t bytes, bool gather) {
+  std::vector<ncclComm_t> comms(n);
+  std::vector<int> devs(n);
+  std::iota(devs.begin(), devs.end(), 0);
+  ncclCommInitAll(comms.data(), n, devs.data());
+  std::vector<void*> buf(n), out(n);
+  std::vector<cudaStream_t> streams(n);
+  for (int d = 0; d < n; ++d) {
+    cudaSetDevice(d);
+    cudaMalloc(&buf[d], bytes);
+    cudaMalloc(&out[d], bytes * n);
+    cudaMemset(buf[d], 0, bytes);
+    cudaStreamCreate(&streams[d]);
+  }
+  auto run = [&](int iters) {
+    for (int i = 0; i < iters; ++i) {
+      ncclGroupStart();
+      for (int d = 0; d < n; ++d) {
+        if (gather) {
+          ncclAllGather(buf[d], out[d], bytes / 4, ncclFloat32, comms[d], streams[d]);
+        } else {
+          ncclAllReduce(buf[d], buf[d], bytes / 2, ncclBfloat16, ncclSum, comms[d], streams[d]);
+        }
+      }
+      ncclGroupEnd();
+    }
+    for (int d = 0; d < n; ++d) {
+      cudaSetDevice(d);
+      cudaStreamSynchronize(streams[d]);
+    }
+  };
+  run(20);
+  std::vector<double> per_op;
+  for (int rep = 0; rep < 5; ++rep) {
+    const int iters = 200;
+    const auto t0 = Clock::now();
+    run(iters);
+    per_op.push_back(std::chrono::duration<double>(Clock::now() - t0).count() / iters);
+  }
+  for (int d = 0; d < n; ++d) {
+    cudaSetDevice(d);
+    cudaFree(buf[d]);
+    cudaFree(out[d]);
+    cudaStreamDestroy(streams[d]);
+    ncclCommDestroy(comms[d]);
+  }
+  cudaSetDevice(0);
+  std::sort(per_op.begin(), per_op.end());
+  return per_op[per_op.size() / 2];
+}
+
 std::string today() {
   const std::time_t t = std::time(nullptr);
   char buf[32];
@@ -86,6 +143,8 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "decode steps timed per batch size");
   app.add_option("--out", out_path, "append JSON records here");
   app.add_flag("--micro", micro, "also time single ops at the model's decode shapes");
+  int tp_size = 1;
+  app.add_option("--tp-size", tp_size, "tensor-parallel GPUs (0 .. N-1 of this machine)");
   CLI11_PARSE(app, argc, argv);
 
   const double bw = copy_bandwidth();
@@ -111,6 +170,27 @@ int main(int argc, char** argv) {
   options.max_num_seqs = max_batch;
   options.max_model_len = std::max(context + steps + 8, prefill_len) + 16;
   options.gpu_memory_utilization = 0.90;
+  options.tp_size = tp_size;
+  // The collectives a decode step of B sequences makes, timed alone: one all-reduce of [B, hidden]
+  // BF16 after the embedding and after each layer's o_proj and down_proj, one all-gather of the
+  // [B, vocab / N] FP32 logits.
+  std::map<int, double> collective_ms;
+  if (tp_size > 1) {
+    auto preset = shardserve::preset_or_config(model);
+    if (!preset.ok()) {
+      std::cerr << "error: " << preset.status() << "\n";
+      return 1;
+    }
+    for (int batch : batches) {
+      const size_t reduce_bytes = static_cast<size_t>(batch) * preset->hidden_size * 2;
+      const size_t gather_bytes = static_cast<size_t>(batch) * preset->vocab_size / tp_size * 4;
+      const double ar = collective_seconds(tp_size, reduce_bytes, false);
+      const double ag = collective_seconds(tp_size, gather_bytes, true);
+      collective_ms[batch] = ((2 * preset->num_hidden_layers + 1) * ar + ag) * 1e3;
+      std::printf("batch %3d: all-reduce of %zu bytes %.1f us, all-gather of %zu bytes %.1f us, %.3f ms per step\n",
+                  batch, reduce_bytes, ar * 1e6, gather_bytes, ag * 1e6, collective_ms[batch]);
+    }
+  }
   auto loaded = shardserve::load_model(options);
   if (!loaded.ok()) {
     std::cerr << "error: " << loaded.status() << "\n";
@@ -119,14 +199,21 @@ int main(int argc, char** argv) {
   shardserve::StepExecutor& exec = *loaded->executor;
   const ModelConfig& cfg = loaded->config;
   const int64_t bs = exec.block_size();
-  const double kv_per_token = 2.0 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2;
-  const double weights = weight_bytes_per_step(cfg, 2.0);
+  // Per GPU: each rank reads its shard of the weights and of the KV heads (heads replicated when
+  // tp_size exceeds them).
+  const int64_t kv_heads_per_gpu = std::max<int64_t>(1, cfg.num_key_value_heads / tp_size);
+  const double kv_per_token = 2.0 * cfg.num_hidden_layers * kv_heads_per_gpu * cfg.head_dim * 2;
+  const double weights = weight_bytes_per_step(cfg, 2.0) / tp_size;
   std::vector<nlohmann::json> records;
   auto record = [&](const std::string& bench, int batch, double tokens_per_s, double fraction, double step_ms) {
     nlohmann::json r = {{"bench", bench}, {"device", prop.name}, {"model", model}, {"quantization", "none"},
-                        {"dtype", "bfloat16"}, {"tp_size", 1}, {"batch", batch}, {"tokens_per_s", tokens_per_s},
+                        {"dtype", "bfloat16"}, {"tp_size", tp_size}, {"batch", batch}, {"tokens_per_s", tokens_per_s},
                         {"bandwidth_fraction", fraction}, {"step_ms", step_ms}, {"context_len", context},
                         {"copy_bandwidth_gbps", bw / 1e9}, {"date", today()}};
+    if (tp_size > 1 && bench == "decode") {
+      r["collective_ms_per_step"] = collective_ms[batch];
+      r["collective_share"] = collective_ms[batch] / step_ms;
+    }
     records.push_back(r);
   };
 
@@ -195,10 +282,12 @@ int main(int argc, char** argv) {
     }
     for (const auto& r : records) out << r.dump() << "\n";
   }
-  std::printf("\n%-8s %6s %12s %10s %9s\n", "bench", "batch", "tokens/s", "step ms", "bw frac");
+  std::printf("\n%s, tp_size %d\n%-8s %6s %12s %10s %9s %14s\n", model.c_str(), tp_size, "bench", "batch",
+              "tokens/s", "step ms", "bw frac", "collective ms");
   for (const auto& r : records) {
-    std::printf("%-8s %6d %12.1f %10.3f %9.3f\n", r["bench"].get<std::string>().c_str(), r["batch"].get<int>(),
-                r["tokens_per_s"].get<double>(), r["step_ms"].get<double>(), r["bandwidth_fraction"].get<double>());
+    std::printf("%-8s %6d %12.1f %10.3f %9.3f %14.3f\n", r["bench"].get<std::string>().c_str(), r["batch"].get<int>(),
+                r["tokens_per_s"].get<double>(), r["step_ms"].get<double>(), r["bandwidth_fraction"].get<double>(),
+                r.value("collective_ms_per_step", 0.0));
   }
   return 0;
 }

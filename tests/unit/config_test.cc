@@ -145,8 +145,22 @@ TEST(ModelConfig, ClearErrors) {
   expect_error(R"({"vocab_size": 10, "hidden_size": 8})", "intermediate_size is missing");
   expect_error(R"({"vocab_size": 10, "hidden_size": 0, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1})",
                "hidden_size must be >= 1");
+  // Found by fuzzing: a huge size made loading allocate 16 GB for the RoPE table.
+  expect_error("{" + base + R"(, "head_dim": 4000000000})", "head_dim must be <= 1048576");
   expect_error("[1, 2]", "not a JSON object");
   expect_error("{", "not a JSON object");
+}
+
+// Found by fuzzing (tests/fuzz/model_config_fuzz.cc): a compressed-tensors scheme with a field of
+// the wrong type threw out of the parser (json::value), ending the worker instead of an error.
+TEST(ModelConfig, QuantizationFieldsOfTheWrongTypeAreErrors) {
+  const std::string base = R"("vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2)";
+  const std::string fp8 = R"("quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"g": {"weights": )";
+  expect_error("{" + base + ", " + fp8 + R"({"num_bits": "8", "type": "float"}}}}})", "weights.num_bits must be an integer");
+  expect_error("{" + base + ", " + fp8 + R"({"num_bits": 8, "type": 1}}}}})", "weights.type must be a string");
+  expect_error("{" + base + ", " + fp8 + R"({"num_bits": 8, "type": "float", "strategy": null}}}}})",
+               "weights.strategy must be a string");
 }
 
 TEST(GenerationConfig, EosListsAndFallback) {

@@ -60,12 +60,12 @@ TEST(MemoryPlan, TensorParallelHalvesShardedParts) {
 }
 
 TEST(MemoryPlan, QuantizedWeights) {
-  // AWQ: 68,451,041,280 linear params / 2 = 34,225,520,640 B; scales (FP16) and packed zeros
-  // (INT4) per 128 inputs: 2.5 B x 68,451,041,280 / 128 = 1,336,934,400 B; embedding + LM head +
-  // norms in BF16: 4,205,330,432 B.
+  // AWQ: 68,451,041,280 linear params / 2 = 34,225,520,640 B; scales (FP16) and zero points (U8,
+  // as the worker keeps them) per 128 inputs: 3 B x 68,451,041,280 / 128 = 1,604,321,280 B;
+  // embedding + LM head + norms in BF16: 4,205,330,432 B.
   const MemoryPlan awq = plan("a100-80gb", "awq", 1, 4096);
   EXPECT_EQ(awq.weights.linear, int64_t{34225520640});
-  EXPECT_EQ(awq.weights.linear_meta, int64_t{1336934400});
+  EXPECT_EQ(awq.weights.linear_meta, int64_t{1604321280});
   EXPECT_EQ(awq.weights.embedding + awq.weights.lm_head + awq.weights.norms, int64_t{4205330432});
   // GPTQ adds g_idx: one int32 per input feature of each linear, 80 x (3 x 8192 + 28672) x 4 B.
   const MemoryPlan gptq = plan("a100-80gb", "gptq", 1, 4096);
@@ -107,8 +107,8 @@ TEST(MemoryPlan, Bf16On80GBDoesNotFit) {
 }
 
 TEST(MemoryPlan, AwqOn80GBAt4kFits) {
-  // 0.9 x 79.15 GiB - 37.1 GiB weights - 0.54 GiB activations - 0.53 GiB overhead: ~33 GiB of
-  // KV cache, ~108,000 tokens, 26 sequences of 4096 (the guide: "37 GB", "3,700 tokens").
+  // 0.9 x 79.15 GiB - 37.3 GiB weights - 0.54 GiB activations - 0.53 GiB overhead: ~32.9 GiB of
+  // KV cache, ~107,000 tokens, 26 sequences of 4096 (the guide: "37 GB", "3,700 tokens").
   const MemoryPlan p = plan("a100-80gb", "awq", 1, 4096);
   EXPECT_TRUE(p.fits) << p.reason;
   EXPECT_GT(p.kv_capacity_tokens, 100000);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <numeric>
 
 #include "worker/model/checkpoint.h"
@@ -68,7 +69,10 @@ TEST_F(SafetensorsTest, ReadsTensorsMetadataAndSlices) {
   auto a = (*f)->view("a");
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(a->shape, (std::vector<int64_t>{2, 3}));
-  EXPECT_EQ(static_cast<const float*>(a->data)[5], 5.0f);
+  // The data section need not be aligned for the dtype (here it starts at byte 170): copy to read.
+  float last;
+  std::memcpy(&last, static_cast<const uint8_t*>(a->data) + 5 * sizeof(float), sizeof(float));
+  EXPECT_EQ(last, 5.0f);
   float rows[3];
   ASSERT_TRUE((*f)->read_slice("a", 0, 1, 2, rows).ok());
   EXPECT_EQ(std::vector<float>(rows, rows + 3), (std::vector<float>{3, 4, 5}));
@@ -112,7 +116,36 @@ TEST_F(SafetensorsTest, RejectsCorruptFiles) {
                         R"({"a":{"dtype":"F32","shape":[4611686018427387904,4611686018427387904],"data_offsets":[0,4]}})",
                         std::string(4, '\0')),
                   "shape is too large");
+  // Empty, but numel() would overflow on the way to 0 (found by fuzzing).
+  expect_rejected(write("empty-overflow.safetensors",
+                        R"({"a":{"dtype":"U8","shape":[4611686018427387904,2,0],"data_offsets":[0,0]}})", ""),
+                  "shape is too large");
   expect_rejected((dir_ / "absent.safetensors").string(), "cannot open");
+}
+
+// Found by fuzzing (tests/fuzz/safetensors_fuzz.cc): an empty tensor with a huge dimension is
+// valid, and slicing it must copy nothing at once, not loop 2^40 times or memcpy to a null dst.
+TEST_F(SafetensorsTest, EmptySlicesCopyNothing) {
+  auto f = SafetensorsFile::open(
+      write("empty.safetensors", R"({"e":{"dtype":"U8","shape":[1099511627776,0],"data_offsets":[0,0]}})", ""));
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_TRUE((*f)->read_slice("e", 1, 0, 0, nullptr).ok());
+  EXPECT_TRUE((*f)->read_slice("e", 0, 0, int64_t{1} << 40, nullptr).ok());
+}
+
+// from_memory (tests and fuzzing) runs the checks of open on bytes in memory.
+TEST_F(SafetensorsTest, FromMemoryChecksLikeOpen) {
+  std::ifstream in(write_valid(), std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto f = SafetensorsFile::from_memory(bytes, "mem.safetensors");
+  ASSERT_TRUE(f.ok()) << f.status();
+  float row[3];
+  ASSERT_TRUE((*f)->read_slice("a", 0, 1, 2, row).ok());
+  EXPECT_EQ(row[2], 5.0f);
+  EXPECT_FALSE(SafetensorsFile::from_memory(bytes.substr(0, 7), "mem.safetensors").ok());
+  auto truncated = SafetensorsFile::from_memory(bytes.substr(0, bytes.size() - 1), "mem.safetensors");
+  ASSERT_FALSE(truncated.ok());
+  EXPECT_NE(truncated.status().message().find("mem.safetensors"), std::string::npos) << truncated.status();
 }
 
 TEST_F(SafetensorsTest, CheckpointChecksShapesAndNamesTheTensor) {

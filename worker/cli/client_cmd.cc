@@ -2,6 +2,8 @@
 // or token ids in, the completion out. The reference client of proto/shardserve/v1.
 #include <grpcpp/grpcpp.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -37,7 +39,22 @@ struct ClientArgs {
   bool list_models = false;
   std::string output = "text";
   double timeout = 120;
+  bool tls = false;             // speak TLS, trusting the system's CAs
+  std::string tls_ca;           // PEM: speak TLS, trusting this CA
+  std::string tls_client_cert;  // PEM: a client certificate, for servers that require one
+  std::string tls_client_key;
+  std::string api_key;
 };
+
+bool read_file(const std::string& path, const char* flag, std::string& out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    std::cerr << "error: " << flag << ": cannot read " << path << "\n";
+    return false;
+  }
+  out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return true;
+}
 
 int fail(const grpc::Status& s) {
   static const char* const kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
@@ -70,10 +87,27 @@ nlohmann::json to_json(const v1::GenerateResponse& r) {
 }
 
 int run_client(const ClientArgs& a) {
-  auto channel = grpc::CreateChannel(a.address, grpc::InsecureChannelCredentials());
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (a.tls || !a.tls_ca.empty() || !a.tls_client_cert.empty()) {
+    grpc::SslCredentialsOptions ssl;  // an empty root bundle: the system's CAs
+    if (!a.tls_ca.empty() && !read_file(a.tls_ca, "--tls-ca", ssl.pem_root_certs)) return 1;
+    if (a.tls_client_cert.empty() != a.tls_client_key.empty()) {
+      std::cerr << "error: --tls-client-cert and --tls-client-key go together\n";
+      return 1;
+    }
+    if (!a.tls_client_cert.empty() && (!read_file(a.tls_client_cert, "--tls-client-cert", ssl.pem_cert_chain) ||
+                                       !read_file(a.tls_client_key, "--tls-client-key", ssl.pem_private_key))) {
+      return 1;
+    }
+    credentials = grpc::SslCredentials(ssl);
+  }
+  auto channel = grpc::CreateChannel(a.address, credentials);
   auto stub = v1::Generation::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(a.timeout * 1000)));
+  const char* env_key = std::getenv("SHARDSERVE_API_KEY");
+  const std::string api_key = !a.api_key.empty() ? a.api_key : env_key ? env_key : "";
+  if (!api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + api_key);
 
   if (a.list_models) {
     v1::ListModelsResponse resp;
@@ -179,6 +213,14 @@ void register_client(CLI::App& app) {
   cmd->add_flag("--list-models", a->list_models, "List the served models and their health");
   cmd->add_option("--output", a->output, "text or json")->check(CLI::IsMember({"text", "json"}))->capture_default_str();
   cmd->add_option("--timeout", a->timeout, "Deadline of the call in seconds")->capture_default_str();
+  cmd->add_flag("--tls", a->tls, "Connect over TLS, trusting the system's CAs");
+  cmd->add_option("--tls-ca", a->tls_ca, "Connect over TLS, trusting this PEM CA bundle")->check(CLI::ExistingFile);
+  cmd->add_option("--tls-client-cert", a->tls_client_cert,
+                  "PEM client certificate (TLS), for a server that requires one")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--tls-client-key", a->tls_client_key, "PEM private key of --tls-client-cert")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--api-key", a->api_key, "Send 'authorization: Bearer KEY' (default: $SHARDSERVE_API_KEY)");
   cmd->callback([a] {
     const int rc = run_client(*a);
     if (rc != 0) throw CLI::RuntimeError(rc);

@@ -15,5 +15,7 @@ void register_serve(CLI::App& app);
 void register_client(CLI::App& app);
 // `shardserve plan`: the memory planner (plan_cmd.cc).
 void register_plan(CLI::App& app);
+// `shardserve bench`: a load generator against a running server (bench_cmd.cc).
+void register_bench(CLI::App& app);
 
 }  // namespace shardserve::cli

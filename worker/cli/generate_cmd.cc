@@ -35,6 +35,7 @@ struct GenerateArgs {
   std::string backend = "cpu";
   std::string synthetic;
   std::string dtype = "auto";
+  std::string quantization;  // "": the checkpoint's own
   double gpu_memory_utilization = 0.90;
   int tp_size = 1;
   std::string output = "text";
@@ -198,6 +199,7 @@ absl::Status run_generate(GenerateArgs args) {
   options.model_dir = args.model;
   options.synthetic = args.synthetic;
   options.dtype = args.dtype;
+  options.quantization = args.quantization;
   options.gpu_memory_utilization = args.gpu_memory_utilization;
   options.max_model_len = args.max_model_len;
   options.max_num_seqs = args.max_num_seqs;
@@ -254,6 +256,10 @@ void register_generate(CLI::App& app) {
       ->excludes(model);
   cmd->add_option("--dtype", args->dtype, "auto (the checkpoint's), bfloat16, float16 or float32 (GPU checking)")
       ->capture_default_str();
+  cmd->add_option("--quantization", args->quantization,
+                  "none, awq, gptq, fp8 or int8. Default: the checkpoint's own format (config.json quantization_config); "
+                  "fp8 or int8 quantize a 16-bit checkpoint at load; with --synthetic, random weights in that format")
+      ->check(CLI::IsMember({"none", "awq", "gptq", "fp8", "int8"}));
   cmd->add_option("--gpu-memory-utilization", args->gpu_memory_utilization,
                   "Share of GPU memory for weights + activations + KV cache")->capture_default_str();
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma-separated, used verbatim (no BOS added)");

@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   shardserve::cli::register_serve(app);
   shardserve::cli::register_client(app);
   shardserve::cli::register_plan(app);
+  shardserve::cli::register_bench(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

@@ -238,7 +238,9 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--served-model-name", args->served_model_name, "The model's name in requests (default: the folder's)");
   cmd->add_option("--tp-size", args->tp_size, "Tensor-parallel ranks")->capture_default_str();
   cmd->add_option("--backend", args->backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  cmd->add_option("--quantization", args->quantization, "none, awq, gptq, int8 or fp8")
+  cmd->add_option("--quantization", args->quantization,
+                  "none (the checkpoint as published, whatever its format), awq, gptq or fp8 (checked against the "
+                  "checkpoint), or fp8 / int8 to quantize a 16-bit checkpoint at load")
       ->check(CLI::IsMember({"none", "awq", "gptq", "int8", "fp8"}))->capture_default_str();
   cmd->add_option("--dtype", args->dtype, "auto, bfloat16 or float16")->capture_default_str();
   cmd->add_option("--host", args->host, "Address the coordinator listens on")->capture_default_str();

@@ -37,6 +37,11 @@ struct ExecutorOptions {
   // Activation and KV-cache dtype: "auto" (the checkpoint's), "bfloat16", "float16", or "float32"
   // (exact checking on the GPU). The CPU backend always computes in float32.
   std::string dtype = "auto";
+  // "" or "none": the checkpoint's linear layers as published (16-bit, AWQ, GPTQ or FP8, from its
+  // config); awq, gptq, fp8: the same, checked to be that format; fp8 or int8 on a 16-bit
+  // checkpoint: quantized per output channel at load. A request that conflicts with the
+  // checkpoint is an INVALID_ARGUMENT. With `synthetic`: random weights in that format.
+  std::string quantization;
   int tp_size = 1;
   int device = 0;
   int64_t block_size = 16;
@@ -57,6 +62,10 @@ struct LoadedModel {
   GenerationConfig generation;
   std::unique_ptr<StepExecutor> executor;
 };
+
+// The model's config and generation settings for these options, validated (no weights, no
+// executor): what every rank of a group checks before it builds itself.
+absl::StatusOr<LoadedModel> describe_model(const ExecutorOptions& options);
 
 // tp_size > 1 builds a TpExecutor (CPU ranks as threads), else one rank in this process.
 absl::StatusOr<LoadedModel> load_model(const ExecutorOptions& options);

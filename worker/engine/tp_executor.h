@@ -1,10 +1,12 @@
-// TpExecutor: a tensor-parallel group of N CPU ranks in this process, seen by the Engine as one
-// StepExecutor.
+// TpExecutor: a tensor-parallel group of N ranks as threads of this process, seen by the Engine as
+// one StepExecutor: CPU ranks (CpuBackend each, talking through an InProcessGroup) or GPU ranks
+// (a CudaBackend on GPUs device .. device + N - 1 each, talking through NCCL).
 //
-// Rank r has its own CpuBackend, LlamaModel shard and ModelRunner, whose KV cache holds the
-// rank's KV heads. Every rank has the same number of blocks, so the engine's one BlockManager
-// (and the block tables in each Batch) describe all of them. Ranks talk through an
-// InProcessGroup, exactly as GPU ranks talk through NCCL.
+// Rank r has its own backend, LlamaModel shard and ModelRunner, whose KV cache holds the rank's
+// KV heads. Every rank has the same number of blocks (the minimum the ranks' memory plans allow),
+// so the engine's one BlockManager (and the block tables in each Batch) describe all of them.
+// The ranks are built in parallel, each on its own thread (see rank.h: GPU warm-up steps run
+// collectives, so they must run together).
 //
 // Rank 0 runs on the caller's thread. execute(batch) packs the batch into a step message (the
 // same bytes a GPU group leader sends its follower processes), publishes it on a one-slot
@@ -29,10 +31,8 @@
 
 #include "absl/status/statusor.h"
 #include "worker/engine/executor.h"
-#include "worker/engine/model_runner.h"
+#include "worker/engine/rank.h"
 #include "worker/model/checkpoint.h"
-#include "worker/model/llama.h"
-#include "worker/runtime/cpu_backend.h"
 #include "worker/runtime/inproc_communicator.h"
 
 namespace shardserve {
@@ -49,23 +49,29 @@ class TpExecutor final : public StepExecutor {
   const ModelConfig& config() const override { return ranks_[0]->model->config(); }
   int64_t num_blocks() const override { return ranks_[0]->runner->num_blocks(); }
   int64_t block_size() const override { return ranks_[0]->runner->block_size(); }
-  int tp_size() const { return group_.world_size(); }
+  int tp_size() const { return static_cast<int>(ranks_.size()); }
 
  private:
-  struct Rank {
-    std::unique_ptr<CpuBackend> backend;
-    std::unique_ptr<LlamaModel> model;
-    std::unique_ptr<ModelRunner> runner;
-    std::thread thread;  // followers only
-  };
-
-  explicit TpExecutor(int tp_size) : group_(tp_size) {}
+  explicit TpExecutor(int tp_size);
+  // Builds rank r (on its own thread); followers then loop in follow().
+  void run_rank(int r, const ModelConfig& config, const ExecutorOptions& options);
   void publish(std::string message);
   void follow(int rank);
+  // ok -> broken: every rank blocked in a collective, a setup barrier or publish() stops.
+  void abort(const std::string& reason);
+  bool broken() const;
 
-  InProcessGroup group_;
+  std::unique_ptr<InProcessGroup> cpu_group_;  // CPU ranks
   std::unique_ptr<Checkpoint> checkpoint_;
   std::vector<std::unique_ptr<Rank>> ranks_;
+  std::vector<std::thread> threads_;  // [r]: rank r's builder; followers then follow
+
+  // Set-up: every rank's status and KV capacity, the agreed block count.
+  std::vector<absl::Status> setup_status_;
+  std::vector<int64_t> setup_blocks_;
+  int setup_posted_ = 0;
+  int setup_done_ = 0;
+  bool broken_ = false;  // guarded by mu_
 
   // The broadcast channel, guarded by mu_.
   std::mutex mu_;

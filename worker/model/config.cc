@@ -154,6 +154,17 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text) {
   if (auto st = get_int(j, "num_key_value_heads", false, &c.num_key_value_heads); !st.ok()) return st;
   if (auto st = get_int(j, "head_dim", false, &c.head_dim); !st.ok()) return st;
   if (auto st = get_int(j, "max_position_embeddings", false, &c.max_position_embeddings); !st.ok()) return st;
+  // Far beyond any Llama (vocab 128256, FFN 53248, 128 heads of 128, 126 layers): a larger size is
+  // a corrupt or hostile file, which would only make loading allocate without bound (the RoPE
+  // table of a head_dim of 4e9 is 16 GB).
+  constexpr int64_t kMaxSize = int64_t{1} << 20;
+  for (auto [key, value] : {std::pair{"vocab_size", c.vocab_size}, std::pair{"hidden_size", c.hidden_size},
+                            std::pair{"intermediate_size", c.intermediate_size},
+                            std::pair{"num_hidden_layers", c.num_hidden_layers},
+                            std::pair{"num_attention_heads", c.num_attention_heads},
+                            std::pair{"num_key_value_heads", c.num_key_value_heads}, std::pair{"head_dim", c.head_dim}}) {
+    if (value > kMaxSize) return field_error(key, absl::StrCat("must be <= ", kMaxSize, ", got ", value));
+  }
   if (auto st = get_number(j, "rms_norm_eps", &c.rms_norm_eps); !st.ok()) return st;
   if (c.rms_norm_eps <= 0) return field_error("rms_norm_eps", "must be positive");
   if (auto st = parse_rope(j, &c); !st.ok()) return st;
@@ -179,6 +190,11 @@ absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text) {
   for (int64_t id : c.eos_token_ids) {
     if (id < 0 || id >= c.vocab_size) return field_error("eos_token_id", absl::StrCat(id, " is outside the vocabulary"));
   }
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
+    auto q = parse_quantization_config(j["quantization_config"].dump(), "config.json quantization_config");
+    if (!q.ok()) return q.status();
+    c.quantization = *q;
+  }
   return c;
 }
 
@@ -188,6 +204,14 @@ absl::StatusOr<ModelConfig> load_model_config(const std::string& dir) {
   if (!text.ok()) return text.status();
   auto config = parse_model_config(*text);
   if (!config.ok()) return absl::Status(config.status().code(), absl::StrCat(dir, "/", config.status().message()));
+  const std::string quant_path = (std::filesystem::path(dir) / "quant_config.json").string();
+  if (!config->quantization.quantized() && std::filesystem::exists(quant_path)) {
+    auto quant_text = read_file(quant_path);
+    if (!quant_text.ok()) return quant_text.status();
+    auto q = parse_quantization_config(*quant_text, "quant_config.json");
+    if (!q.ok()) return absl::Status(q.status().code(), absl::StrCat(dir, "/", q.status().message()));
+    config->quantization = *q;
+  }
   return config;
 }
 

@@ -1,7 +1,8 @@
 // ModelConfig and GenerationConfig: what a Hugging Face Llama checkpoint's config.json and
 // generation_config.json say, checked. Llama 2, 3, 3.1 and 3.2 configs parse; anything this code
-// cannot run faithfully (another architecture, activation or rope type, biases) is an
-// INVALID_ARGUMENT naming the field, never a silently wrong model.
+// cannot run faithfully (another architecture, activation or rope type, biases, a quantization
+// format it cannot load exactly) is an INVALID_ARGUMENT naming the field, never a silently wrong
+// model.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "worker/model/quantization.h"
 #include "worker/runtime/dtype.h"
 
 namespace shardserve {
@@ -39,6 +41,10 @@ struct ModelConfig {
   DType dtype = DType::kBF16;  // torch_dtype (or dtype) of the checkpoint
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
+  // How the linear layers are stored (config.json quantization_config, or AutoAWQ's
+  // quant_config.json); load_model replaces it by what the model loads with
+  // (resolve_quantization: a --quantization request may quantize a 16-bit checkpoint at load).
+  QuantizationConfig quantization;
 };
 
 struct GenerationConfig {
@@ -51,7 +57,8 @@ struct GenerationConfig {
 };
 
 absl::StatusOr<ModelConfig> parse_model_config(const std::string& json_text);
-// Reads DIR/config.json.
+// Reads DIR/config.json (and DIR/quant_config.json, AutoAWQ's older place for its quantization,
+// when config.json has no quantization_config).
 absl::StatusOr<ModelConfig> load_model_config(const std::string& dir);
 absl::StatusOr<GenerationConfig> parse_generation_config(const std::string& json_text);
 // Reads DIR/generation_config.json; a missing file gives the model config's bos/eos.

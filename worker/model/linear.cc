@@ -21,9 +21,9 @@ absl::StatusOr<Linear> Linear::load(WeightSource& source, const std::vector<Line
     col_begin = comm.rank() * (in_features / world);
     col_end = col_begin + in_features / world;
   }
-  auto weight = source.matrix(parts, in_features, col_begin, col_end, backend);
+  auto weight = source.linear(parts, in_features, col_begin, col_end, backend);
   if (!weight.ok()) return weight.status();
-  layer.weight_.weight = std::move(*weight);
+  layer.weight_ = std::move(*weight);
   return layer;
 }
 

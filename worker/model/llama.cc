@@ -44,7 +44,7 @@ absl::Status check_tp_size(const ModelConfig& config, int world) {
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(const ModelConfig& config,
                                                              const Checkpoint& ckpt,
                                                              Backend& backend, Communicator& comm) {
-  CheckpointSource source(ckpt);
+  CheckpointSource source(ckpt, config.quantization);
   return load(config, source, backend, comm);
 }
 

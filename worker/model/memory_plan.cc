@@ -55,20 +55,22 @@ RankShape rank_shape(const ModelConfig& c, int tp) {
   return s;
 }
 
-// Bytes of one linear layer holding N output rows x K input features on this rank.
+// Bytes of one linear layer holding N output rows x K input features on this rank, as the worker
+// stores it (LinearWeight, worker/runtime/backend.h):
 //   none: N K x 2 B (16-bit, the activation dtype).
-//   fp8 (W8A8, compressed-tensors) and int8 (weight-only): N K x 1 B + one FP32 scale per output
-//     channel (N x 4 B). FP8's per-tensor input_scale is a scalar, not counted.
-//   awq (AutoAWQ GEMM, INT4): qweight N K / 2 B; per group of `g` input features and output
-//     channel an FP16 scale (2 B) and an INT4 zero point packed 8 per int32 (0.5 B):
-//     ceil(K / g) x N x 2.5 B.
-//   gptq: the same as AWQ (repacked to the same layout) plus g_idx, one int32 per input feature.
+//   fp8 (W8A8) and int8 (weight-only): N K x 1 B + one FP32 scale per output channel (N x 4 B);
+//     a per-tensor scale is expanded to every channel. FP8's static input_scale is one float,
+//     not counted.
+//   awq / gptq (INT4): weight N K / 2 B (I32 words of 8); per group of `g` input features and
+//     output channel an FP16 scale (2 B) and a U8 zero point (1 B): ceil(K / g) x N x 3 B.
+//   gptq adds g_idx, one int32 per input feature, which act-order checkpoints keep (counted
+//     always: the planner does not know whether the checkpoint uses act-order).
 // Returns {weight bytes, metadata bytes}.
 std::pair<int64_t, int64_t> linear_bytes(const std::string& q, int64_t n, int64_t k, int64_t act_bytes, int64_t g) {
   if (q == "none") return {n * k * act_bytes, 0};
   if (q == "fp8" || q == "int8") return {n * k, n * 4};
   const int64_t groups = ceil_div(k, g);
-  const int64_t meta = groups * n * 2 + groups * n / 2 + (q == "gptq" ? k * 4 : 0);
+  const int64_t meta = groups * n * (2 + 1) + (q == "gptq" ? k * 4 : 0);
   return {n * k / 2, meta};
 }
 
@@ -80,8 +82,8 @@ std::pair<int64_t, int64_t> linear_bytes(const std::string& q, int64_t n, int64_
 //   norms: (2 x 80 + 1) x 8192 = 1,318,912 params
 //   -> 70,553,706,496 params x 2 B = 141,107,412,992 B (131.4 GiB), + the rope table
 //      131072 x 128 x 4 B = 64 MiB.
-// AWQ: 68,451,041,280 / 2 = 34,225,520,640 B + meta 2.5 B per 128 params = 1,336,934,400 B,
-//   + 16-bit embedding/head/norms 4,205,330,432 B -> 39,767,785,472 B (37.04 GiB) + rope.
+// AWQ: 68,451,041,280 / 2 = 34,225,520,640 B + meta 3 B per 128 params = 1,604,321,280 B,
+//   + 16-bit embedding/head/norms 4,205,330,432 B -> 40,035,172,352 B (37.29 GiB) + rope.
 WeightBytes weight_bytes(const ModelConfig& c, const RankShape& s, const PlanOptions& o) {
   const auto act = static_cast<int64_t>(dtype_size(o.activation_dtype));
   WeightBytes w;

@@ -59,10 +59,14 @@ absl::StatusOr<std::map<std::string, TensorInfo>> parse_safetensors_header(
     info.dtype = *dtype;
 
     uint64_t bytes = dtype_size(info.dtype);
+    // The product of the non-zero dims bounds every partial product of the shape, so numel() and
+    // slicing cannot overflow even when a zero dim makes the tensor empty ([2^62, 2, 0]).
+    uint64_t extent = 1;
     for (const auto& d : *shape_it) {
       if (!d.is_number_unsigned()) return bad(path, where + "shape entries must be non-negative integers");
       const uint64_t dim = d.get<uint64_t>();
-      if (dim > (uint64_t{1} << 62) || __builtin_mul_overflow(bytes, dim, &bytes))
+      if (dim > (uint64_t{1} << 62) || __builtin_mul_overflow(bytes, dim, &bytes) ||
+          __builtin_mul_overflow(extent, std::max<uint64_t>(dim, 1), &extent) || extent > (uint64_t{1} << 62))
         return bad(path, where + "shape is too large");
       info.shape.push_back(static_cast<int64_t>(dim));
     }
@@ -129,26 +133,45 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std
   file->path_ = path;
   file->map_ = static_cast<const uint8_t*>(map);
   file->map_size_ = size;
-
-  uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | file->map_[i];
-  if (header_len > kMaxHeaderBytes)
-    return bad(path, absl::StrCat("header length ", header_len, " exceeds the limit of ", kMaxHeaderBytes));
-  if (header_len > size - 8)
-    return bad(path, absl::StrCat("header length ", header_len, " runs past the end of the ",
-                                  size, "-byte file (truncated file?)"));
-  if (header_len == 0 || file->map_[8] != '{') return bad(path, "header does not start with '{'");
-
-  const std::string header(reinterpret_cast<const char*>(file->map_ + 8), header_len);
-  auto tensors = parse_safetensors_header(header, size - 8 - header_len, path, &file->metadata_);
-  if (!tensors.ok()) return tensors.status();
-  file->tensors_ = std::move(*tensors);
-  file->data_ = file->map_ + 8 + header_len;
+  file->owns_map_ = true;
+  if (absl::Status st = file->parse(); !st.ok()) return st;
   return file;
 }
 
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::from_memory(std::string_view bytes,
+                                                                              const std::string& path) {
+  if (bytes.size() < 8) {
+    return bad(path, absl::StrCat("file is ", bytes.size(), " bytes, shorter than the 8-byte header length"));
+  }
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  file->map_ = reinterpret_cast<const uint8_t*>(bytes.data());
+  file->map_size_ = bytes.size();
+  if (absl::Status st = file->parse(); !st.ok()) return st;
+  return file;
+}
+
+absl::Status SafetensorsFile::parse() {
+  const uint64_t size = map_size_;
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | map_[i];
+  if (header_len > kMaxHeaderBytes)
+    return bad(path_, absl::StrCat("header length ", header_len, " exceeds the limit of ", kMaxHeaderBytes));
+  if (header_len > size - 8)
+    return bad(path_, absl::StrCat("header length ", header_len, " runs past the end of the ",
+                                   size, "-byte file (truncated file?)"));
+  if (header_len == 0 || map_[8] != '{') return bad(path_, "header does not start with '{'");
+
+  const std::string header(reinterpret_cast<const char*>(map_ + 8), header_len);
+  auto tensors = parse_safetensors_header(header, size - 8 - header_len, path_, &metadata_);
+  if (!tensors.ok()) return tensors.status();
+  tensors_ = std::move(*tensors);
+  data_ = map_ + 8 + header_len;
+  return absl::OkStatus();
+}
+
 SafetensorsFile::~SafetensorsFile() {
-  if (map_ != nullptr) ::munmap(const_cast<uint8_t*>(map_), map_size_);
+  if (map_ != nullptr && owns_map_) ::munmap(const_cast<uint8_t*>(map_), map_size_);
 }
 
 const TensorInfo* SafetensorsFile::find(const std::string& name) const {
@@ -179,6 +202,9 @@ absl::Status SafetensorsFile::read_slice(const std::string& name, int dim, int64
   for (size_t i = dim + 1; i < info->shape.size(); ++i) inner *= static_cast<uint64_t>(info->shape[i]);
   const uint64_t src_stride = static_cast<uint64_t>(info->shape[dim]) * inner;
   const uint64_t run = static_cast<uint64_t>(end - begin) * inner;
+  // An empty slice copies nothing (dst may be null), however many empty runs it has: a shape
+  // like [2^40, 0] must not loop 2^40 times.
+  if (run == 0) return absl::OkStatus();
   const uint8_t* src = data_ + info->begin + static_cast<uint64_t>(begin) * inner;
   auto* out = static_cast<uint8_t*>(dst);
   for (uint64_t o = 0; o < outer; ++o) std::memcpy(out + o * run, src + o * src_stride, run);

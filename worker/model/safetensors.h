@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -41,6 +42,10 @@ class SafetensorsFile {
   static constexpr uint64_t kMaxHeaderBytes = 100 * 1000 * 1000;
 
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> open(const std::string& path);
+  // The same checks on a whole file already in memory, named `path` in errors; `bytes` must
+  // outlive the result (tests and fuzzing).
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> from_memory(std::string_view bytes,
+                                                                      const std::string& path);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -50,7 +55,8 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const TensorInfo* find(const std::string& name) const;
 
-  // A view of the whole tensor in the mapping (valid while this file is open).
+  // A view of the whole tensor in the mapping (valid while this file is open). The format does not
+  // align tensors for their dtype: read the bytes (memcpy), not through a typed pointer.
   absl::StatusOr<HostTensor> view(const std::string& name) const;
   // Copies elements [begin, end) along dimension `dim` into `dst` (sized by the caller:
   // numel / shape[dim] * (end - begin) elements), touching only those bytes of the mapping.
@@ -59,9 +65,12 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Reads and validates the header of the bytes at map_.
+  absl::Status parse();
   std::string path_;
   const uint8_t* map_ = nullptr;
   size_t map_size_ = 0;
+  bool owns_map_ = false;  // munmap on destruction (open), or the caller's bytes (from_memory)
   const uint8_t* data_ = nullptr;
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;

@@ -16,15 +16,49 @@
 #include <string>
 #include <vector>
 
+#include "worker/runtime/synthetic_uniform.h"
 #include "worker/runtime/tensor.h"
 
 namespace shardserve {
 
-// A linear layer's weight as the backend executes it: y[T, N] = x[T, K] * W^T, W stored [N, K]
-// (the Hugging Face layout).
+// How a linear layer's weight is stored (worker/model/quantization.h says how each published
+// checkpoint format becomes one of these).
+enum class WeightFormat : uint8_t {
+  kDense,  // 16/32-bit, the activation dtype
+  kInt4,   // AWQ / GPTQ: 4-bit integers in groups along K, each group with a scale and a zero point
+  kInt8,   // weight-only INT8, one scale per output channel
+  kFp8,    // FP8 E4M3 (W8A8), one scale per output channel
+};
+
+// A linear layer's weight as the backend executes it: y[T, N] = x[T, K] * W^T with the logical
+// W [N, K] (the Hugging Face layout). Whatever the format, every element of W is defined exactly,
+// so the CPU backend (the oracle) computes with these values in FP32:
+//   kDense: W = weight.
+//   kInt4:  W[n, k] = (q(n, k) - zeros[n, g]) * scales[n, g], g = g_idx[k] (or k / group_size
+//           when g_idx is empty), q(n, k) = (weight[n][k / 8] >> 4 * (k % 8)) & 0xF.
+//   kInt8:  W[n, k] = weight[n, k] * scales[n].
+//   kFp8:   W[n, k] = fp8(weight[n, k]) * scales[n]; input_scale, when present, is the static
+//           scale the activations are quantized with (W8A8); empty means per-token dynamic
+//           scales. The CPU reference does not quantize activations: it is the dequantized model.
+// Invariants: K keeps the checkpoint's order (GPTQ act-order lives in g_idx, not in a
+// permutation of the columns), so a tensor-parallel shard is rows of everything (column-parallel)
+// or a K slice of weight and g_idx (row-parallel); with g_idx empty, K is a whole number of
+// groups. Fused layers (q|k|v, gate|up) are their parts concatenated along N.
 struct LinearWeight {
-  Tensor weight;
-  int64_t in_features() const { return weight.dim(1); }
+  LinearWeight() = default;
+  // A dense weight [N, K] (what every call site of the 16-bit model makes).
+  LinearWeight(Tensor dense) : weight(std::move(dense)) {}  // NOLINT(google-explicit-constructor)
+
+  WeightFormat format = WeightFormat::kDense;
+  Tensor weight;  // kDense: [N, K] activation dtype; kInt8: I8 [N, K]; kFp8: F8E4M3 [N, K];
+                  // kInt4: I32 [N, K / 8], input feature k in bits 4 * (k % 8) of word k / 8
+  Tensor scales;  // kInt4: [N, num_groups] F16 (the checkpoint's) or F32; kInt8/kFp8: F32 [N]
+  Tensor zeros;   // kInt4: U8 [N, num_groups], values 0..15 (symmetric formats store 8)
+  Tensor g_idx;   // kInt4: I32 [K] group of each input feature, or empty: group = k / group_size
+  int64_t group_size = 0;  // kInt4: input features per group (K when there is one group)
+  Tensor input_scale;      // kFp8: F32 [1] static activation scale, or empty (dynamic per token)
+
+  int64_t in_features() const { return format == WeightFormat::kInt4 ? weight.dim(1) * 8 : weight.dim(1); }
   int64_t out_features() const { return weight.dim(0); }
 };
 
@@ -63,6 +97,9 @@ class Backend {
   virtual std::vector<float> download_f32(const Tensor& src) = 0;
   // Waits until all queued work has finished.
   virtual void synchronize() = 0;
+  // Makes this backend's device current on the calling thread; every thread that calls the
+  // backend calls it first (a GPU's CUDA context is per thread). Nothing to do on the CPU.
+  virtual void bind_thread() const {}
   // Step-scoped memory, valid until the next begin_step(): activations and per-step inputs. A
   // device backend hands it out from a fixed arena, so the same step shape gets the same
   // addresses (what CUDA graphs replay). Default: ordinary memory.
@@ -80,6 +117,15 @@ class Backend {
   // Fills a floating tensor with values uniform in [-scale, scale) from (seed, element index):
   // synthetic weights, made where they live.
   virtual void fill_uniform(Tensor& t, uint64_t seed, float scale) = 0;
+  // Fills t with pseudo-random bits: byte j is byte j % 4 (little-endian) of
+  // synthetic_bits(seed, j / 4), whatever the dtype; for F8E4M3 bit 6 of every byte is then
+  // cleared (exponent field <= 7: finite values of magnitude < 2, never NaN). Synthetic quantized
+  // weights (packed INT4 words, INT8, FP8). Default: made on the host, then copy_from_host.
+  virtual void fill_random_bits(Tensor& t, uint64_t seed) {
+    std::vector<uint8_t> bytes(t.nbytes());
+    synthetic_random_bytes(seed, t.dtype, bytes.data(), bytes.size());
+    copy_from_host(bytes.data(), t);
+  }
 
   // out[t] = table[ids[t] - vocab_start] when vocab_start <= ids[t] < vocab_start + rows(table),
   // zeros otherwise (a vocab-parallel shard; its partial rows are summed by an all-reduce).

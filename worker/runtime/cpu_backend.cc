@@ -89,6 +89,51 @@ void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float scale) {
   for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = synthetic_uniform(seed, static_cast<uint64_t>(i), scale);
 }
 
+void CpuBackend::fill_random_bits(Tensor& t, uint64_t seed) {
+  synthetic_random_bytes(seed, t.dtype, static_cast<uint8_t*>(t.data), t.nbytes());
+}
+
+void dequantize_row(const LinearWeight& w, int64_t n, float* out) {
+  const int64_t k_all = w.in_features();
+  switch (w.format) {
+    case WeightFormat::kDense:
+      convert_to_f32(static_cast<const char*>(w.weight.data) + n * k_all * dtype_size(w.weight.dtype), w.weight.dtype,
+                     static_cast<size_t>(k_all), out);
+      return;
+    case WeightFormat::kInt8:
+    case WeightFormat::kFp8: {
+      convert_to_f32(static_cast<const uint8_t*>(w.weight.data) + n * k_all, w.weight.dtype, static_cast<size_t>(k_all), out);
+      const float scale = w.scales.as<float>()[n];
+      for (int64_t k = 0; k < k_all; ++k) out[k] *= scale;
+      return;
+    }
+    case WeightFormat::kInt4: {
+      const int64_t groups = w.scales.dim(1);
+      const auto* words = w.weight.as<uint32_t>() + n * (k_all / 8);
+      const uint8_t* zeros = w.zeros.as<uint8_t>() + n * groups;
+      const int32_t* g_idx = w.g_idx.empty() ? nullptr : w.g_idx.as<int32_t>();
+      std::vector<float> scales(static_cast<size_t>(groups));
+      convert_to_f32(static_cast<const char*>(w.scales.data) + n * groups * dtype_size(w.scales.dtype), w.scales.dtype,
+                     scales.size(), scales.data());
+      for (int64_t k = 0; k < k_all; ++k) {
+        const int64_t g = g_idx ? g_idx[k] : k / w.group_size;
+        const int q = static_cast<int>((words[k / 8] >> (4 * (k % 8))) & 0xFu);
+        // (q - z) is an integer of at most 5 bits and s has at most 24: the product is exact.
+        out[k] = static_cast<float>(q - zeros[g]) * scales[g];
+      }
+      return;
+    }
+  }
+}
+
+std::vector<float> dequantize(const LinearWeight& w) {
+  const int64_t n_all = w.out_features();
+  const int64_t k_all = w.in_features();
+  std::vector<float> out(static_cast<size_t>(n_all * k_all));
+  for (int64_t n = 0; n < n_all; ++n) dequantize_row(w, n, out.data() + n * k_all);
+  return out;
+}
+
 void CpuBackend::embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start,
                            Tensor& out) {
   require_f32(table, "embedding table");
@@ -128,21 +173,27 @@ void CpuBackend::add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& we
 
 void CpuBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
   require_f32(x, "linear input");
-  require_f32(w.weight, "linear weight");
+  if (w.format == WeightFormat::kDense) require_f32(w.weight, "linear weight");
   require_f32(out, "linear output");
   const int64_t k = w.in_features();
   const int64_t n = w.out_features();
   const int64_t tokens = x.numel() / k;
   const float* xs = x.as<float>();
-  const float* ws = w.weight.as<float>();
   float* ys = out.as<float>();
-  // Threads split the output features: each reads its rows of W once for all tokens.
+  // Threads split the output features: each reads (or dequantizes) its rows of W once for all
+  // tokens. Every format runs the same dot-product loop over an FP32 row.
   const int threads = tokens * n * k >= (int64_t{1} << 20) ? num_threads_ : 1;
   parallel_for(n, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* xr = xs + t * k;
-      for (int64_t j = begin; j < end; ++j) {
-        const float* wr = ws + j * k;
+    std::vector<float> row(w.format == WeightFormat::kDense ? 0 : static_cast<size_t>(k));
+    for (int64_t j = begin; j < end; ++j) {
+      const float* wr = row.data();
+      if (w.format == WeightFormat::kDense) {
+        wr = w.weight.as<float>() + j * k;
+      } else {
+        dequantize_row(w, j, row.data());
+      }
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* xr = xs + t * k;
         float acc = 0.0f;
         for (int64_t i = 0; i < k; ++i) acc += xr[i] * wr[i];
         ys[t * n + j] = acc;

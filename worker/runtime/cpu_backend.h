@@ -1,7 +1,9 @@
 // CpuBackend: the reference implementation of every op. FP32 math in plain loops over the paged
 // layout, so the CUDA kernels have an oracle and the whole system runs without a GPU.
 // Only the matrix product is spread over threads; everything else is single-threaded and
-// written for the reader.
+// written for the reader. Quantized linear layers are dequantized exactly (LinearWeight's
+// definition of W, one row at a time as the product needs it) and multiplied in FP32 like a
+// dense layer, so a quantized checkpoint and its dequantized FP32 twin give the same bits.
 #pragma once
 
 #include "worker/runtime/backend.h"
@@ -22,6 +24,7 @@ class CpuBackend final : public Backend {
   void synchronize() override {}
   void copy_from_host(const void* src, Tensor& dst) override;
   void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
+  void fill_random_bits(Tensor& t, uint64_t seed) override;
 
   void embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start,
                  Tensor& out) override;
@@ -40,5 +43,10 @@ class CpuBackend final : public Backend {
  private:
   int num_threads_;
 };
+
+// Row n of W (LinearWeight's definition, any format) as FP32, for a weight in host memory.
+void dequantize_row(const LinearWeight& w, int64_t n, float* out);
+// All of W [N, K] as FP32.
+std::vector<float> dequantize(const LinearWeight& w);
 
 }  // namespace shardserve

@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/kernels.h"
+#include "worker/runtime/communicator.h"
 
 namespace shardserve {
 namespace {
@@ -124,7 +126,7 @@ Tensor CudaBackend::scratch(std::vector<int64_t> shape, DType dtype) {
 
 void CudaBackend::begin_step() {
   if (!measured_.empty()) {
-    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    wait_stream();
     for (void* p : measured_) cudaFree(p);
     measured_.clear();
   }
@@ -148,7 +150,7 @@ Tensor CudaBackend::upload(const HostTensor& src, DType dtype) {
   const auto n = static_cast<size_t>(src.numel());
   if (src.dtype == dtype) {
     check(cudaMemcpyAsync(t.data, src.data, n * dtype_size(dtype), cudaMemcpyHostToDevice, stream_), "cudaMemcpy(upload)");
-    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    wait_stream();
     return t;
   }
   // Widen to F32 on the host (exact), then round on the device.
@@ -156,14 +158,14 @@ Tensor CudaBackend::upload(const HostTensor& src, DType dtype) {
   convert_to_f32(src.data, src.dtype, n, f32.data());
   if (dtype == DType::kF32) {
     check(cudaMemcpyAsync(t.data, f32.data(), n * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpy(upload)");
-    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    wait_stream();
     return t;
   }
   void* staging = nullptr;
   check(cudaMalloc(&staging, n * 4), "cudaMalloc(staging)");
   check(cudaMemcpyAsync(staging, f32.data(), n * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpy(upload)");
   check(kernels::convert_from_f32(static_cast<float*>(staging), static_cast<int64_t>(n), t.data, dtype, stream_), "convert_from_f32");
-  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  wait_stream();
   cudaFree(staging);
   return t;
 }
@@ -172,17 +174,38 @@ std::vector<float> CudaBackend::download_f32(const Tensor& src) {
   std::vector<float> out(static_cast<size_t>(src.numel()));
   if (src.dtype == DType::kF32) {  // logits: straight into the result
     check(cudaMemcpyAsync(out.data(), src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_), "cudaMemcpy(download)");
-    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    wait_stream();
     return out;
   }
   std::vector<uint8_t> raw(src.nbytes());
   check(cudaMemcpyAsync(raw.data(), src.data, raw.size(), cudaMemcpyDeviceToHost, stream_), "cudaMemcpy(download)");
-  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  wait_stream();
   convert_to_f32(raw.data(), src.dtype, out.size(), out.data());
   return out;
 }
 
-void CudaBackend::synchronize() { check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+void CudaBackend::synchronize() { wait_stream(); }
+
+void CudaBackend::bind_thread() const { check(cudaSetDevice(device_), "cudaSetDevice"); }
+
+void CudaBackend::wait_stream() {
+  if (!watchdog_) {
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return;
+  }
+  // Poll instead of blocking, so a collective whose peer is lost or stuck becomes an error. The
+  // first 200 us spin (a decode step's tail); after that, sleeping 50 us between polls costs
+  // nothing measurable and frees the core.
+  const auto start = std::chrono::steady_clock::now();
+  while (true) {
+    const cudaError_t st = cudaStreamQuery(stream_);
+    if (st == cudaSuccess) return;
+    if (st != cudaErrorNotReady) check(st, "cudaStreamQuery");
+    const auto waited = std::chrono::steady_clock::now() - start;
+    if (std::string reason = watchdog_(waited); !reason.empty()) throw CollectiveError(reason);
+    if (waited > std::chrono::microseconds(200)) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
 
 void CudaBackend::copy_from_host(const void* src, Tensor& dst) {
   check(cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, stream_), "cudaMemcpy(copy_from_host)");

@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -68,12 +69,19 @@ class CudaBackend final : public Backend {
   size_t persistent_bytes() const { return persistent_bytes_; }
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
+  void bind_thread() const override;
+  // While the host waits for the stream (synchronize, downloads, uploads), `poll(waited)` is
+  // called every ~50 us; a non-empty result ends the wait with CollectiveError(result). Set by a
+  // communicator whose collectives run on this stream (see NcclCommunicator).
+  using Watchdog = std::function<std::string(std::chrono::steady_clock::duration waited)>;
+  void set_watchdog(Watchdog poll) { watchdog_ = std::move(poll); }
   int num_sms() const { return num_sms_; }
   std::string device_name() const { return device_name_; }
 
 
  private:
   CudaBackend() = default;
+  void wait_stream();
   GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DType c);
 
   int device_ = 0;
@@ -89,6 +97,7 @@ class CudaBackend final : public Backend {
   // Above 2 tokens the GEMV turns issue-bound (every weight is converted and multiplied per token
   // on CUDA cores) and cuBLASLt's tensor cores win; measured with engine_bench --micro.
   int64_t gemv_max_tokens_ = 2;
+  Watchdog watchdog_;
 
   // Scratch arena (fixed) or measure mode (arena_ == nullptr).
   char* arena_ = nullptr;

@@ -11,6 +11,7 @@ class InProcessGroup::Rank final : public Communicator {
   Rank(InProcessGroup& group, int rank) : group_(group), rank_(rank) {}
   int rank() const override { return rank_; }
   int world_size() const override { return group_.world_size_; }
+  void abort(const std::string& reason) override { group_.abort(reason); }
 
   void all_reduce(Tensor& x) override {
     require_f32(x, "all_reduce");

@@ -32,11 +32,6 @@
 
 namespace shardserve {
 
-class CollectiveError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
 class InProcessGroup {
  public:
   // Long enough that a slow rank on a loaded CI machine is never mistaken for a lost one (ranks

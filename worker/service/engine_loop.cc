@@ -1,5 +1,7 @@
 #include "worker/service/engine_loop.h"
 
+#include "absl/strings/str_cat.h"
+
 namespace shardserve {
 
 void RequestStream::push(RequestOutput output, bool last) {
@@ -105,7 +107,20 @@ void EngineLoop::run() {
     }
     if (engine_.has_unfinished()) {
       const auto step_start = std::chrono::steady_clock::now();
-      for (RequestOutput& o : engine_.step()) {
+      std::vector<RequestOutput> outputs;
+      try {
+        outputs = engine_.step();
+      } catch (const std::exception& e) {
+        const std::string why = absl::StrCat("the model failed: ", e.what());
+        for (auto& [id, a] : active_) a.stream->fail(absl::UnavailableError(why));
+        active_.clear();
+        if (hooks_.on_fatal) hooks_.on_fatal(why);
+        lock.lock();
+        stop_ = true;
+        has_work_ = false;
+        return;
+      }
+      for (RequestOutput& o : outputs) {
         const auto it = active_.find(o.request_id);
         if (it == active_.end()) continue;  // an abort's report
         Active& a = it->second;

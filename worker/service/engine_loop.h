@@ -46,6 +46,10 @@ struct EngineLoopHooks {
   std::function<void(const std::string&)> on_finished;
   // After every iteration of the loop: the engine's counters and the requests in flight.
   std::function<void(const EngineStats&, int64_t in_flight)> on_stats;
+  // The model failed a step (a device error, a rank of its group lost or stuck): the engine's
+  // state is gone. Every open stream has ended with UNAVAILABLE naming the cause; the loop stops
+  // after this returns. The worker exits here, so the orchestrator restarts the group.
+  std::function<void(const std::string&)> on_fatal;
 };
 
 class EngineLoop {

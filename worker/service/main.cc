@@ -37,9 +37,16 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-timeout", shutdown_timeout_s, "Seconds in-flight requests get to finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
+  int64_t collective_timeout_ms = o.collective_timeout.count();
+  app.add_option("--group-port", o.group_port, "Rank 0 of a group of processes: port its followers connect to (0: any)")
+      ->capture_default_str();
+  app.add_option("--collective-timeout-ms", collective_timeout_ms,
+                 "A group of processes fails (loudly) when a collective takes longer than this: a rank stuck or gone")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
   o.register_timeout = std::chrono::milliseconds(register_timeout_ms);
+  o.collective_timeout = std::chrono::milliseconds(collective_timeout_ms);
   o.shutdown_timeout = std::chrono::milliseconds(static_cast<int64_t>(shutdown_timeout_s * 1000));
   const absl::Status st = shardserve::run_worker(o);
   if (!st.ok()) {

@@ -9,11 +9,15 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "shardserve/worker/v1/worker.grpc.pb.h"
+#include "worker/engine/process_group.h"
 #include "worker/service/engine_loop.h"
 #include "worker/service/worker_metrics.h"
 
@@ -181,6 +185,71 @@ absl::StatusOr<wv1::Assignment> register_with_coordinator(const WorkerOptions& o
                                              o.register_timeout.count(), " ms: ", last.error_message()));
 }
 
+// Registers rank 0 again every second while it serves. The coordinator keeps its registry in
+// memory: one that restarted, or that gave this worker's slot away (dead_after), learns of it
+// again within a second, and traffic resumes. For a worker_id it knows, Register is a no-op that
+// returns the same assignment. An assignment that no longer matches what was loaded (the cluster
+// config changed) cannot be served: the worker drains and exits, to be restarted with the new one.
+class RegistrationKeeper {
+ public:
+  RegistrationKeeper(const WorkerOptions& o, wv1::RegisterRequest req, wv1::Assignment loaded)
+      : req_(std::move(req)), loaded_(std::move(loaded)) {
+    grpc::ChannelArguments args;
+    // A restarted coordinator is found within a second, not after gRPC's default back-off (up to 2 min).
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+    stub_ = wv1::Registry::NewStub(grpc::CreateCustomChannel(o.coordinator, grpc::InsecureChannelCredentials(), args));
+    thread_ = std::thread([this] { run(); });
+  }
+  ~RegistrationKeeper() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  void run() {
+    std::unique_lock lock(mu_);
+    grpc::StatusCode last = grpc::StatusCode::OK;
+    while (!cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stop_; })) {
+      lock.unlock();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      wv1::Assignment a;
+      const grpc::Status s = stub_->Register(&ctx, req_, &a);
+      lock.lock();
+      if (!s.ok()) {
+        if (s.error_code() != last) spdlog::warn("registering with the coordinator again: {}", s.error_message());
+        last = s.error_code();
+        continue;
+      }
+      if (a.model() != loaded_.model() || a.checkpoint() != loaded_.checkpoint() || a.backend() != loaded_.backend() ||
+          a.tp_size() != loaded_.tp_size() || a.quantization() != loaded_.quantization()) {
+        spdlog::error("the coordinator now assigns model '{}' ({}), backend {}, tp_size {}, quantization {} to group "
+                      "{}; this worker loaded '{}' ({}): exiting, to be started again with the new assignment",
+                      a.model(), a.checkpoint(), a.backend(), a.tp_size(), a.quantization(), a.group(),
+                      loaded_.model(), loaded_.checkpoint());
+        kill(getpid(), SIGTERM);  // the drain path of run_worker, as an operator's SIGTERM
+        return;
+      }
+      if (last != grpc::StatusCode::OK) spdlog::info("registered with the coordinator again: replica {}", a.replica());
+      last = grpc::StatusCode::OK;
+    }
+  }
+
+  const wv1::RegisterRequest req_;
+  const wv1::Assignment loaded_;
+  std::unique_ptr<wv1::Registry::Stub> stub_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 // /metrics over cpp-httplib rather than prometheus-cpp's Exposer: civetweb starts its threads with
 // a fixed 100 KB stack, and a worker built with CUDA carries cuBLASLt's static TLS, which alone is
 // larger, so every pthread_create in civetweb fails with EINVAL there.
@@ -258,20 +327,22 @@ absl::Status run_worker(const WorkerOptions& o) {
   if (o.rank == 0) req.set_address(absl::StrCat(advertise, ":", port));
   if (metrics_port >= 0) req.set_metrics_address(absl::StrCat(advertise, ":", metrics_port));
   req.set_worker_id(absl::StrCat(advertise, ":", port, "/", getpid(), "/", std::random_device{}()));
+  // Rank 0 is ready to lead a group of processes before it knows it will (the assignment says):
+  // a listener for its followers and, where NCCL is, the group's unique id.
+  std::unique_ptr<FrameListener> group_listener;
+  if (o.rank == 0) {
+    auto listener = FrameListener::listen(o.host, o.group_port);
+    if (!listener.ok()) return listener.status();
+    group_listener = std::move(*listener);
+    req.set_group_address(absl::StrCat(advertise, ":", group_listener->port()));
+    req.set_nccl_unique_id(make_nccl_unique_id());
+  }
   auto assignment = register_with_coordinator(o, req);
   if (!assignment.ok()) return assignment.status();
   const wv1::Assignment& a = *assignment;
   spdlog::info("assigned: group {}/{} rank {}/{} of model '{}' ({}), backend {}, serving on {}:{}", a.group(),
                a.replica(), a.rank(), a.tp_size(), a.model(), a.checkpoint(), a.backend(), advertise, port);
-  if (a.local_ranks() < a.tp_size()) {
-    return absl::UnimplementedError(absl::StrCat(
-        "group '", a.group(), "' has tp_size ", a.tp_size(), " on the ", a.backend(),
-        " backend with one process per rank, which needs the NCCL executor; this build runs tensor parallelism only "
-        "as CPU threads (backend: cpu)"));
-  }
-  if (a.quantization() != "none" && !a.quantization().empty()) {
-    return absl::UnimplementedError(absl::StrCat("quantization '", a.quantization(), "' is not supported by this build"));
-  }
+  const bool process_group = a.local_ranks() < a.tp_size();
   if (a.dtype() != "auto" && !a.dtype().empty()) {
     spdlog::warn("dtype '{}' requested; this build uses the checkpoint's dtype", a.dtype());
   }
@@ -280,6 +351,9 @@ absl::Status run_worker(const WorkerOptions& o) {
   eo.model_dir = a.checkpoint();
   eo.backend = a.backend();
   eo.tp_size = a.tp_size();
+  // The group's `quantization:` (none = the checkpoint as published); load_model checks it
+  // against the checkpoint, or quantizes a 16-bit one at load (fp8, int8).
+  eo.quantization = a.quantization();
   if (a.block_size() > 0) eo.block_size = a.block_size();
   eo.num_kv_blocks = a.num_kv_blocks();
   if (a.kv_cache_bytes() > 0) eo.kv_cache_bytes = a.kv_cache_bytes();
@@ -287,7 +361,20 @@ absl::Status run_worker(const WorkerOptions& o) {
   eo.max_model_len = a.max_model_len();
   if (a.max_num_seqs() > 0) eo.max_num_seqs = a.max_num_seqs();
   if (a.max_num_batched_tokens() > 0) eo.max_num_batched_tokens = a.max_num_batched_tokens();
-  auto loaded = load_model(eo);
+  GroupOptions go;
+  go.rank = a.rank();
+  go.tp_size = a.tp_size();
+  go.leader_address = a.group_address();
+  go.nccl_unique_id = a.nccl_unique_id();
+  go.join_timeout = o.register_timeout;
+  go.collective_timeout = o.collective_timeout;
+  if (process_group && a.rank() > 0) {
+    // A follower serves nothing itself: it runs rank 0's steps until rank 0 closes the group.
+    spdlog::info("following rank 0 of group {} at {}", a.group(), a.group_address());
+    server->Shutdown();
+    return run_group_follower(eo, go);
+  }
+  auto loaded = process_group ? start_group_leader(eo, go, *group_listener) : load_model(eo);
   if (!loaded.ok()) {
     return absl::Status(loaded.status().code(), absl::StrCat("loading ", a.checkpoint(), ": ", loaded.status().message()));
   }
@@ -304,13 +391,23 @@ absl::Status run_worker(const WorkerOptions& o) {
   hooks.on_queue_time = [metrics](double s) { metrics->queue_time(s); };
   hooks.on_finished = [metrics](const std::string& reason) { metrics->request_finished(reason); };
   hooks.on_stats = [metrics](const EngineStats& s, int64_t in_flight) { metrics->update(s, in_flight); };
+  hooks.on_fatal = [](const std::string& why) {
+    spdlog::critical("{}; exiting so the group restarts", why);
+    spdlog::default_logger()->flush();
+    // The failed streams' statuses are on their way to the coordinator; give them a moment.
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    std::_Exit(1);
+  };
   auto loop = std::make_unique<EngineLoop>(std::move(*loaded), ec, hooks);
   metrics->update(loop->stats(), 0);
   service.serve(loop.get());
   spdlog::info("serving: {} KV blocks of {} tokens, max model length {}", loop->stats().num_blocks, loop->block_size(),
                loop->max_model_len());
 
+  std::optional<RegistrationKeeper> keeper;
+  if (o.rank == 0) keeper.emplace(o, req, a);  // followers are known through their rank 0
   wait_for_termination();
+  keeper.reset();
   server->GetHealthCheckService()->SetServingStatus(false);
   service.drain(o.shutdown_timeout);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));

@@ -26,6 +26,10 @@ struct WorkerOptions {
   int metrics_port = -1;           // -1: off; 0: any free port
   std::chrono::milliseconds register_timeout{60000};
   std::chrono::milliseconds shutdown_timeout{30000};
+  // Groups of one process per rank (process_group.h): rank 0's port for its followers (0: any
+  // free port), and how long a collective may take before the group is declared broken.
+  int group_port = 0;
+  std::chrono::milliseconds collective_timeout{60000};
 };
 
 // Runs until SIGTERM/SIGINT (which the caller has blocked in every thread). An error for a failed

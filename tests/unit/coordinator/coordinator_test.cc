@@ -46,6 +46,19 @@ TEST(ClusterConfig, RejectsTyposAndDanglingReferences) {
   auto backend = parse_cluster_config("models: [{name: a, checkpoint: x}]\ngroups: [{name: g, model: a, backend: tpu}]", "/");
   EXPECT_FALSE(backend.ok());
   EXPECT_FALSE(parse_cluster_config("models: [", "/").ok());
+  // Found by fuzzing: a negative engine setting silently meant the worker's default, like 0.
+  auto negative = parse_cluster_config("models: [{name: a, checkpoint: x}]\ngroups: [{name: g, model: a, max_model_len: -1}]", "/");
+  ASSERT_FALSE(negative.ok());
+  EXPECT_NE(negative.status().message().find("max_model_len must be >= 0"), std::string::npos) << negative.status();
+}
+
+// Found by fuzzing (tests/fuzz/cluster_config_fuzz.cc): a key that is not a name (a YAML complex
+// key) made yaml-cpp throw out of the parser, which ended the coordinator.
+TEST(ClusterConfig, KeysThatAreNotNamesAreErrors) {
+  auto c = parse_cluster_config("models:\n  - ? {checkpoint: x}\n    : y\ngroups: [{name: g, model: a}]\n", "/");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(c.status().message().find("models[0]"), std::string::npos) << c.status();
 }
 
 TEST(Router, PicksTheLeastLoadedServingReplica) {
@@ -114,6 +127,20 @@ TEST_F(TextStreamTest, ReleasesHeldTextThatDidNotBecomeAStop) {
   for (int32_t id : ids("a ST b STO")) out += s.push(std::span<const int32_t>(&id, 1))->text;
   EXPECT_EQ(out, "a ST b ");  // "STO" could still become "STOP"
   EXPECT_EQ(s.finish(), "STO");
+}
+
+// Found by fuzzing (tests/fuzz/detokenizer_fuzz.cc): finish() flushes an unfinished character as
+// U+FFFD, and that text must be checked for stop strings like any other.
+TEST_F(TextStreamTest, AStopStringCompletedByTheFlushedEndStillStops) {
+  std::vector<int32_t> prompt = ids("Hi ");
+  prompt.push_back(*tokenizer_->token_to_id("\xC3\xB0"));  // the byte 0xF0: the start of a 4-byte character
+  TextStream s(tokenizer_.get(), {"\xEF\xBF\xBD"}, true);       // U+FFFD
+  auto d = s.push(prompt);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->text, "Hi ");
+  EXPECT_FALSE(s.stopped());
+  EXPECT_EQ(s.finish(), "");
+  EXPECT_TRUE(s.stopped());
 }
 
 TEST(TextStreamNoTokenizer, GivesNoText) {

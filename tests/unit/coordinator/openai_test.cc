@@ -101,6 +101,12 @@ TEST(OpenAIRequest, BadInputNamesTheField) {
   EXPECT_EQ(parse_error(Endpoint::kCompletions, R"({"prompt": "x", "echo": true})"), std::make_pair(400, json("echo")));
   EXPECT_EQ(parse_error(Endpoint::kChat, R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})"),
             std::make_pair(400, json("messages[0].content[0]")));
+  // Found by fuzzing (tests/fuzz/openai_request_fuzz.cc): a "type" that is not a string threw
+  // out of the parser (an HTTP 500) instead of a 400 naming the field.
+  EXPECT_EQ(parse_error(Endpoint::kChat, R"({"messages": [{"role": "user", "content": [{"type": 1}]}]})"),
+            std::make_pair(400, json("messages[0].content[0]")));
+  EXPECT_EQ(parse_error(Endpoint::kCompletions, R"({"prompt": "x", "response_format": {"type": null}})"),
+            std::make_pair(400, json("response_format")));
   EXPECT_EQ(parse_error(Endpoint::kChat, R"({"messages": [], "top_logprobs": 2})"),
             std::make_pair(400, json("top_logprobs")));
   EXPECT_EQ(parse_error(Endpoint::kChat, R"({"messages": [], "tools": [{"type": "function"}]})"),

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -115,6 +116,17 @@ TEST(ChatTemplate, OtherTemplatesAreUnsupported) {
   EXPECT_EQ(ChatTemplate::from_template("{{ messages }}", "<s>").status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_TRUE(ChatTemplate::from_template(llama_template_text(), "<|begin_of_text|>").ok());
   EXPECT_EQ(ChatTemplate::load("/nonexistent").status().code(), absl::StatusCode::kNotFound);
+}
+
+// A tokenizer_config.json whose chat_template list has a name that is not a string: no template,
+// not an exception out of load (found reviewing the parsers for tests/fuzz).
+TEST(ChatTemplate, TemplateListWithOddNamesHasNoDefault) {
+  const std::string dir = ::testing::TempDir() + "/chat_template_odd_names";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/tokenizer_config.json")
+      << R"({"bos_token": "<s>", "chat_template": [{"name": 1, "template": "x"}, {"name": null}]})";
+  EXPECT_EQ(ChatTemplate::load(dir).status().code(), absl::StatusCode::kNotFound);
+  std::filesystem::remove_all(dir);
 }
 
 TEST(ChatTemplate, BadMessagesAreInvalidArgument) {

@@ -218,6 +218,23 @@ TEST(Tokenizer, SyntheticMergesInBothFormsAndRankOrder) {
   EXPECT_EQ(*(*ignoring)->encode("xyz"), (std::vector<int32_t>{*(*ignoring)->token_to_id("xyz")}));
 }
 
+// Found by fuzzing (tests/fuzz/tokenizer_json_fuzz.cc): a float id was cast to int32 (undefined
+// behaviour), a negative added-token id indexed before the id table, and a huge one made the load
+// allocate gigabytes. All are INVALID_ARGUMENT now.
+TEST(Tokenizer, IdsMustBeSmallNonNegativeIntegers) {
+  nlohmann::json j = tiny_tokenizer(false, false);
+  j["model"]["vocab"]["xyz"] = 1e41;
+  EXPECT_EQ(Tokenizer::from_json(j.dump()).status().code(), absl::StatusCode::kInvalidArgument);
+  j = tiny_tokenizer(false, false);
+  j["added_tokens"][0]["id"] = -3;
+  EXPECT_EQ(Tokenizer::from_json(j.dump()).status().code(), absl::StatusCode::kInvalidArgument);
+  j = tiny_tokenizer(false, false);
+  j["added_tokens"][0]["id"] = 2000000000;
+  auto huge = Tokenizer::from_json(j.dump());
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(huge.status().message().find("2000000000"), std::string::npos) << huge.status();
+}
+
 TEST(Tokenizer, UnsupportedFeaturesAreRejectedAtLoad) {
   nlohmann::json j = tiny_tokenizer(false, false);
   j["normalizer"] = {{"type", "NFC"}};

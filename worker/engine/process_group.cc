@@ -1,0 +1,245 @@
+#include "worker/engine/process_group.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "worker/engine/rank.h"
+#include "worker/engine/step_message.h"
+#include "worker/runtime/socket_communicator.h"
+#ifdef SHARDSERVE_WITH_CUDA
+#include "worker/runtime/cuda_backend.h"
+#include "worker/runtime/nccl_communicator.h"
+#endif
+
+namespace shardserve {
+namespace {
+
+constexpr char kHello[] = "SSGROUP1";
+
+std::string encode_i64(int64_t v) {
+  std::string s(8, '\0');
+  for (int i = 0; i < 8; ++i) s[i] = static_cast<char>((static_cast<uint64_t>(v) >> (8 * i)) & 0xff);
+  return s;
+}
+absl::StatusOr<int64_t> decode_i64(const absl::StatusOr<std::string>& s) {
+  if (!s.ok()) return s.status();
+  if (s->size() != 8) return absl::DataLossError("expected an 8-byte integer");
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(static_cast<unsigned char>((*s)[i])) << (8 * i);
+  return static_cast<int64_t>(v);
+}
+
+// This rank's communicator: NCCL on GPUs, the group's connections on CPUs.
+absl::Status make_communicator(Rank& rank, const ExecutorOptions& options, const GroupOptions& group,
+                               std::vector<FrameSocket*> peers) {
+  if (options.backend == "cpu") {
+    rank.owned_comm = std::make_unique<SocketCommunicator>(group.rank, group.tp_size, std::move(peers),
+                                                           group.collective_timeout);
+    rank.comm = rank.owned_comm.get();
+    return absl::OkStatus();
+  }
+#ifdef SHARDSERVE_WITH_CUDA
+  if (group.nccl_unique_id.empty()) {
+    return absl::FailedPreconditionError("a GPU group needs rank 0's NCCL unique id, and none was given");
+  }
+  auto comm = NcclCommunicator::create(*static_cast<CudaBackend*>(rank.backend.get()), group.nccl_unique_id,
+                                       group.rank, group.tp_size, group.collective_timeout);
+  if (!comm.ok()) return comm.status();
+  rank.owned_comm = std::move(*comm);
+  rank.comm = rank.owned_comm.get();
+  return absl::OkStatus();
+#else
+  return absl::FailedPreconditionError("this build has no CUDA backend");
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<Checkpoint>> open_checkpoint(const ExecutorOptions& options) {
+  if (!options.synthetic.empty()) return std::unique_ptr<Checkpoint>();
+  return Checkpoint::open(options.model_dir);
+}
+
+class GroupLeader final : public StepExecutor {
+ public:
+  ~GroupLeader() override {
+    stop_ = true;
+    if (monitor_.joinable()) monitor_.join();
+    rank_.runner.reset();  // CUDA graphs hold captured collectives: before the communicator
+    rank_.owned_comm.reset();
+    followers_.clear();  // closing the connections ends the followers
+  }
+  std::vector<float> execute(const Batch& batch) override {
+    const std::string message = pack(batch);
+    for (size_t i = 0; i < followers_.size(); ++i) {
+      if (auto st = followers_[i]->send(message); !st.ok()) {
+        rank_.comm->abort(absl::StrCat("rank ", i + 1, " is gone: ", st.message()));
+        throw CollectiveError(absl::StrCat("rank 0: rank ", i + 1, " is gone: ", st.message()));
+      }
+    }
+    rank_.backend->bind_thread();
+    try {
+      return rank_.runner->execute(batch);
+    } catch (const std::exception& e) {
+      rank_.comm->abort(absl::StrCat("rank 0: ", e.what()));
+      throw;
+    }
+  }
+  const ModelConfig& config() const override { return rank_.model->config(); }
+  int64_t num_blocks() const override { return rank_.runner->num_blocks(); }
+  int64_t block_size() const override { return rank_.runner->block_size(); }
+
+  // GPU groups: a follower process that exits closes its connection; abort at once rather than
+  // wait for the collective timeout. (CPU groups see it in the collective itself.)
+  void start_monitor() {
+    monitor_ = std::thread([this] {
+      while (!stop_) {
+        for (size_t i = 0; i < followers_.size(); ++i) {
+          if (followers_[i]->peer_closed()) {
+            rank_.comm->abort(absl::StrCat("rank ", i + 1, "'s process closed its connection (exited?)"));
+            return;
+          }
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
+  }
+
+  std::vector<std::unique_ptr<FrameSocket>> followers_;  // [r - 1]
+  std::unique_ptr<Checkpoint> checkpoint_;
+  Rank rank_;
+  std::atomic<bool> stop_{false};
+  std::thread monitor_;
+};
+
+}  // namespace
+
+std::string make_nccl_unique_id() {
+#ifdef SHARDSERVE_WITH_CUDA
+  auto id = NcclCommunicator::new_unique_id();
+  if (id.ok()) return *id;
+#endif
+  return "";
+}
+
+absl::StatusOr<LoadedModel> start_group_leader(const ExecutorOptions& options, const GroupOptions& group,
+                                               FrameListener& listener) {
+  auto described = describe_model(options);
+  if (!described.ok()) return described.status();
+  LoadedModel loaded = std::move(*described);
+  auto leader = std::make_unique<GroupLeader>();
+  leader->followers_.resize(static_cast<size_t>(group.tp_size - 1));
+  // Followers arrive in any order; each says its rank first.
+  const auto deadline = std::chrono::steady_clock::now() + group.join_timeout;
+  for (int joined = 0; joined < group.tp_size - 1; ++joined) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    auto sock = listener.accept(std::max(left, std::chrono::milliseconds(1)));
+    if (!sock.ok()) {
+      return absl::DeadlineExceededError(absl::StrCat("rank 0: only ", joined, " of ", group.tp_size - 1,
+                                                      " followers joined within ", group.join_timeout.count(), " ms"));
+    }
+    auto hello = (*sock)->receive(std::chrono::seconds(10));
+    const std::string prefix(kHello);
+    if (!hello.ok() || hello->size() != prefix.size() + 8 || hello->compare(0, prefix.size(), prefix) != 0) {
+      spdlog::warn("group: ignoring a connection from {} that is not a follower", (*sock)->peer());
+      --joined;
+      continue;
+    }
+    auto r = decode_i64(hello->substr(prefix.size()));
+    if (!r.ok() || *r < 1 || *r >= group.tp_size || leader->followers_[static_cast<size_t>(*r - 1)]) {
+      return absl::FailedPreconditionError(absl::StrCat("rank 0: a follower claims rank ", r.value_or(-1),
+                                                        ", which is outside the group or taken"));
+    }
+    spdlog::info("group: rank {} joined from {}", *r, (*sock)->peer());
+    leader->followers_[static_cast<size_t>(*r - 1)] = std::move(*sock);
+  }
+  auto ckpt = open_checkpoint(options);
+  if (!ckpt.ok()) return ckpt.status();
+  leader->checkpoint_ = std::move(*ckpt);
+  auto backend = make_backend(options, loaded.config, 0);
+  if (!backend.ok()) return backend.status();
+  leader->rank_.backend = std::move(*backend);
+  std::vector<FrameSocket*> peers;
+  for (auto& f : leader->followers_) peers.push_back(f.get());
+  if (auto st = make_communicator(leader->rank_, options, group, peers); !st.ok()) return st;
+  GroupLeader* l = leader.get();
+  auto agree = [l, &group](int64_t blocks) -> int64_t {
+    int64_t agreed = blocks;
+    for (auto& f : l->followers_) {
+      auto theirs = decode_i64(f->receive(group.collective_timeout));
+      if (!theirs.ok()) throw CollectiveError(absl::StrCat("rank 0: a follower did not report its KV capacity: ", theirs.status().message()));
+      agreed = std::min(agreed, *theirs);
+    }
+    for (auto& f : l->followers_) {
+      if (auto st = f->send(encode_i64(agreed)); !st.ok()) throw CollectiveError(std::string(st.message()));
+    }
+    return agreed;
+  };
+  absl::Status built;
+  try {
+    built = build_rank(leader->rank_, loaded.config, options, leader->checkpoint_.get(), agree);
+  } catch (const std::exception& e) {
+    built = absl::UnavailableError(e.what());
+  }
+  if (!built.ok()) {
+    leader->rank_.comm->abort(std::string(built.message()));
+    return built;
+  }
+  if (options.backend != "cpu") leader->start_monitor();
+  loaded.executor = std::move(leader);
+  return loaded;
+}
+
+absl::Status run_group_follower(const ExecutorOptions& options, const GroupOptions& group) {
+  auto described = describe_model(options);
+  if (!described.ok()) return described.status();
+  auto sock = FrameSocket::connect(group.leader_address, group.join_timeout);
+  if (!sock.ok()) return sock.status();
+  if (auto st = (*sock)->send(std::string(kHello) + encode_i64(group.rank)); !st.ok()) return st;
+  auto ckpt = open_checkpoint(options);
+  if (!ckpt.ok()) return ckpt.status();
+  Rank rank;
+  auto backend = make_backend(options, described->config, 0);
+  if (!backend.ok()) return backend.status();
+  rank.backend = std::move(*backend);
+  if (auto st = make_communicator(rank, options, group, {sock->get()}); !st.ok()) return st;
+  FrameSocket& leader = **sock;
+  auto agree = [&leader, &group](int64_t blocks) -> int64_t {
+    if (auto st = leader.send(encode_i64(blocks)); !st.ok()) throw CollectiveError(std::string(st.message()));
+    auto agreed = decode_i64(leader.receive(group.collective_timeout));
+    if (!agreed.ok()) throw CollectiveError(absl::StrCat("rank 0 did not answer with the group's KV capacity: ", agreed.status().message()));
+    return *agreed;
+  };
+  absl::Status status;
+  try {
+    status = build_rank(rank, described->config, options, ckpt->get(), agree);
+    if (status.ok()) spdlog::info("group: rank {} of {} ready, following rank 0", group.rank, group.tp_size);
+    while (status.ok()) {
+      auto message = leader.receive(std::chrono::milliseconds(-1));
+      if (!message.ok()) {
+        if (message.status().code() == absl::StatusCode::kUnavailable) {
+          spdlog::info("group: rank 0 closed the group ({})", std::string(message.status().message()));
+          break;
+        }
+        status = message.status();
+        break;
+      }
+      auto batch = unpack(*message);
+      if (!batch.ok()) {
+        status = batch.status();
+        break;
+      }
+      rank.runner->execute(*batch);
+    }
+  } catch (const std::exception& e) {
+    status = absl::UnavailableError(absl::StrCat("rank ", group.rank, ": ", e.what()));
+  }
+  if (!status.ok() && rank.comm != nullptr) rank.comm->abort(std::string(status.message()));
+  rank.runner.reset();  // CUDA graphs hold captured collectives: before the communicator
+  return status;
+}
+
+}  // namespace shardserve
