@@ -30,7 +30,7 @@ MODE=${1:-all}
 # binary:gtest filter. TpCommandLine* runs the `shardserve` CLI, which this build does not make.
 TSAN_TESTS=(
   runtime_tests:*
-  tp_tests:-TpCommandLine*
+  tp_tests:-*TpCommandLine*
   engine_tests:*
   engine_loop_tests:*
   registry_tests:*
