@@ -19,11 +19,14 @@ coordinator and the worker. The bounds asserted, and why they are where they are
   its memory grows with the streams it holds: ~60 KiB per stream measured (~80 MiB in all at
   1,000). It must stay under 256 MiB, about 3x that, so that a per-stream buffer that grows with
   the output (or a leak per request) fails the test while allocator noise does not. The worker
-  (measured ~100 MiB: the model, a 64 MiB KV cache, 1,000 handler threads) must stay under 512 MiB;
-- throughput >= 200 tokens/s and p99 latencies under 60 s (first token) and 10 s (per token):
-  loose on purpose. A shared 2-core CI machine runs the client, the coordinator and the worker
-  at once (measured 690-810 tokens/s, p99 first token 14-18 s, p99 per token 2-4 s); the bounds
-  catch a stall or a stream starved behind the others, not a slower machine.
+  (measured ~360 MiB in a CUDA-enabled build: the model, a 64 MiB KV cache, 1,000 handler threads,
+  each with the static TLS of the CUDA libraries) must stay under 512 MiB;
+- throughput >= 500 tokens/s and p99 latencies under 30 s (first token) and 10 s (per token).
+  Measured on an idle 2-core machine: 4,100 tokens/s, p99 first token 1.5 s, p99 per token 0.4 s.
+  The bounds are loose on purpose: a shared CI machine runs the client, the coordinator and the
+  worker at once, and they must catch a stall, a stream starved behind the others or a return of
+  per-stream polling (which cost 15x: 276 tokens/s, and a whole run past the streams' 150 s
+  deadline on a slower machine), not a slower machine.
 
 The coordinator's health-check timeout is raised to 5 s: at a load average of 50 on two cores the
 worker's GetStats answer can take more than the default second, and one late answer takes a
@@ -130,11 +133,10 @@ class Load(unittest.TestCase):
 
         self.assertLess(figures["coordinator_peak_rss_mib"], 256)
         self.assertLess(figures["worker_peak_rss_mib"], 512)
-        self.assertGreater(throughput, 200)
-        self.assertLess(figures["ttft_p99_s"], 60)
-        # A stall (a stream starved until its deadline) shows as tens of seconds; a 2-core machine
-        # shared with other jobs measured up to 14 s at p99, so the bound sits above that.
-        self.assertLess(figures["per_token_p99_s"], 30)
+        self.assertGreater(throughput, 500)
+        self.assertLess(figures["ttft_p99_s"], 30)
+        # A stall (a stream starved until its deadline) shows as tens of seconds.
+        self.assertLess(figures["per_token_p99_s"], 10)
 
 
 if __name__ == "__main__":
