@@ -64,6 +64,39 @@ bool gemv_supported(int64_t tokens, int64_t k, DType weight, DType x);
 cudaError_t gemv(const void* x, const void* w, int64_t tokens, int64_t n, int64_t k, void* y, DType dtype,
                  DType out_dtype, cudaStream_t stream);
 
+// Quantized weights (worker/runtime/backend.h's LinearWeight, same definitions), as device
+// pointers. kInt4: weight U32 [N, K/8] (feature k in bits 4 (k % 8) of word k / 8), scales [N, G]
+// F16 or F32, zeros U8 [N, G], g_idx I32 [K] or null (group = k / group_size). kInt8 / kFp8:
+// weight I8 / E4M3 [N, K], scales F32 [N].
+enum class QuantFormat : uint8_t { kInt4, kInt8, kFp8 };
+struct QuantWeightView {
+  QuantFormat format = QuantFormat::kInt4;
+  const void* weight = nullptr;
+  const void* scales = nullptr;
+  bool scales_f16 = false;
+  const uint8_t* zeros = nullptr;
+  const int32_t* g_idx = nullptr;
+  int64_t group_size = 0;
+  int64_t num_groups = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+};
+// Decode GEMV on quantized weights, dequantizing in registers: y[T, N] = x[T, K] * W^T for
+// T <= kMaxGemvTokens, x BF16/F16, y that dtype or F32. Activations stay 16-bit (also for FP8).
+bool quant_gemv_supported(const QuantWeightView& w, int64_t tokens, DType x);
+cudaError_t quant_gemv(const QuantWeightView& w, const void* x, int64_t tokens, void* y, DType dtype, DType out_dtype,
+                       cudaStream_t stream);
+// out [N, K] (dtype T) = the dequantized weight, for a 16-bit GEMM at larger batches. K % 8 == 0.
+cudaError_t dequantize(const QuantWeightView& w, void* out, DType dtype, cudaStream_t stream);
+// FP8 activations for W8A8: per row of x [rows, K] (T), scale = max|x| / 448, or *static_scale when
+// given; q = E4M3(x / scale), saturated to +-448; row_scales[r] = scale.
+cudaError_t quantize_fp8_rows(const void* x, int64_t rows, int64_t k, const float* static_scale, uint8_t* q,
+                              float* row_scales, DType dtype, cudaStream_t stream);
+// out[r, c] = acc[r, c] * row_scales[r] * col_scales[c] (F32 in, T or F32 out): the FP8 GEMM's
+// per-token x per-channel scaling.
+cudaError_t scale_fp8_output(const float* acc, const float* row_scales, const float* col_scales, int64_t rows,
+                             int64_t cols, void* out, DType out_dtype, cudaStream_t stream);
+
 // gate_up [T, 2F] -> out [T, F] = silu(gate) * up. T.
 cudaError_t silu_mul(const void* gate_up, int64_t rows, int64_t f, void* out, DType dtype, cudaStream_t stream);
 
@@ -74,6 +107,9 @@ cudaError_t gather_rows(const void* x, int64_t row_bytes, const int32_t* indices
 // Random values, uniform in [-scale, scale), from a counter-based hash of (seed, index): the
 // synthetic-weights generator. Also fills F32.
 cudaError_t fill_uniform(void* out, int64_t n, uint64_t seed, float scale, DType dtype, cudaStream_t stream);
+
+// Backend::fill_random_bits on the device: byte j = synthetic_random_byte(seed, j, fp8e4m3).
+cudaError_t fill_random_bits(void* out, int64_t nbytes, uint64_t seed, bool fp8e4m3, cudaStream_t stream);
 
 // Converts n F32 values to T (BF16/F16) or copies F32.
 cudaError_t convert_from_f32(const float* in, int64_t n, void* out, DType dtype, cudaStream_t stream);

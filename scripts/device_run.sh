@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine over a checkout with dist/ from scripts/device_bundle.sh: every GPU test,
 # then the engine benchmark, results (JSON records, logs) under ${OUT:-out}/, a short table last.
-#   scripts/device_run.sh [tests|bench|all|tp]
+#   scripts/device_run.sh [tests|bench|all|tp|quant]
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), then the
 # engine benchmark of synthetic llama-3.1-70b over 2 GPUs.
+# quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
+# copied under $OUT/golden/), the quantized GPU tests, then the engine benchmark of synthetic
+# llama-3.1-70b in AWQ INT4 and FP8 and the INT4/INT8/FP8 layers against BF16 cuBLASLt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH="$PWD/dist/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -23,5 +26,25 @@ fi
 if [[ $what == tp ]]; then
   dist/bin/engine_bench --model llama-3.1-70b --tp-size 2 --out "$OUT/engine_bench_tp2.jsonl" 2>&1 |
     tee "$OUT/engine_bench_tp2.log" | tail -30
+fi
+if [[ $what == quant ]]; then
+  timeout -s KILL 90 python3 scripts/make_golden.py tests/data/tiny-quant/*/dequantized >"$OUT/make_golden.log" 2>&1 ||
+    { echo "make_golden failed:"; tail -20 "$OUT/make_golden.log"; }
+  for d in tests/data/tiny-quant/*/dequantized; do
+    mkdir -p "$OUT/golden/$d" && cp "$d"/golden* "$OUT/golden/$d/" 2>/dev/null
+  done
+  SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL 60 dist/bin/gpu_tests --gtest_brief=1 \
+    --gtest_filter='Quant*:TinyQuant/QuantCuda*' 2>&1 | tee "$OUT/gpu_tests_quant.log" | tail -30
+  status=${PIPESTATUS[0]}
+  for q in awq fp8; do
+    timeout -s KILL "${QUANT_BENCH_SECONDS:-70}" stdbuf -oL dist/bin/engine_bench --model llama-3.1-70b --quantization "$q" \
+      --batches 1,8,32,64 --steps 10 --prefill 1024 --out "$OUT/engine_bench_$q.jsonl" >"$OUT/engine_bench_$q.log" 2>&1
+    tail -8 "$OUT/engine_bench_$q.log"
+  done
+  if [[ ${QUANT_MICRO:-0} != 0 ]]; then
+    timeout -s KILL 60 stdbuf -oL dist/bin/engine_bench --model llama-3.1-70b --quant-micro --batches 1 --steps 1 \
+      --out "$OUT/quant_micro.jsonl" >"$OUT/quant_micro.log" 2>&1
+    grep -E "int4|int8|fp8" "$OUT/quant_micro.log" | head -80
+  fi
 fi
 exit "$status"

@@ -7,6 +7,7 @@
 // where copy bandwidth = (bytes read + bytes written) / time of a 1 GiB device-to-device copy.
 // Writes one JSON record per measurement (keys shared by every benchmark of the project).
 //   engine_bench [--model llama-3.1-8b] [--batches 1,8,32,128] [--context 512] [--out FILE]
+//                [--quantization none|awq|gptq|int8|fp8] [--quant-micro] [--micro] [--tp-size N]
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -56,13 +57,21 @@ double copy_bandwidth() {
   return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3);
 }
 
-// Bytes of weights one decode step reads: every projection, the norms and the LM head (the
-// embedding only for the B looked-up rows, negligible).
-double weight_bytes_per_step(const ModelConfig& c, double bytes_per_param) {
+// Bytes of weights one decode step reads: every projection (in its stored format: INT4 words plus
+// an F16 scale and a U8 zero point per group of `group_size`, INT8/FP8 bytes plus an F32 scale per
+// row), the 16-bit norms and LM head (the embedding only for the B looked-up rows, negligible).
+double weight_bytes_per_step(const ModelConfig& c, const std::string& quantization, int64_t group_size) {
   const double h = c.hidden_size, d = c.head_dim;
   const double attn = h * (c.num_attention_heads * d) * 2 + h * (c.num_key_value_heads * d) * 2;
   const double ffn = 3.0 * h * c.intermediate_size;
-  return (c.num_hidden_layers * (attn + ffn + 2 * h) + h + c.vocab_size * h) * bytes_per_param;
+  const double rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d + h + 2.0 * c.intermediate_size + h;
+  double linear = (attn + ffn) * 2.0;
+  if (quantization == "awq" || quantization == "gptq") {
+    linear = (attn + ffn) * (0.5 + 3.0 / static_cast<double>(group_size));
+  } else if (quantization == "int8" || quantization == "fp8") {
+    linear = (attn + ffn) + rows * 4.0;
+  }
+  return c.num_hidden_layers * (linear + 2 * h * 2.0) + (h + c.vocab_size * h) * 2.0;
 }
 
 // Median time of one NCCL collective over `n` GPUs of this process (ncclCommInitAll), for a
@@ -145,6 +154,11 @@ int main(int argc, char** argv) {
   app.add_flag("--micro", micro, "also time single ops at the model's decode shapes");
   int tp_size = 1;
   app.add_option("--tp-size", tp_size, "tensor-parallel GPUs (0 .. N-1 of this machine)");
+  std::string quantization = "none";
+  app.add_option("--quantization", quantization, "synthetic weights stored as none, awq, gptq (INT4, group 128), int8 or fp8")
+      ->check(CLI::IsMember({"none", "awq", "gptq", "int8", "fp8"}));
+  bool quant_micro = false;
+  app.add_flag("--quant-micro", quant_micro, "time the INT4/INT8/FP8 linear layers against BF16 cuBLASLt per batch");
   CLI11_PARSE(app, argc, argv);
 
   const double bw = copy_bandwidth();
@@ -162,6 +176,15 @@ int main(int argc, char** argv) {
     std::printf("ops at %s decode shapes:\n", model.c_str());
     op_records = shardserve::run_op_benchmarks(*preset, bw, context, prop.name);
   }
+  if (quant_micro) {
+    auto preset = shardserve::preset_or_config(model);
+    if (!preset.ok()) {
+      std::cerr << "error: " << preset.status() << "\n";
+      return 1;
+    }
+    auto quant = shardserve::run_quant_op_benchmarks(*preset, bw, {1, 8, 16, 32, 64, 128}, prop.name);
+    op_records.insert(op_records.end(), quant.begin(), quant.end());
+  }
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   shardserve::ExecutorOptions options;
   options.backend = "cuda";
@@ -171,6 +194,8 @@ int main(int argc, char** argv) {
   options.max_model_len = std::max(context + steps + 8, prefill_len) + 16;
   options.gpu_memory_utilization = 0.90;
   options.tp_size = tp_size;
+  options.quantization = quantization == "none" ? "" : quantization;
+  if (!options.quantization.empty()) setenv("SHARDSERVE_UNVERIFIED_QUANT_KERNELS", "1", 1);
   // The collectives a decode step of B sequences makes, timed alone: one all-reduce of [B, hidden]
   // BF16 after the embedding and after each layer's o_proj and down_proj, one all-gather of the
   // [B, vocab / N] FP32 logits.
@@ -203,10 +228,11 @@ int main(int argc, char** argv) {
   // tp_size exceeds them).
   const int64_t kv_heads_per_gpu = std::max<int64_t>(1, cfg.num_key_value_heads / tp_size);
   const double kv_per_token = 2.0 * cfg.num_hidden_layers * kv_heads_per_gpu * cfg.head_dim * 2;
-  const double weights = weight_bytes_per_step(cfg, 2.0) / tp_size;
+  const int64_t group_size = cfg.quantization.group_size > 0 ? cfg.quantization.group_size : cfg.hidden_size;
+  const double weights = weight_bytes_per_step(cfg, quantization, group_size) / tp_size;
   std::vector<nlohmann::json> records;
   auto record = [&](const std::string& bench, int batch, double tokens_per_s, double fraction, double step_ms) {
-    nlohmann::json r = {{"bench", bench}, {"device", prop.name}, {"model", model}, {"quantization", "none"},
+    nlohmann::json r = {{"bench", bench}, {"device", prop.name}, {"model", model}, {"quantization", quantization},
                         {"dtype", "bfloat16"}, {"tp_size", tp_size}, {"batch", batch}, {"tokens_per_s", tokens_per_s},
                         {"bandwidth_fraction", fraction}, {"step_ms", step_ms}, {"context_len", context},
                         {"copy_bandwidth_gbps", bw / 1e9}, {"date", today()}};

@@ -112,4 +112,63 @@ std::vector<nlohmann::json> run_op_benchmarks(const ModelConfig& c, double bw, i
   return records;
 }
 
+std::vector<nlohmann::json> run_quant_op_benchmarks(const ModelConfig& c, double bw, const std::vector<int>& batches,
+                                                    const std::string& device) {
+  auto made = CudaBackend::create(0, DType::kBF16);
+  if (!made.ok()) return {};
+  CudaBackend& gpu = **made;
+  gpu.reserve_scratch(size_t{256} << 20);
+  std::vector<nlohmann::json> records;
+  const int64_t h = c.hidden_size, d = c.head_dim, hq = c.num_attention_heads, hkv = c.num_key_value_heads;
+  struct Shape { const char* name; int64_t n, k; };
+  const Shape shapes[] = {{"qkv_proj", (hq + 2 * hkv) * d, h}, {"o_proj", h, hq * d},
+                          {"gate_up_proj", 2 * c.intermediate_size, h}, {"down_proj", h, c.intermediate_size}};
+  constexpr int64_t kGroup = 128;
+  std::printf("quantized linear layers vs BF16 cuBLASLt:\n");
+  for (const Shape& s : shapes) {
+    Tensor dense = gpu.empty({s.n, s.k}, DType::kBF16);
+    gpu.fill_uniform(dense, 1, 0.02f);
+    for (const char* format : {"int4", "int8", "fp8"}) {
+      LinearWeight w;
+      const std::string f = format;
+      if (f == "int4") {
+        w.format = WeightFormat::kInt4;
+        w.weight = gpu.empty({s.n, s.k / 8}, DType::kI32);
+        const int64_t groups = s.k / kGroup;
+        w.scales = gpu.empty({s.n, groups}, DType::kF16);
+        w.zeros = gpu.empty({s.n, groups}, DType::kU8);
+        gpu.fill_random_bits(w.scales, 3);
+        gpu.fill_random_bits(w.zeros, 4);
+        w.group_size = kGroup;
+      } else {
+        w.format = f == "int8" ? WeightFormat::kInt8 : WeightFormat::kFp8;
+        w.weight = gpu.empty({s.n, s.k}, f == "int8" ? DType::kI8 : DType::kF8E4M3);
+        w.scales = gpu.empty({s.n}, DType::kF32);
+        gpu.fill_uniform(w.scales, 5, 0.01f);
+      }
+      gpu.fill_random_bits(w.weight, 2);
+      const double bytes = static_cast<double>(w.weight.nbytes() + w.scales.nbytes() + w.zeros.nbytes());
+      for (int t : batches) {
+        Tensor x = gpu.empty({t, s.k}, DType::kBF16);
+        gpu.fill_uniform(x, 6, 1.0f);
+        Tensor y = gpu.empty({t, s.n}, DType::kBF16);
+        gpu.set_gemv_max_tokens(0);
+        const double dense_ms = median_ms(gpu, [&] { gpu.linear(x, LinearWeight{dense}, y); });
+        const double ms = median_ms(gpu, [&] {
+          gpu.begin_step();
+          gpu.linear(x, w, y);
+        });
+        const double fraction = bytes / (ms * 1e-3) / bw;
+        std::printf("  %-5s %-13s T=%-4d %9.1f us (bf16 cublaslt %9.1f us, x%.2f)  %7.1f MB  bw fraction %.3f\n",
+                    format, s.name, t, ms * 1e3, dense_ms * 1e3, dense_ms / ms, bytes / 1e6, fraction);
+        records.push_back({{"bench", "quant_op"}, {"op", s.name}, {"device", device}, {"quantization", format},
+                           {"tp_size", 1}, {"batch", t}, {"time_us", ms * 1e3}, {"bf16_cublaslt_us", dense_ms * 1e3},
+                           {"speedup_vs_bf16", dense_ms / ms}, {"bytes", bytes}, {"bandwidth_fraction", fraction}});
+      }
+    }
+  }
+  gpu.set_gemv_max_tokens(2);
+  return records;
+}
+
 }  // namespace shardserve

@@ -1,6 +1,8 @@
 // CudaBackend: the Backend ops on one NVIDIA GPU. Kernels live in kernels/ (one per op);
-// dense linear layers go through cuBLASLt (BF16/FP16 in, FP32 accumulation), with the algorithm
-// chosen once per shape and cached.
+// dense linear layers go through our GEMV at 1-2 tokens and cuBLASLt otherwise (BF16/FP16 in,
+// FP32 accumulation), with the algorithm chosen once per shape and cached. Quantized layers
+// (INT4, INT8, FP8) use kernels/quant_linear.cu's GEMV up to 8 tokens, then FP8 W8A8 on
+// cuBLASLt (GPUs with FP8 tensor cores) or a dequantize-then-GEMM.
 //
 // Memory: empty()/upload() are persistent allocations (weights, KV cache), counted in
 // persistent_bytes(). scratch() comes from one arena that begin_step() rewinds, so the same step
@@ -44,6 +46,7 @@ class CudaBackend final : public Backend {
   void begin_step() override;
   void copy_from_host(const void* src, Tensor& dst) override;
   void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
+  void fill_random_bits(Tensor& t, uint64_t seed) override;
   bool supports_graphs() const override { return arena_ != nullptr; }
   std::shared_ptr<void> capture(const std::function<void()>& fn) override;
   void replay(const std::shared_ptr<void>& graph) override;
@@ -82,7 +85,11 @@ class CudaBackend final : public Backend {
  private:
   CudaBackend() = default;
   void wait_stream();
-  GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DType c);
+  GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DType c, bool allow_missing = false);
+  // out [T, N] = x [T, K] * W^T through cuBLASLt, W [N, K] of w_dtype (x the same, or E4M3 with W).
+  void gemm(const void* w, DType w_dtype, const void* x, int64_t tokens, int64_t n, int64_t k, void* out,
+            DType out_dtype);
+  void quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t tokens, Tensor& out);
 
   int device_ = 0;
   int num_sms_ = 0;
@@ -97,6 +104,10 @@ class CudaBackend final : public Backend {
   // Above 2 tokens the GEMV turns issue-bound (every weight is converted and multiplied per token
   // on CUDA cores) and cuBLASLt's tensor cores win; measured with engine_bench --micro.
   int64_t gemv_max_tokens_ = 2;
+  bool fp8_tensor_cores_ = false;
+  // Quantized layers at larger batches: the dequantized weight of the layer being multiplied.
+  void* dequant_ = nullptr;
+  size_t dequant_bytes_ = 0;
   Watchdog watchdog_;
 
   // Scratch arena (fixed) or measure mode (arena_ == nullptr).

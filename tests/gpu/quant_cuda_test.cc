@@ -1,0 +1,303 @@
+// The quantized linear layers on the GPU against the CPU oracle (worker/runtime/backend.h defines
+// every format's values; the CPU backend computes with them in FP32), then the tiny quantized
+// checkpoints through load_model on both backends. Skipped when no CUDA device is present.
+//
+// Tolerances, relative to the largest |output| (or logit):
+// - GEMV (<= 8 tokens) and dequantize + GEMM: the weights' values are the oracle's exactly in the
+//   GEMV (dequantized in FP32 registers) and rounded to BF16 in the dequantized copy (2^-9
+//   relative each); activations are BF16 on both sides; the rest is summation order and the BF16
+//   output: 1e-2, as for the dense kernels (kernels_test.cc); 2e-3 with FP32 output and the GEMV.
+// - FP8 W8A8 (cuBLASLt, more than 8 tokens): the activations are quantized to E4M3 per token,
+//   3 mantissa bits, a relative error of up to 2^-4 on each product, independent across K, so the
+//   sum's error is a few percent of the output scale at most: 8e-2.
+// - The checkpoints in float32 (no GEMV, no W8A8: FP32 dequantize + FP32 GEMM): 1e-4 of the
+//   largest logit and the same greedy tokens, the CPU backend's own bar against transformers.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+
+#include "worker/engine/engine.h"
+#include "worker/engine/executor.h"
+#include "worker/engine/greedy.h"
+#include "kernels/kernels.h"
+#include "worker/runtime/cpu_backend.h"
+#include "worker/runtime/cuda_backend.h"
+#include "worker/runtime/synthetic_uniform.h"
+
+namespace shardserve {
+namespace {
+
+std::string data_dir() {
+  const char* env = std::getenv("SHARDSERVE_TEST_DATA_DIR");
+  return env != nullptr ? env : SHARDSERVE_TEST_DATA_DIR;
+}
+
+// A quantized weight's parts on the host, uploaded byte for byte to each backend.
+struct HostQuant {
+  WeightFormat format = WeightFormat::kInt4;
+  int64_t n = 0, k = 0, group_size = 0, groups = 0;
+  std::vector<uint8_t> weight;   // I32 words (kInt4) or bytes
+  std::vector<uint16_t> scales16;  // kInt4: F16 [N, G]
+  std::vector<float> scales32;     // kInt8 / kFp8: F32 [N]
+  std::vector<uint8_t> zeros;      // kInt4: U8 [N, G]
+  std::vector<int32_t> g_idx;      // kInt4 act-order, or empty
+
+  template <typename B>
+  LinearWeight upload(B& be) const {
+    LinearWeight w;
+    w.format = format;
+    if (format == WeightFormat::kInt4) {
+      w.weight = be.upload(HostTensor{weight.data(), DType::kI32, {n, k / 8}}, DType::kI32);
+      w.scales = be.upload(HostTensor{scales16.data(), DType::kF16, {n, groups}}, DType::kF16);
+      w.zeros = be.upload(HostTensor{zeros.data(), DType::kU8, {n, groups}}, DType::kU8);
+      if (!g_idx.empty()) w.g_idx = be.upload(HostTensor{g_idx.data(), DType::kI32, {k}}, DType::kI32);
+      w.group_size = group_size;
+    } else {
+      const DType d = format == WeightFormat::kInt8 ? DType::kI8 : DType::kF8E4M3;
+      w.weight = be.upload(HostTensor{weight.data(), d, {n, k}}, d);
+      w.scales = be.upload(HostTensor{scales32.data(), DType::kF32, {n}}, DType::kF32);
+    }
+    return w;
+  }
+};
+
+HostQuant make_int4(int64_t n, int64_t k, int64_t group_size, bool act_order, std::mt19937& rng) {
+  HostQuant q;
+  q.format = WeightFormat::kInt4;
+  q.n = n;
+  q.k = k;
+  q.group_size = group_size;
+  q.groups = k / group_size;
+  q.weight.resize(static_cast<size_t>(n * k / 2));
+  synthetic_random_bytes(rng(), DType::kI32, q.weight.data(), q.weight.size());
+  std::uniform_int_distribution<int> zero(0, 15);
+  std::uniform_real_distribution<float> scale(0.5f, 1.5f);
+  const float s0 = 1.0f / (8.0f * std::sqrt(static_cast<float>(k)));
+  for (int64_t i = 0; i < n * q.groups; ++i) {
+    q.zeros.push_back(static_cast<uint8_t>(zero(rng)));
+    q.scales16.push_back(f32_to_f16(scale(rng) * s0));
+  }
+  if (act_order) {  // GPTQ act-order: each group's features scattered over K
+    q.g_idx.resize(static_cast<size_t>(k));
+    for (int64_t i = 0; i < k; ++i) q.g_idx[static_cast<size_t>(i)] = static_cast<int32_t>(i / group_size);
+    std::shuffle(q.g_idx.begin(), q.g_idx.end(), rng);
+  }
+  return q;
+}
+
+HostQuant make_w8(WeightFormat format, int64_t n, int64_t k, std::mt19937& rng) {
+  HostQuant q;
+  q.format = format;
+  q.n = n;
+  q.k = k;
+  q.weight.resize(static_cast<size_t>(n * k));
+  // F8E4M3: finite codes only (bit 6 cleared), as the synthetic weights.
+  synthetic_random_bytes(rng(), format == WeightFormat::kFp8 ? DType::kF8E4M3 : DType::kI8, q.weight.data(),
+                         q.weight.size());
+  std::uniform_real_distribution<float> scale(0.5f, 1.5f);
+  const float s0 = (format == WeightFormat::kInt8 ? 1.0f / 64.0f : 1.0f) / std::sqrt(static_cast<float>(k));
+  for (int64_t i = 0; i < n; ++i) q.scales32.push_back(scale(rng) * s0);
+  return q;
+}
+
+class QuantKernelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto b = CudaBackend::create(0, DType::kBF16);
+    if (!b.ok()) GTEST_SKIP() << b.status();
+    gpu_ = std::move(*b);
+  }
+
+  // max |gpu - cpu| / max(1e-3, max |cpu|) of x [t, k] * W^T, x rounded to BF16 for both.
+  double error(const HostQuant& q, int64_t t, DType out_dtype) {
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    std::vector<float> x(static_cast<size_t>(t * q.k));
+    for (auto& v : x) v = bf16_to_f32(f32_to_bf16(d(rng_)));
+    Tensor c_out = cpu_.empty({t, q.n}, DType::kF32);
+    cpu_.linear(cpu_.upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kF32), q.upload(cpu_), c_out);
+    gpu_->begin_step();
+    Tensor g_out = gpu_->empty({t, q.n}, out_dtype);
+    gpu_->linear(gpu_->upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kBF16), q.upload(*gpu_), g_out);
+    const std::vector<float> g = gpu_->download_f32(g_out);
+    const std::vector<float> c = cpu_.download_f32(c_out);
+    double scale = 1e-3, err = 0.0;
+    for (size_t i = 0; i < c.size(); ++i) {
+      if (!std::isfinite(g[i])) return INFINITY;
+      scale = std::max(scale, std::fabs(double(c[i])));
+      err = std::max(err, std::fabs(double(g[i]) - c[i]));
+    }
+    return err / scale;
+  }
+
+  CpuBackend cpu_{2};
+  std::unique_ptr<CudaBackend> gpu_;
+  std::mt19937 rng_{7};
+};
+
+struct Shape {
+  int64_t n, k;
+};
+
+TEST_F(QuantKernelTest, Int4GemvAndDequantizedGemmMatchTheOracle) {
+  std::mt19937 rng(1);
+  for (const Shape s : {Shape{96, 64}, Shape{4096, 1024}, Shape{1000, 4096}, Shape{3, 8192}}) {
+    for (int64_t group : {int64_t{32}, int64_t{128}}) {
+      if (s.k % group != 0) continue;
+      for (bool act_order : {false, true}) {
+        const HostQuant q = make_int4(s.n, s.k, group, act_order, rng);
+        for (int64_t t : {1, 3, 8, 9, 40}) {
+          for (DType out : {DType::kBF16, DType::kF32}) {
+            const double tol = out == DType::kF32 && t <= kernels::kMaxGemvTokens ? 2e-3 : 1e-2;
+            EXPECT_LT(error(q, t, out), tol) << s.n << "x" << s.k << " group " << group << " act-order " << act_order
+                                             << " tokens " << t << " out " << dtype_name(out);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(QuantKernelTest, Int8GemvAndDequantizedGemmMatchTheOracle) {
+  std::mt19937 rng(2);
+  for (const Shape s : {Shape{96, 64}, Shape{4096, 1024}, Shape{1000, 4096}, Shape{5, 48}}) {
+    const HostQuant q = make_w8(WeightFormat::kInt8, s.n, s.k, rng);
+    for (int64_t t : {1, 2, 8, 9, 33}) {
+      for (DType out : {DType::kBF16, DType::kF32}) {
+        const double tol = out == DType::kF32 && t <= kernels::kMaxGemvTokens ? 2e-3 : 1e-2;
+        EXPECT_LT(error(q, t, out), tol) << s.n << "x" << s.k << " tokens " << t << " out " << dtype_name(out);
+      }
+    }
+  }
+}
+
+TEST_F(QuantKernelTest, Fp8GemvAndW8A8MatchTheOracle) {
+  std::mt19937 rng(3);
+  // 1000 x 4096: N % 16 != 0 takes the dequantize path even where FP8 tensor cores exist.
+  for (const Shape s : {Shape{96, 64}, Shape{4096, 1024}, Shape{1000, 4096}, Shape{1024, 8192}}) {
+    const HostQuant q = make_w8(WeightFormat::kFp8, s.n, s.k, rng);
+    for (int64_t t : {1, 4, 8, 16, 64}) {
+      for (DType out : {DType::kBF16, DType::kF32}) {
+        const bool gemv = t <= kernels::kMaxGemvTokens;
+        const double tol = gemv ? (out == DType::kF32 ? 2e-3 : 1e-2) : 8e-2;
+        const double e = error(q, t, out);
+        EXPECT_LT(e, tol) << s.n << "x" << s.k << " tokens " << t << " out " << dtype_name(out);
+        if (!gemv && out == DType::kF32) {
+          std::printf("[ fp8 ] %lldx%lld tokens %lld: relative error %.3g (W8A8 or dequantized)\n",
+                      static_cast<long long>(s.n), static_cast<long long>(s.k), static_cast<long long>(t), e);
+        }
+      }
+    }
+  }
+}
+
+// Synthetic quantized weights are made on the device: the same bytes as the host definition.
+TEST_F(QuantKernelTest, FillRandomBitsIsTheDefinitionsBits) {
+  for (DType d : {DType::kI32, DType::kI8, DType::kF8E4M3}) {
+    Tensor t = gpu_->empty({3, 1001}, d);
+    gpu_->fill_random_bits(t, 42);
+    std::vector<uint8_t> got(t.nbytes()), want(t.nbytes());
+    ASSERT_EQ(cudaMemcpy(got.data(), t.data, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    synthetic_random_bytes(42, d, want.data(), want.size());
+    EXPECT_EQ(got, want) << dtype_name(d);
+  }
+}
+
+// The tiny quantized checkpoints through load_model, as a worker loads them.
+class QuantCudaCheckpointTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  absl::StatusOr<LoadedModel> load(const std::string& backend, const std::string& dtype) {
+    setenv("SHARDSERVE_UNVERIFIED_QUANT_KERNELS", "1", 1);  // what these tests verify
+    ExecutorOptions o;
+    o.model_dir = data_dir() + "/tiny-quant/" + GetParam();
+    o.backend = backend;
+    o.dtype = dtype;
+    o.num_kv_blocks = 64;
+    o.max_num_batched_tokens = 256;
+    o.max_num_seqs = 16;
+    return load_model(o);
+  }
+};
+
+const std::vector<std::vector<int32_t>> kPrompts = {{5, 17, 99, 3, 64}, {
+    120, 7, 33, 33, 81, 2, 44, 90, 100, 11, 12, 13, 127, 0, 56, 78, 91, 23, 45, 67, 89, 101, 6, 8, 10}};
+
+GreedyOptions greedy(int64_t max_tokens) {
+  GreedyOptions g;
+  g.max_tokens = max_tokens;
+  g.ignore_eos = true;
+  g.return_logits = true;
+  return g;
+}
+
+double logit_error(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
+  double worst = 0.0;
+  for (size_t s = 0; s < b.size() && s < a.size(); ++s) {
+    double scale = 1.0;
+    for (float v : b[s]) scale = std::max(scale, std::fabs(double(v)));
+    for (size_t v = 0; v < b[s].size(); ++v) worst = std::max(worst, std::fabs(double(a[s][v]) - b[s][v]) / scale);
+  }
+  return worst;
+}
+
+TEST_P(QuantCudaCheckpointTest, Float32EqualsTheCpuOracle) {
+  auto gpu = load("cuda", "float32");
+  if (!gpu.ok() && gpu.status().code() == absl::StatusCode::kNotFound) GTEST_SKIP() << gpu.status();
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = load("cpu", "auto");
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  for (const auto& prompt : kPrompts) {
+    auto g = generate_greedy(*gpu->executor, prompt, greedy(8));
+    auto c = generate_greedy(*cpu->executor, prompt, greedy(8));
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(g->token_ids, c->token_ids);
+    EXPECT_LT(logit_error(g->logits, c->logits), 1e-4);
+  }
+}
+
+// 16-bit activations: the quantized GEMV at decode, W8A8 or dequantize + GEMM for the prompt
+// (more than 8 tokens in the second prompt). Teacher-forced on the CPU's tokens, so a near-tie
+// cannot make the runs part ways; logits within 5e-2 of the scale (16-bit activations over the
+// layers, as golden_cuda_test.cc, plus FP8's activation rounding).
+TEST_P(QuantCudaCheckpointTest, SixteenBitTeacherForcedWithinTolerance) {
+  auto gpu = load("cuda", "auto");
+  if (!gpu.ok() && gpu.status().code() == absl::StatusCode::kNotFound) GTEST_SKIP() << gpu.status();
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = load("cpu", "auto");
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  constexpr double kTol = 5e-2;
+  for (const auto& prompt : kPrompts) {
+    auto c = generate_greedy(*cpu->executor, prompt, greedy(8));
+    ASSERT_TRUE(c.ok()) << c.status();
+    SequenceStep step{prompt, 0, {}, true};
+    for (int32_t b = 0; b < 8; ++b) step.block_table.push_back(b);
+    double worst = 0;
+    for (size_t s = 0; s < c->token_ids.size(); ++s) {
+      const std::vector<float> logits = gpu->executor->execute(Batch{{step}});
+      worst = std::max(worst, logit_error({logits}, {c->logits[s]}));
+      step.num_cached += static_cast<int32_t>(step.token_ids.size());
+      step.token_ids = {c->token_ids[s]};
+    }
+    EXPECT_LT(worst, kTol) << "prompt of " << prompt.size() << " tokens";
+    std::printf("[ cuda quant ] %s prompt %zu: max relative logit error %.3g\n", GetParam().c_str(), prompt.size(),
+                worst);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(TinyQuant, QuantCudaCheckpointTest,
+                         ::testing::Values("awq-gemm-g32", "gptq-g32-sym-actorder", "gptq-v2-g32-asym",
+                                           "fp8-per-tensor-static", "fp8-per-channel-dynamic"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+}  // namespace
+}  // namespace shardserve
