@@ -74,16 +74,24 @@ absl::StatusOr<ClusterConfig> parse_cluster_config(const std::string& yaml_text,
   for (size_t i = 0; i < root["models"].size(); ++i) {
     const YAML::Node n = root["models"][i];
     const std::string where = absl::StrCat("models[", i, "]");
-    if (auto st = check_keys(n, where, {"name", "checkpoint", "tokenizer"}); !st.ok()) return st;
+    if (auto st = check_keys(n, where, {"name", "checkpoint", "tokenizer", "synthetic"}); !st.ok()) return st;
     ModelSpec m;
     if (auto st = read(n, "name", where, m.name); !st.ok()) return st;
     if (auto st = read(n, "checkpoint", where, m.checkpoint); !st.ok()) return st;
     if (auto st = read(n, "tokenizer", where, m.tokenizer); !st.ok()) return st;
+    if (auto st = read(n, "synthetic", where, m.synthetic); !st.ok()) return st;
     if (m.name.empty()) return bad(where, "needs a name");
-    if (m.checkpoint.empty()) return bad(where, "needs a checkpoint");
+    if (m.checkpoint.empty() == m.synthetic.empty()) {
+      return bad(where, "needs one of checkpoint (a model's files) and synthetic (a preset name or config.json)");
+    }
     if (config.find_model(m.name)) return bad(where, absl::StrCat("model '", m.name, "' is listed twice"));
     m.checkpoint = resolve(m.checkpoint, base_dir);
     m.tokenizer = resolve(m.tokenizer, base_dir);
+    // A config.json path (it has a '/' or ends in .json) is resolved like a checkpoint; anything
+    // else is a preset's name, which the workers know (the coordinator holds no model code).
+    if (m.synthetic.find('/') != std::string::npos || m.synthetic.ends_with(".json")) {
+      m.synthetic = resolve(m.synthetic, base_dir);
+    }
     config.models.push_back(std::move(m));
   }
   for (size_t i = 0; i < root["groups"].size(); ++i) {

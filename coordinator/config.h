@@ -5,6 +5,10 @@
 //     - name: llama-3.1-70b
 //       checkpoint: /models/llama-3.1-70b-instruct   # the workers read it
 //       tokenizer: /models/llama-3.1-70b-instruct    # optional; default: the checkpoint
+//     - name: bench-70b
+//       synthetic: llama-3.1-70b   # instead of a checkpoint: random weights of a preset's (or a
+//                                  # config.json's) shape, for benchmarks; token ids in and out
+//                                  # unless a tokenizer is given
 //   groups:
 //     - name: bf16-tp2
 //       model: llama-3.1-70b
@@ -39,6 +43,7 @@ struct ModelSpec {
   std::string name;
   std::string checkpoint;
   std::string tokenizer;  // empty: the checkpoint folder
+  std::string synthetic;  // instead of checkpoint: a preset name or a config.json path
 };
 
 struct GroupSpec {

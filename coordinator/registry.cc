@@ -57,6 +57,7 @@ wv1::Assignment Registry::assignment_for(const Replica& r, int rank) const {
   a.set_replica(r.index);
   a.set_model(m.name);
   a.set_checkpoint(m.checkpoint);
+  a.set_synthetic(m.synthetic);
   a.set_rank(rank);
   a.set_tp_size(g.tp_size);
   a.set_local_ranks(g.backend == "cpu" && !g.process_per_rank ? g.tp_size : 1);

@@ -669,11 +669,15 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
         }
       } else if (explicit_tokenizer) {
         return absl::NotFoundError(absl::StrCat("model '", spec.name, "': no tokenizer.json in ", dir));
+      } else if (!spec.synthetic.empty()) {
+        m.no_tokenizer_reason = absl::StrCat("synthetic weights (", spec.synthetic, ") and no tokenizer configured");
+        spdlog::info("model '{}': {}; it serves prompt_token_ids only", spec.name, m.no_tokenizer_reason);
       } else {
         m.no_tokenizer_reason = absl::StrCat("no tokenizer.json in ", dir);
         spdlog::warn("model '{}': {}; it serves prompt_token_ids only", spec.name, m.no_tokenizer_reason);
       }
-      spdlog::info("model '{}': checkpoint {}, tokenizer {}, chat template {}", spec.name, spec.checkpoint,
+      spdlog::info("model '{}': {} {}, tokenizer {}, chat template {}", spec.name,
+                   spec.synthetic.empty() ? "checkpoint" : "synthetic", spec.synthetic.empty() ? spec.checkpoint : spec.synthetic,
                    m.tokenizer ? "yes" : "no", m.chat ? "yes" : "no");
       models.emplace(spec.name, std::move(m));
     }

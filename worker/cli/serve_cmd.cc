@@ -29,6 +29,7 @@ using Clock = std::chrono::steady_clock;
 
 struct ServeArgs {
   std::string model;
+  std::string synthetic;
   std::string served_model_name;
   int tp_size = 1;
   std::string backend = "cpu";
@@ -127,13 +128,27 @@ int run_serve(const ServeArgs& args) {
     std::cerr << "error: --http-port must be a port number, or -1 for no HTTP API\n";
     return 1;
   }
-  const std::string model_dir = fs::absolute(args.model.empty() ? default_model() : args.model).string();
-  if (!fs::exists(fs::path(model_dir) / "config.json")) {
+  if (!args.model.empty() && !args.synthetic.empty()) {
+    std::cerr << "error: give one of --model and --synthetic\n";
+    return 1;
+  }
+  // --synthetic: a preset's name stays a name; a config.json path becomes absolute.
+  const bool synthetic_path = args.synthetic.find('/') != std::string::npos || args.synthetic.ends_with(".json");
+  const std::string synthetic = synthetic_path ? fs::absolute(args.synthetic).string() : args.synthetic;
+  if (synthetic_path && !fs::is_regular_file(synthetic)) {
+    std::cerr << "error: --synthetic " << args.synthetic << ": no such config.json file\n";
+    return 1;
+  }
+  const std::string model_dir =
+      synthetic.empty() ? fs::absolute(args.model.empty() ? default_model() : args.model).string() : "";
+  if (synthetic.empty() && !fs::exists(fs::path(model_dir) / "config.json")) {
     std::cerr << "error: " << model_dir << " has no config.json: not a Hugging Face checkpoint\n";
     return 1;
   }
-  const std::string name =
-      args.served_model_name.empty() ? fs::path(model_dir).filename().string() : args.served_model_name;
+  const std::string default_name =
+      synthetic.empty() ? fs::path(model_dir).filename().string()
+                        : (synthetic_path ? fs::path(synthetic).parent_path().filename().string() : synthetic);
+  const std::string name = args.served_model_name.empty() ? default_name : args.served_model_name;
   const fs::path bin = fs::read_symlink("/proc/self/exe").parent_path();
   char tmpl[] = "/tmp/shardserve-serve-XXXXXX";
   if (!mkdtemp(tmpl)) {
@@ -146,7 +161,8 @@ int run_serve(const ServeArgs& args) {
   {
     std::ofstream out(config);
     out << "# written by shardserve serve\n"
-        << "models:\n  - name: \"" << name << "\"\n    checkpoint: \"" << model_dir << "\"\n"
+        << "models:\n  - name: \"" << name << "\"\n    "
+        << (synthetic.empty() ? "checkpoint: \"" + model_dir : "synthetic: \"" + synthetic) << "\"\n"
         << "groups:\n  - name: main\n    model: \"" << name << "\"\n    tp_size: " << args.tp_size
         << "\n    backend: " << args.backend << "\n    quantization: " << args.quantization
         << "\n    dtype: " << args.dtype << "\n    num_kv_blocks: " << args.num_kv_blocks
@@ -198,7 +214,7 @@ int run_serve(const ServeArgs& args) {
     }
   }
   if (!stopping) {
-    std::cout << "shardserve: serving model '" << name << "' (" << model_dir << ") at " << coordinator;
+    std::cout << "shardserve: serving model '" << name << "' (" << (synthetic.empty() ? model_dir : "synthetic " + synthetic) << ") at " << coordinator;
     if (args.metrics_port >= 0) std::cout << ", metrics at http://" << connect_host << ":" << args.metrics_port << "/metrics";
     if (args.http_port > 0) {
       std::cout << ", OpenAI-compatible HTTP API at http://" << connect_host << ":" << args.http_port << "/v1";
@@ -235,6 +251,9 @@ void register_serve(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("serve", "Serve a model on this machine: a coordinator and its workers");
   cmd->add_option("--model", args->model, "Hugging Face checkpoint directory (default: the bundled tiny checkpoint)")
       ->check(CLI::ExistingDirectory);
+  cmd->add_option("--synthetic", args->synthetic,
+                  "Serve random weights of this shape instead of a checkpoint: a preset (llama-3.1-8b, "
+                  "llama-3.1-70b, llama-3.2-1b) or a config.json; token ids in and out (for benchmarks)");
   cmd->add_option("--served-model-name", args->served_model_name, "The model's name in requests (default: the folder's)");
   cmd->add_option("--tp-size", args->tp_size, "Tensor-parallel ranks")->capture_default_str();
   cmd->add_option("--backend", args->backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();

@@ -298,7 +298,8 @@ class RegistrationKeeper {
         last = s.error_code();
         continue;
       }
-      if (a.model() != loaded_.model() || a.checkpoint() != loaded_.checkpoint() || a.backend() != loaded_.backend() ||
+      if (a.model() != loaded_.model() || a.checkpoint() != loaded_.checkpoint() || a.synthetic() != loaded_.synthetic() ||
+          a.backend() != loaded_.backend() ||
           a.tp_size() != loaded_.tp_size() || a.quantization() != loaded_.quantization()) {
         spdlog::error("the coordinator now assigns model '{}' ({}), backend {}, tp_size {}, quantization {} to group "
                       "{}; this worker loaded '{}' ({}): exiting, to be started again with the new assignment",
@@ -420,6 +421,7 @@ absl::Status run_worker(const WorkerOptions& o) {
 
   ExecutorOptions eo;
   eo.model_dir = a.checkpoint();
+  eo.synthetic = a.synthetic();  // random weights of this shape instead of a checkpoint
   eo.backend = a.backend();
   eo.tp_size = a.tp_size();
   // The group's `quantization:` (none = the checkpoint as published); load_model checks it

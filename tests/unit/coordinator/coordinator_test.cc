@@ -61,6 +61,31 @@ TEST(ClusterConfig, KeysThatAreNotNamesAreErrors) {
   EXPECT_NE(c.status().message().find("models[0]"), std::string::npos) << c.status();
 }
 
+TEST(ClusterConfig, SyntheticModelsNameAPresetOrAConfigFile) {
+  auto c = parse_cluster_config(R"(
+models:
+  - name: big
+    synthetic: llama-3.1-70b
+  - name: small
+    synthetic: shapes/tiny.json
+    tokenizer: tok
+groups:
+  - name: g
+    model: big
+)", "/base");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->models[0].synthetic, "llama-3.1-70b");  // a preset's name stays a name
+  EXPECT_TRUE(c->models[0].checkpoint.empty());
+  EXPECT_EQ(c->models[1].synthetic, "/base/shapes/tiny.json");  // a path is resolved like a checkpoint
+  EXPECT_EQ(c->models[1].tokenizer, "/base/tok");
+  for (const char* both_or_neither : {"models: [{name: a, checkpoint: x, synthetic: llama-3.1-8b}]\ngroups: [{name: g, model: a}]",
+                                      "models: [{name: a}]\ngroups: [{name: g, model: a}]"}) {
+    auto bad = parse_cluster_config(both_or_neither, "/");
+    ASSERT_FALSE(bad.ok()) << both_or_neither;
+    EXPECT_NE(bad.status().message().find("needs one of checkpoint"), std::string::npos) << bad.status();
+  }
+}
+
 TEST(Router, PicksTheLeastLoadedServingReplica) {
   std::vector<ReplicaLoad> r(3);
   r[0] = {true, 800, 1000, 0.0, 0};
