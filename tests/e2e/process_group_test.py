@@ -4,7 +4,8 @@ and `--rank 1` of one group (process_per_rank: true), rendezvous through the coo
 messages and collectives over the group's connection (the same code a GPU group runs, with NCCL
 for the collectives). The group must give transformers' golden tokens, and a follower that is
 stopped (SIGSTOP) or killed must make the group fail loudly within its collective timeout: the
-request ends UNAVAILABLE, rank 0 exits saying which rank, nothing hangs.
+request ends UNAVAILABLE, rank 0 exits saying which rank, nothing hangs. A restarted coordinator
+gets the group back from rank 0's re-registration alone.
 """
 import json
 import os
@@ -53,6 +54,17 @@ class ProcessGroup(unittest.TestCase):
                                                      ignore_eos=True), timeout=timeout)
 
     def test_two_processes_give_the_golden_tokens(self):
+        for g in GOLDEN:
+            self.assertEqual(list(self.request(g).token_ids), g["token_ids"])
+        self.assertIsNone(self.leader.poll())
+        self.assertIsNone(self.follower.poll())
+
+    def test_the_group_serves_again_after_a_coordinator_restart(self):
+        """Only rank 0 talks to the coordinator (it registers again every second); the follower is
+        attached to rank 0, so a new coordinator gets the whole group back from rank 0 alone."""
+        self.assertEqual(list(self.request(GOLDEN[0]).token_ids), GOLDEN[0]["token_ids"])
+        self.cluster.restart_coordinator()
+        self.stub = pb_grpc.GenerationStub(grpc.insecure_channel(self.cluster.address))
         for g in GOLDEN:
             self.assertEqual(list(self.request(g).token_ids), g["token_ids"])
         self.assertIsNone(self.leader.poll())
