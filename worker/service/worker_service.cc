@@ -102,6 +102,11 @@ class WorkerService final : public wv1::Worker::Service {
     loop_ = loop;
     state_ = wv1::WORKER_STATE_SERVING;
   }
+  // The model failed and the process is about to exit: refuse new requests, report draining.
+  void fail() {
+    failed_ = true;
+    state_ = wv1::WORKER_STATE_DRAINING;
+  }
   // serving -> draining; waits for the handlers of in-flight requests, up to `timeout`.
   void drain(std::chrono::milliseconds timeout) {
     state_ = wv1::WORKER_STATE_DRAINING;
@@ -114,8 +119,9 @@ class WorkerService final : public wv1::Worker::Service {
   grpc::Status Generate(grpc::ServerContext* ctx, const wv1::WorkerRequest* req,
                         grpc::ServerWriter<wv1::WorkerOutput>* writer) override {
     if (state_ != wv1::WORKER_STATE_SERVING) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          state_ == wv1::WORKER_STATE_DRAINING ? "the worker is draining" : "the worker is loading");
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, failed_                                  ? "the worker's model failed"
+                                                         : state_ == wv1::WORKER_STATE_DRAINING ? "the worker is draining"
+                                                                                                : "the worker is loading");
     }
     {
       std::lock_guard lock(mu_);
@@ -225,6 +231,7 @@ class WorkerService final : public wv1::Worker::Service {
  private:
   const std::string group_;
   std::atomic<wv1::WorkerState> state_{wv1::WORKER_STATE_LOADING};
+  std::atomic<bool> failed_{false};
   std::atomic<EngineLoop*> loop_{nullptr};
   std::atomic<uint64_t> next_id_{0};
   std::mutex mu_;
@@ -464,7 +471,10 @@ absl::Status run_worker(const WorkerOptions& o) {
   hooks.on_queue_time = [metrics](double s) { metrics->queue_time(s); };
   hooks.on_finished = [metrics](const std::string& reason) { metrics->request_finished(reason); };
   hooks.on_stats = [metrics](const EngineStats& s, int64_t in_flight) { metrics->update(s, in_flight); };
-  hooks.on_fatal = [](const std::string& why) {
+  hooks.on_fatal = [&service](const std::string& why) {
+    // No new requests and no passing health check in the moment before the exit: the coordinator
+    // stops routing here at its next check instead of retrying onto a group that is going away.
+    service.fail();
     spdlog::critical("{}; exiting so the group restarts", why);
     spdlog::default_logger()->flush();
     // The failed streams' statuses are on their way to the coordinator; give them a moment.
