@@ -69,6 +69,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--shutdown-timeout", shutdown_timeout_s, "Seconds in-flight requests get to finish on SIGTERM")
       ->capture_default_str();
+  int64_t stream_stall_timeout_ms = o.stream_stall_timeout.count();
+  app.add_option("--stream-stall-timeout-ms", stream_stall_timeout_ms,
+                 "Cancel a stream whose client has taken no message for this long (0: never)")
+      ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->capture_default_str();
   bool check_config = false;
   app.add_flag("--check-config", check_config, "Only parse and check --config, print its groups, and exit");
@@ -81,6 +85,7 @@ int main(int argc, char** argv) {
   o.health_timeout = std::chrono::milliseconds(health_timeout_ms);
   o.dead_after = std::chrono::milliseconds(dead_after_ms);
   o.shutdown_timeout = std::chrono::milliseconds(static_cast<int64_t>(shutdown_timeout_s * 1000));
+  o.stream_stall_timeout = std::chrono::milliseconds(stream_stall_timeout_ms);
 
   auto config = shardserve::load_cluster_config(config_path);
   if (!config.ok()) {

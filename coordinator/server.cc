@@ -125,12 +125,76 @@ absl::StatusOr<std::string> read_pem(const std::string& path, const char* flag) 
 
 }  // namespace
 
+// Cancels GenerateStream calls whose client stopped taking messages. A synchronous write blocks
+// while the client's HTTP/2 window is full and has no timeout of its own; one thread looks at
+// every open stream's pending write each second and cancels the call (TryCancel: the write
+// returns false, the request ends and frees its worker-side blocks) once it has waited longer
+// than the limit.
+class StallGuard {
+ public:
+  struct Call {
+    grpc::ServerContext* ctx = nullptr;
+    std::atomic<int64_t> write_since_ns{0};  // steady clock; 0: no write pending
+    std::atomic<bool> cancelled{false};
+  };
+
+  explicit StallGuard(std::chrono::milliseconds limit) : limit_(limit) {
+    if (limit_.count() > 0) thread_ = std::thread([this] { run(); });
+  }
+  ~StallGuard() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  bool enabled() const { return limit_.count() > 0; }
+  void add(Call* c) {
+    std::lock_guard lock(mu_);
+    calls_.push_back(c);
+  }
+  void remove(Call* c) {
+    std::lock_guard lock(mu_);
+    std::erase(calls_, c);
+  }
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+ private:
+  void run() {
+    const auto period = std::min<std::chrono::milliseconds>(std::chrono::seconds(1), limit_ / 4 + std::chrono::milliseconds(1));
+    std::unique_lock lock(mu_);
+    while (!cv_.wait_for(lock, period, [this] { return stop_; })) {
+      const int64_t now = now_ns();
+      for (Call* c : calls_) {
+        const int64_t since = c->write_since_ns.load();
+        if (since == 0 || now - since < std::chrono::nanoseconds(limit_).count() || c->cancelled.exchange(true)) continue;
+        spdlog::warn("a stream's client has taken no message for {} ms: cancelling it (--stream-stall-timeout-ms)",
+                     limit_.count());
+        c->ctx->TryCancel();
+      }
+    }
+  }
+
+  const std::chrono::milliseconds limit_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Call*> calls_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service, Frontend {
   CoordinatorOptions options;
   ClusterConfig config;
   std::map<std::string, ServedModel> models;
   CoordinatorMetrics metrics;
   std::unique_ptr<Registry> registry;
+  // Before the servers: destroyed after them, so no handler outlives it.
+  std::unique_ptr<StallGuard> stall_guard;
   std::unique_ptr<prometheus::Exposer> exposer;
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<grpc::Server> worker_server;  // the Registry alone, when worker_port is set
@@ -590,7 +654,20 @@ struct Coordinator::Impl final : v1::Generation::Service, wv1::Registry::Service
 
   grpc::Status GenerateStream(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
                               grpc::ServerWriter<v1::GenerateResponse>* writer) override {
-    return serve(ctx, *req, [&](const v1::GenerateResponse& d) { return writer->Write(d); });
+    if (!stall_guard || !stall_guard->enabled()) {
+      return serve(ctx, *req, [&](const v1::GenerateResponse& d) { return writer->Write(d); });
+    }
+    StallGuard::Call call;
+    call.ctx = ctx;
+    stall_guard->add(&call);
+    const grpc::Status status = serve(ctx, *req, [&](const v1::GenerateResponse& d) {
+      call.write_since_ns = StallGuard::now_ns();
+      const bool ok = writer->Write(d);
+      call.write_since_ns = 0;
+      return ok;
+    });
+    stall_guard->remove(&call);
+    return status;
   }
 
   grpc::Status Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* req, v1::TokenizeResponse* resp) override {
@@ -744,6 +821,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const Coordinato
                                                                  ClusterConfig config) {
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  impl->stall_guard = std::make_unique<StallGuard>(options.stream_stall_timeout);
   impl->config = std::move(config);
   if (auto st = impl->load_models(); !st.ok()) return st;
   RegistryOptions ro;

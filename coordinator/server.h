@@ -56,6 +56,10 @@ struct CoordinatorOptions {
   std::chrono::milliseconds health_timeout{1000};
   std::chrono::milliseconds dead_after{10000};
   std::chrono::milliseconds shutdown_timeout{30000};
+  // A GenerateStream whose client has taken no message for this long (a write blocked on its
+  // flow-control window) is cancelled, freeing its slot, thread and KV blocks; 0: never. A client
+  // that sets no deadline and stops reading would otherwise hold them until it disconnects.
+  std::chrono::milliseconds stream_stall_timeout{300000};
 };
 
 class Coordinator {

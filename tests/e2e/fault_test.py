@@ -251,12 +251,13 @@ class NeverReadingClient:
         body = exactly(int.from_bytes(head[:3], "big"))
         return head[3], head[4], body
 
-    def generate_stream(self, request, timeout_s):
+    def generate_stream(self, request, timeout_s=None):
+        """timeout_s None: no deadline at all (no grpc-timeout header)."""
         message = request.SerializeToString()
         headers = b"".join(hpack_literal(k, v) for k, v in [
             (":method", "POST"), (":scheme", "http"), (":path", "/shardserve.v1.Generation/GenerateStream"),
-            (":authority", f"127.0.0.1:{self.port}"), ("content-type", "application/grpc"), ("te", "trailers"),
-            ("grpc-timeout", f"{timeout_s}S")])
+            (":authority", f"127.0.0.1:{self.port}"), ("content-type", "application/grpc"), ("te", "trailers")]
+            + ([("grpc-timeout", f"{timeout_s}S")] if timeout_s is not None else []))
         sid = self.next_stream
         self.next_stream += 2
         self.sock.sendall(h2_frame(1, 0x4, sid, headers)  # END_HEADERS
@@ -328,6 +329,52 @@ class SlowClient(unittest.TestCase):
         # And a client that reads is served as usual.
         stub = pb_grpc.GenerationStub(grpc.insecure_channel(self.cluster.address))
         self.assertEqual(len(stub.Generate(request, timeout=30).token_ids), self.MAX_TOKENS)
+
+
+class StalledClient(unittest.TestCase):
+    """A client that sets no deadline and stops reading: the coordinator's --stream-stall-timeout-ms
+    ends its streams (cancelled), frees their slots and the worker's KV blocks, and serves others."""
+    STALL_MS = 2000
+    STREAMS = 6
+
+    def setUp(self):
+        self.cluster = cl.Cluster(models={"tiny": (cl.TINY, None)},
+                                  groups=[{"name": "g", "model": "tiny", "num_kv_blocks": 512}],
+                                  coordinator_args=["--stream-stall-timeout-ms", str(self.STALL_MS)]).start()
+
+    def tearDown(self):
+        self.cluster.stop()
+
+    def test_a_stream_nobody_reads_is_cancelled_after_the_stall_timeout(self):
+        metrics = self.cluster.metrics_address
+        request = pb.GenerateRequest(model="tiny", prompt_token_ids=pb.TokenIds(ids=[1, 2, 3]), max_tokens=240,
+                                     temperature=0, ignore_eos=True, logprobs=20)
+        client = NeverReadingClient(self.cluster.port, window=1024)
+        try:
+            started = time.monotonic()
+            for _ in range(self.STREAMS):
+                client.generate_stream(request)  # no deadline
+            wait_for(lambda: cl.metric(cl.scrape(metrics), "shardserve_requests_in_flight") == self.STREAMS, 5,
+                     "every stream to be in flight")
+            # Stalled at once (the 1 KiB window fills within a few messages), then cancelled after
+            # the limit, within the guard's check period (a quarter of the limit here).
+            wait_for(lambda: cl.metric(cl.scrape(metrics), "shardserve_requests_in_flight") == 0,
+                     self.STALL_MS / 1000 + 5, "the stall timeout to end the streams")
+            took = time.monotonic() - started
+            self.assertGreaterEqual(took, self.STALL_MS / 1000 - 0.2, "ended before the stall timeout")
+            print(f"stalled client: {self.STREAMS} streams without a deadline ended after {took:.1f} s "
+                  f"(--stream-stall-timeout-ms {self.STALL_MS})", flush=True)
+            self.assertEqual(cl.metric(cl.scrape(metrics), "shardserve_requests_total", status="cancelled"),
+                             self.STREAMS)
+            self.assertIn("has taken no message for", self.cluster.logs())
+        finally:
+            client.close()
+        worker_metrics = self.cluster.workers["g"]["metrics_address"]
+        wait_for(lambda: cl.metric(cl.scrape(worker_metrics), "shardserve_worker_requests_in_flight") == 0, 5,
+                 "the worker to end the requests")
+        # A client that reads is served as usual, however long it takes.
+        stub = pb_grpc.GenerationStub(grpc.insecure_channel(self.cluster.address))
+        self.assertEqual(len(stub.Generate(request, timeout=30).token_ids), 240)
 
 
 class Storm(unittest.TestCase):
