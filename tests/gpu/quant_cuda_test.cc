@@ -26,6 +26,7 @@
 #include "worker/engine/executor.h"
 #include "worker/engine/greedy.h"
 #include "kernels/kernels.h"
+#include "tests/unit/tiny_quant.h"
 #include "worker/runtime/cpu_backend.h"
 #include "worker/runtime/cuda_backend.h"
 #include "worker/runtime/synthetic_uniform.h"
@@ -224,26 +225,9 @@ class QuantCudaCheckpointTest : public ::testing::TestWithParam<std::string> {
   }
 };
 
-const std::vector<std::vector<int32_t>> kPrompts = {{5, 17, 99, 3, 64}, {
-    120, 7, 33, 33, 81, 2, 44, 90, 100, 11, 12, 13, 127, 0, 56, 78, 91, 23, 45, 67, 89, 101, 6, 8, 10}};
-
-GreedyOptions greedy(int64_t max_tokens) {
-  GreedyOptions g;
-  g.max_tokens = max_tokens;
-  g.ignore_eos = true;
-  g.return_logits = true;
-  return g;
-}
-
-double logit_error(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
-  double worst = 0.0;
-  for (size_t s = 0; s < b.size() && s < a.size(); ++s) {
-    double scale = 1.0;
-    for (float v : b[s]) scale = std::max(scale, std::fabs(double(v)));
-    for (size_t v = 0; v < b[s].size(); ++v) worst = std::max(worst, std::fabs(double(a[s][v]) - b[s][v]) / scale);
-  }
-  return worst;
-}
+using tiny_quant::greedy;
+using tiny_quant::kPrompts;
+using tiny_quant::logit_error;
 
 TEST_P(QuantCudaCheckpointTest, Float32EqualsTheCpuOracle) {
   auto gpu = load("cuda", "float32");
@@ -290,14 +274,8 @@ TEST_P(QuantCudaCheckpointTest, SixteenBitTeacherForcedWithinTolerance) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyQuant, QuantCudaCheckpointTest,
-                         ::testing::Values("awq-gemm-g32", "gptq-g32-sym-actorder", "gptq-v2-g32-asym",
-                                           "fp8-per-tensor-static", "fp8-per-channel-dynamic"),
-                         [](const auto& info) {
-                           std::string name = info.param;
-                           std::replace(name.begin(), name.end(), '-', '_');
-                           return name;
-                         });
+INSTANTIATE_TEST_SUITE_P(TinyQuant, QuantCudaCheckpointTest, ::testing::ValuesIn(tiny_quant::kCheckpoints),
+                         [](const auto& info) { return tiny_quant::test_name(info.param); });
 
 }  // namespace
 }  // namespace shardserve

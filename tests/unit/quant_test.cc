@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "tests/unit/cli_util.h"
+#include "tests/unit/tiny_quant.h"
 #include "worker/engine/executor.h"
 #include "worker/engine/greedy.h"
 #include "worker/model/checkpoint.h"
@@ -359,18 +360,10 @@ TEST(QuantizationAtLoad, MatchesTheIndependentReference) {
 // ---------------------------------------------------------------------------------------------
 // The tiny quantized checkpoints: every projection, the whole model, goldens, tensor parallelism.
 
-const std::string kCheckpoints[] = {"awq-gemm-g32", "gptq-g32-sym-actorder", "gptq-v2-g32-asym",
-                                        "fp8-per-tensor-static", "fp8-per-channel-dynamic"};
-const std::vector<std::vector<int32_t>> kPrompts = {{5, 17, 99, 3, 64}, {
-    120, 7, 33, 33, 81, 2, 44, 90, 100, 11, 12, 13, 127, 0, 56, 78, 91, 23, 45, 67, 89, 101, 6, 8, 10}};
-
-GreedyOptions greedy(int64_t max_tokens) {
-  GreedyOptions g;
-  g.max_tokens = max_tokens;
-  g.ignore_eos = true;
-  g.return_logits = true;
-  return g;
-}
+using tiny_quant::greedy;
+using tiny_quant::kCheckpoints;
+using tiny_quant::kPrompts;
+using tiny_quant::logit_error;
 
 ExecutorOptions options_for(const std::string& dir, const std::string& quantization = "") {
   ExecutorOptions o;
@@ -398,17 +391,6 @@ absl::StatusOr<std::vector<Run>> run_prompts(const std::string& dir, int tp_size
     runs.push_back({out->token_ids, out->logits});
   }
   return runs;
-}
-
-// Max |a - b| / max(1, max |b|) over all steps.
-double logit_error(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
-  double worst = 0.0;
-  for (size_t s = 0; s < b.size(); ++s) {
-    double scale = 1.0;
-    for (float v : b[s]) scale = std::max(scale, std::fabs(double(v)));
-    for (size_t v = 0; v < b[s].size(); ++v) worst = std::max(worst, std::fabs(double(a[s][v]) - b[s][v]) / scale);
-  }
-  return worst;
 }
 
 class QuantCheckpointTest : public ::testing::TestWithParam<std::string> {
@@ -511,11 +493,8 @@ TEST_P(QuantCheckpointTest, TensorParallelismWhereTheGroupsAllow) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyQuant, QuantCheckpointTest, ::testing::ValuesIn(kCheckpoints), [](const auto& info) {
-  std::string name = info.param;
-  std::replace(name.begin(), name.end(), '-', '_');
-  return name;
-});
+INSTANTIATE_TEST_SUITE_P(TinyQuant, QuantCheckpointTest, ::testing::ValuesIn(kCheckpoints),
+                         [](const auto& info) { return tiny_quant::test_name(info.param); });
 
 // ---------------------------------------------------------------------------------------------
 // Older config spellings, errors at start-up, and the command line.
