@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "worker/runtime/dtype.h"
+#include "worker/runtime/sampling_row.h"
 
 namespace shardserve::kernels {
 
@@ -96,6 +97,16 @@ cudaError_t quantize_fp8_rows(const void* x, int64_t rows, int64_t k, const floa
 // per-token x per-channel scaling.
 cudaError_t scale_fp8_output(const float* acc, const float* row_scales, const float* col_scales, int64_t rows,
                              int64_t cols, void* out, DType out_dtype, cudaStream_t stream);
+
+// Picks the next token of each of `rows` rows of FP32 logits [rows, vocab] with the CPU sampler's
+// semantics (worker/engine/sampler.h; kernels/sampling.cu says where the two can differ):
+// params[r] says how; penalties rewrite the row's logits in place (entries[params[r].penalty_begin ..
+// penalty_end), saved_raw keeps the raw values, one float per entry). Writes tokens[r]; when
+// params[r].num_logprobs >= 0 also logprobs[r] (the chosen token's, from the raw logits) and the top
+// N into top_ids / top_logprobs [rows, kMaxSampledLogprobs]. All pointers are device memory.
+cudaError_t sample_rows(float* logits, int64_t rows, int64_t vocab, const SamplingRow* params,
+                        const PenaltyEntry* entries, float* saved_raw, int32_t* tokens, float* logprobs,
+                        int32_t* top_ids, float* top_logprobs, cudaStream_t stream);
 
 // gate_up [T, 2F] -> out [T, F] = silu(gate) * up. T.
 cudaError_t silu_mul(const void* gate_up, int64_t rows, int64_t f, void* out, DType dtype, cudaStream_t stream);

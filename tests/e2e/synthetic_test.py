@@ -8,6 +8,8 @@ What it holds the path to:
   --synthetic` (same shape, same seed: the same weights) gives in-process;
 - text requests are refused with FAILED_PRECONDITION (no tokenizer), and the server stays healthy;
 - `shardserve bench` against it completes with zero errors;
+- a worker killed while serving (as a failed GPU step ends one) is started again by `serve`, and
+  the model answers again with the same tokens;
 - a cluster config that names both a checkpoint and synthetic weights is refused at start-up.
 """
 import json
@@ -106,6 +108,52 @@ class Synthetic(unittest.TestCase):
         self.assertEqual(report["errors"], 0)
         self.assertEqual(report["completed"], 12)
         self.assertEqual(report["total_output_tokens"], 12 * 8)
+
+
+def worker_children():
+    """The pids of serve's shardserve-worker children (read from /proc)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == PROC.pid and b"shardserve-worker" in cmd:
+            pids.append(int(d))
+    return pids
+
+
+class Restart(unittest.TestCase):
+    def test_serve_restarts_a_worker_that_dies(self):
+        workers = worker_children()
+        self.assertEqual(len(workers), 1, printed())
+        want = reference([[9, 8, 7]], 6)[0]
+        os.kill(workers[0], signal.SIGKILL)
+        stub = pb_grpc.GenerationStub(grpc.insecure_channel(ADDRESS))
+        deadline = time.monotonic() + 120
+        got = None
+        while time.monotonic() < deadline:
+            try:
+                got = stub.Generate(pb.GenerateRequest(model=NAME, prompt_token_ids=pb.TokenIds(ids=[9, 8, 7]),
+                                                       max_tokens=6, temperature=0, ignore_eos=True), timeout=30)
+                if "restarting the worker group" in printed():
+                    break
+            except grpc.RpcError as e:
+                self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE, e.details())
+            time.sleep(0.2)  # the new worker is loading
+        self.assertIn("restarting the worker group (1 of at most 5)", printed())
+        self.assertIsNotNone(got)
+        self.assertEqual(list(got.token_ids), want)
+        self.assertIsNone(PROC.poll())  # serve itself is still up
+        after = worker_children()
+        self.assertEqual(len(after), 1)
+        self.assertNotEqual(after, workers)
 
 
 class Config(unittest.TestCase):

@@ -385,3 +385,73 @@ INSTANTIATE_TEST_SUITE_P(TinyCheckpoints, EngineGoldenTest,
 
 }  // namespace
 }  // namespace shardserve
+
+// ---- A step that fails (StepError) -------------------------------------------------------------
+
+namespace shardserve {
+namespace {
+
+// A model of vocabulary 8 whose logits favour token (position % 8); fails the steps it is told to.
+class FlakyExecutor final : public StepExecutor {
+ public:
+  FlakyExecutor() {
+    config_.vocab_size = 8;
+    config_.max_position_embeddings = 64;
+  }
+  std::vector<float> execute(const Batch& batch) override {
+    ++steps;
+    if (fail_next) {
+      fail_next = false;
+      throw StepError("scratch arena exhausted (test)");
+    }
+    std::vector<float> logits;
+    for (const SequenceStep& s : batch.seqs) {
+      if (!s.sample) continue;
+      const int32_t pos = s.num_cached + static_cast<int32_t>(s.token_ids.size());
+      for (int v = 0; v < 8; ++v) logits.push_back(v == pos % 8 ? 5.0f : 0.0f);
+    }
+    return logits;
+  }
+  const ModelConfig& config() const override { return config_; }
+  int64_t num_blocks() const override { return 32; }
+  int64_t block_size() const override { return 4; }
+
+  bool fail_next = false;
+  int steps = 0;
+  ModelConfig config_;
+};
+
+TEST(EngineStepError, FailsThatStepsRequestsAndKeepsServing) {
+  FlakyExecutor exec;
+  Engine engine(exec, {});
+  auto request = [](const std::string& id, int prompt) {
+    Request r{id, std::vector<int32_t>(static_cast<size_t>(prompt), 1), {}};
+    r.params.temperature = 0;
+    r.params.max_tokens = 4;
+    r.params.ignore_eos = true;
+    return r;
+  };
+  ASSERT_TRUE(engine.submit(request("a", 3)).ok());
+  ASSERT_TRUE(engine.submit(request("b", 5)).ok());
+  exec.fail_next = true;
+  const std::vector<RequestOutput> failed = engine.step();
+  ASSERT_EQ(failed.size(), 2u);
+  for (const RequestOutput& o : failed) {
+    EXPECT_TRUE(o.finished);
+    EXPECT_EQ(o.finish_reason, "error");
+    EXPECT_NE(o.error.find("arena"), std::string::npos) << o.error;
+    EXPECT_TRUE(o.new_token_ids.empty());
+  }
+  EXPECT_FALSE(engine.has_unfinished());
+  EXPECT_EQ(engine.stats().num_free_blocks, engine.stats().num_blocks);  // their blocks are back
+  EXPECT_TRUE(engine.step().empty());                                   // reported once only
+  // The same ids can be submitted again, and now they run to the end.
+  auto out = run_to_completion(engine, {request("a", 3), request("b", 5)});
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ((*out)[0].new_token_ids, (std::vector<int32_t>{3, 4, 5, 6}));
+  EXPECT_EQ((*out)[1].new_token_ids, (std::vector<int32_t>{5, 6, 7, 0}));
+  EXPECT_EQ((*out)[0].finish_reason, "length");
+}
+
+}  // namespace
+}  // namespace shardserve

@@ -78,24 +78,49 @@ TEST(MemoryPlan, QuantizedWeights) {
 }
 
 TEST(MemoryPlan, ActivationArenaFollowsTheWorkersWarmup) {
-  // The 2048-token prefill step dominates. Its scratch, all aligned to 256 B:
-  //   inputs 4 x (3 x 2048 + 2 + 1 + 1 + 128 block-table entries) = 25,104 -> 25,344
+  // The worst step: the 2048-token budget over min(max_num_seqs 256, 2048) sequences that all
+  // sample, block tables 4096 / 16 = 256 wide. Its scratch, all aligned to 256 B:
+  //   inputs 4 x (3 x 2048 + 257 + 256 + 256 + 256 x 256 block-table entries) = 289,796 -> 290,048
   //   embedding out, x, h: 3 x 2048 x 8192 x 2 = 100,663,296
   //   the layers' shared workspace: 2048 x (10240 + 8192 + 57344 + 28672) x 2 = 427,819,008
-  //   last hidden row 16,384; its logits 128256 x 4 = 513,024
-  const int64_t prefill = 25344 + 100663296 + 427819008 + 16384 + 513024;
+  //   the 256 sampled rows' hidden states 256 x 8192 x 2 = 4,194,304 and logits 256 x 128256 x 4
+  const int64_t mixed = 290048 + 100663296 + 427819008 + 4194304 + int64_t{256} * 128256 * 4;
   PlanOptions o;
   o.max_model_len = 4096;
-  EXPECT_EQ(activation_arena_bytes(llama70b(), o, 132), prefill + prefill / 16 + 16 * kMiB);
+  EXPECT_EQ(activation_arena_bytes(llama70b(), o, 132), mixed + mixed / 16 + 16 * kMiB);
+  // The old warm-up's two shapes (the prefill sampling one row, the decode of 256 one-token
+  // sequences) each need far less: a step mixing them is what exhausted its arena.
+  EXPECT_GT(mixed, 290048 + 100663296 + 427819008 + 16384 + 513024 + 32 * kMiB);
 
-  // A decode step of 16 sequences splits attention in 2 (2 x 132 SMs / (16 x 8 KV heads)): its
-  // FP32 partials, 16 x 64 x 2 x 130 x 4 B, are allocated in each of the 80 layers.
+  // Decode only (a 1-token budget): the graph buckets 1, 2, 4, 8, 16 decide. At 16 sequences
+  // attention splits in 2 (2 x 132 SMs / (16 x 8 KV heads)); its FP32 partials, 16 x 64 x 2 x 130
+  // x 4 B, are released after each layer's attention, so they count once.
   o.max_num_batched_tokens = 1;
   o.max_num_seqs = 16;
-  //   inputs 4 x (3 x 16 + 17 + 16 + 16 + 16) = 452 -> 512 aligned; every other term is a multiple of 256.
-  const int64_t decode = 512 + 3 * 16 * 8192 * 2 + 16 * (10240 + 8192 + 57344 + 28672) * 2 +
-                         80 * (16 * 64 * 2 * 130 * 4) + 16 * 8192 * 2 + 16 * 128256 * 4;
+  const WarmupShapes w = warmup_shapes(1, 16, 4096, 16);
+  EXPECT_EQ(w.decode_buckets, (std::vector<int64_t>{1, 2, 4, 8, 16}));
+  EXPECT_EQ(w.mixed_seqs, 1);
+  //   inputs 4 x (3 x 16 + 17 + 16 + 16 + 16 x 256) = 16,772 -> 16,896 aligned; every other term
+  //   is a multiple of 256.
+  const int64_t decode = 16896 + 3 * 16 * 8192 * 2 + 16 * (10240 + 8192 + 57344 + 28672) * 2 +
+                         16 * 64 * 2 * 130 * 4 + 16 * 8192 * 2 + 16 * 128256 * 4;
   EXPECT_EQ(activation_arena_bytes(llama70b(), o, 132), decode + decode / 16 + 16 * kMiB);
+}
+
+TEST(MemoryPlan, WarmupShapesCoverTheSchedulersLimits) {
+  const WarmupShapes w = warmup_shapes(2048, 300, 8192, 16);
+  EXPECT_EQ(w.mixed_tokens, 2048);
+  EXPECT_EQ(w.mixed_seqs, 300);  // more sequences than graph buckets: the mixed step has them all
+  EXPECT_EQ(w.width, 512);
+  ASSERT_FALSE(w.decode_buckets.empty());
+  EXPECT_EQ(w.decode_buckets.back(), 256);
+  EXPECT_EQ(w.num_blocks, (2048 - 299 + 15) / 16);
+  // A budget past max_model_len is cut to it; buckets round the largest batch up.
+  const WarmupShapes small = warmup_shapes(4096, 20, 1000, 16);
+  EXPECT_EQ(small.mixed_tokens, 1000);
+  EXPECT_EQ(small.decode_buckets, (std::vector<int64_t>{1, 2, 4, 8, 16, 32}));
+  EXPECT_EQ(decode_graph_bucket(17), 32);
+  EXPECT_EQ(decode_graph_bucket(5), 8);
 }
 
 // The guide's layouts, as the planner sees them (docs/deploy.md has the full table).

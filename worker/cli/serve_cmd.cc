@@ -44,6 +44,7 @@ struct ServeArgs {
   int64_t max_num_seqs = 0;
   double shutdown_timeout = 30;
   double start_timeout = 600;
+  int max_worker_restarts = 5;
 };
 
 struct Child {
@@ -189,12 +190,13 @@ int run_serve(const ServeArgs& args) {
                    "--shutdown-timeout", shutdown});
   // CPU ranks are threads of one process; GPU ranks are one process each.
   const int processes = args.backend == "cpu" ? 1 : args.tp_size;
-  for (int rank = 0; ok && rank < processes; ++rank) {
-    ok = start(absl::StrCat("shardserve-worker rank ", rank),
-               {(bin / "shardserve-worker").string(), "--coordinator", coordinator, "--group", "main", "--rank",
-                std::to_string(rank), "--metrics-port", args.metrics_port >= 0 ? "0" : "-1", "--shutdown-timeout",
-                shutdown});
-  }
+  auto start_worker = [&](int rank) {
+    return start(absl::StrCat("shardserve-worker rank ", rank),
+                 {(bin / "shardserve-worker").string(), "--coordinator", coordinator, "--group", "main", "--rank",
+                  std::to_string(rank), "--metrics-port", args.metrics_port >= 0 ? "0" : "-1", "--shutdown-timeout",
+                  shutdown});
+  };
+  for (int rank = 0; ok && rank < processes; ++rank) ok = start_worker(rank);
 
   int exit_code = 0;
   bool stopping = !ok;
@@ -228,12 +230,38 @@ int run_serve(const ServeArgs& args) {
     }
     std::cout << std::flush;
   }
+  // A worker that exits while serving (a failed GPU step ends the process: its device state is
+  // gone) is started again, as Kubernetes restarts its pod; the coordinator routes to the group
+  // again once it has reloaded. A GPU group restarts whole (its ranks share collectives). The
+  // coordinator exiting, or more than --max-worker-restarts restarts, stops everything.
+  int restarts = 0;
   while (!stopping) {
     int status = 0;
     if (const Child* c = exited_child(children, &status)) {
-      std::cerr << "error: " << c->name << " exited (status " << status << "); stopping\n";
-      exit_code = 1;
-      break;
+      const bool worker = c->name.rfind("shardserve-worker", 0) == 0;
+      if (!worker || restarts >= args.max_worker_restarts) {
+        std::cerr << "error: " << c->name << " exited (status " << status << ")"
+                  << (worker ? absl::StrCat(" after ", restarts, " restarts") : "") << "; stopping\n";
+        exit_code = 1;
+        break;
+      }
+      ++restarts;
+      std::cerr << "shardserve: " << c->name << " exited (status " << status << "); restarting the worker group ("
+                << restarts << " of at most " << args.max_worker_restarts << ")\n";
+      std::vector<Child> workers;
+      for (Child& other : children) {
+        if (other.pid > 0 && other.name.rfind("shardserve-worker", 0) == 0) workers.push_back(other), other.pid = -1;
+      }
+      stop_all(workers, args.shutdown_timeout);
+      std::erase_if(children, [](const Child& ch) { return ch.pid <= 0; });
+      for (int rank = 0; rank < processes; ++rank) {
+        if (!start_worker(rank)) {
+          exit_code = 1;
+          stopping = true;
+          break;
+        }
+      }
+      continue;
     }
     if (got_signal(std::chrono::milliseconds(200))) break;
   }
@@ -254,6 +282,9 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--synthetic", args->synthetic,
                   "Serve random weights of this shape instead of a checkpoint: a preset (llama-3.1-8b, "
                   "llama-3.1-70b, llama-3.2-1b) or a config.json; token ids in and out (for benchmarks)");
+  cmd->add_option("--max-worker-restarts", args->max_worker_restarts,
+                  "Times a worker group that exits while serving is started again before serve stops")
+      ->capture_default_str();
   cmd->add_option("--served-model-name", args->served_model_name, "The model's name in requests (default: the folder's)");
   cmd->add_option("--tp-size", args->tp_size, "Tensor-parallel ranks")->capture_default_str();
   cmd->add_option("--backend", args->backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();

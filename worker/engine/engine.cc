@@ -1,6 +1,7 @@
 #include "worker/engine/engine.h"
 
 #include "absl/strings/str_cat.h"
+#include "worker/runtime/backend.h"  // StepError
 
 namespace shardserve {
 
@@ -80,16 +81,29 @@ std::vector<RequestOutput> Engine::step() {
     step.sample = s.sample;
     batch.seqs.push_back(std::move(step));
   }
-  const std::vector<float> logits = runner_.execute(batch);
-
-  const int64_t vocab = runner_.vocab_size();
-  std::vector<int32_t> sampled;
-  std::vector<SampleResult> results;
+  std::vector<const Sequence*> sampling;
   for (const ScheduledSequence& s : scheduled) {
-    if (!s.sample) continue;
-    results.push_back(sample(*s.seq, logits.data() + static_cast<int64_t>(sampled.size()) * vocab, vocab));
-    sampled.push_back(results.back().token_id);
+    if (s.sample) sampling.push_back(s.seq);
   }
+  std::vector<SampleResult> results;
+  try {
+    results = runner_.execute_and_sample(batch, sampling);
+  } catch (const StepError& e) {
+    // Nothing of this step is kept: its sequences end here, their blocks freed.
+    for (const ScheduledSequence& s : scheduled) {
+      Sequence* seq = s.seq;
+      scheduler_.abort(seq);
+      seq->finish_reason = "error";
+      RequestOutput o = output_of(*seq);
+      o.error = e.what();
+      outputs.push_back(std::move(o));
+      sequences_.erase(seq->request_id);  // reported here, once: not through aborted_
+    }
+    return outputs;
+  }
+  std::vector<int32_t> sampled;
+  sampled.reserve(results.size());
+  for (const SampleResult& r : results) sampled.push_back(r.token_id);
   const std::vector<Sequence*> finished = scheduler_.update(scheduled, sampled, config_.eos_token_ids, max_model_len_);
 
   size_t r = 0;
@@ -132,6 +146,7 @@ absl::StatusOr<std::vector<RequestOutput>> run_to_completion(Engine& engine, std
       for (auto& lp : o.new_logprobs) acc.new_logprobs.push_back(std::move(lp));
       acc.finished = o.finished;
       acc.finish_reason = o.finish_reason;
+      acc.error = o.error;
       acc.num_prompt_tokens = o.num_prompt_tokens;
       acc.num_output_tokens = o.num_output_tokens;
       acc.num_cached_prompt_tokens = o.num_cached_prompt_tokens;

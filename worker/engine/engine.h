@@ -40,7 +40,8 @@ struct RequestOutput {
   std::vector<int32_t> new_token_ids;
   std::vector<TokenLogprobs> new_logprobs;
   bool finished = false;
-  std::string finish_reason;  // when finished: "stop", "length" or "abort"
+  std::string finish_reason;  // when finished: "stop", "length", "abort" or "error"
+  std::string error;          // finish_reason "error": why the step that ran this request failed
   int64_t num_prompt_tokens = 0;
   int64_t num_output_tokens = 0;
   int64_t num_cached_prompt_tokens = 0;
@@ -66,7 +67,9 @@ class Engine {
   // Ends a request now, freeing its blocks; its last output (finish_reason "abort") comes from the
   // next step(). NOT_FOUND for an unknown or finished request.
   absl::Status abort(const std::string& request_id);
-  // Runs one step; returns the outputs of every request that produced something or ended.
+  // Runs one step; returns the outputs of every request that produced something or ended. A step
+  // the executor could not run (StepError) ends the requests it held with finish_reason "error"
+  // and leaves the engine serving; any other exception from the executor propagates.
   std::vector<RequestOutput> step();
   bool has_unfinished() const { return !sequences_.empty(); }
   EngineStats stats() const;

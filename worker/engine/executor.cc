@@ -19,6 +19,10 @@ class LocalExecutor final : public StepExecutor {
     rank.backend->bind_thread();  // the engine may step on another thread than the one that loaded
     return rank.runner->execute(batch);
   }
+  std::vector<SampleResult> execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled) override {
+    rank.backend->bind_thread();
+    return rank.runner->execute_and_sample(batch, sampled);
+  }
   const ModelConfig& config() const override { return rank.model->config(); }
   int64_t num_blocks() const override { return rank.runner->num_blocks(); }
   int64_t block_size() const override { return rank.runner->block_size(); }
@@ -29,6 +33,18 @@ class LocalExecutor final : public StepExecutor {
 };
 
 }  // namespace
+
+std::vector<SampleResult> StepExecutor::execute_and_sample(const Batch& batch,
+                                                           const std::vector<const Sequence*>& sampled) {
+  const std::vector<float> logits = execute(batch);
+  const int64_t vocab = vocab_size();
+  std::vector<SampleResult> results;
+  results.reserve(sampled.size());
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    results.push_back(sample(*sampled[i], logits.data() + static_cast<int64_t>(i) * vocab, vocab));
+  }
+  return results;
+}
 
 absl::StatusOr<LoadedModel> describe_model(const ExecutorOptions& options) {
   LoadedModel loaded;

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "worker/engine/batch.h"
+#include "worker/engine/sampler.h"
 #include "worker/model/config.h"
 
 namespace shardserve {
@@ -22,6 +23,11 @@ class StepExecutor {
   virtual ~StepExecutor() = default;
   // Logits [num sampled sequences * vocab_size], FP32, in batch order.
   virtual std::vector<float> execute(const Batch& batch) = 0;
+  // Runs the batch and picks the next token of every sequence whose step samples: sampled[i] is
+  // the i-th of them in batch order (its parameters, seed and tokens). Results in the same order.
+  // What the engine calls: a GPU rank samples on the device, so only token ids (and the asked-for
+  // logprobs) leave it. Default: execute() and the CPU sampler.
+  virtual std::vector<SampleResult> execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled);
   virtual const ModelConfig& config() const = 0;
   virtual int64_t num_blocks() const = 0;
   virtual int64_t block_size() const = 0;

@@ -1,21 +1,11 @@
 #include "worker/engine/model_runner.h"
 
 #include <algorithm>
+#include <climits>
 #include <stdexcept>
+#include <unordered_map>
 
 namespace shardserve {
-namespace {
-
-int64_t graph_bucket(int64_t n) {
-  if (n <= 8) {
-    int64_t b = 1;
-    while (b < n) b *= 2;
-    return b;
-  }
-  return (n + 15) / 16 * 16;
-}
-
-}  // namespace
 
 ModelRunner::ModelRunner(LlamaModel& model, Backend& backend, int64_t num_blocks, int64_t block_size,
                          int64_t max_model_len, bool use_graphs)
@@ -28,7 +18,7 @@ ModelRunner::ModelRunner(LlamaModel& model, Backend& backend, int64_t num_blocks
       use_graphs_(use_graphs),
       kv_cache_(model.allocate_kv_cache(num_blocks, block_size)) {}
 
-std::vector<float> ModelRunner::execute(const Batch& batch) {
+Tensor ModelRunner::run(const Batch& batch, int64_t& num_sampled_out) {
   const auto num_seqs = static_cast<int64_t>(batch.seqs.size());
   bool decode_only = use_graphs_ && backend_.supports_graphs() && num_seqs > 0 && num_seqs <= kMaxGraphBatch;
   int64_t max_blocks = 1;
@@ -37,7 +27,7 @@ std::vector<float> ModelRunner::execute(const Batch& batch) {
     decode_only = decode_only && s.token_ids.size() == 1 && s.sample;
   }
   // A graph's shapes are fixed: pad the batch to its bucket and the block tables to full width.
-  const int64_t rows = decode_only ? graph_bucket(num_seqs) : num_seqs;
+  const int64_t rows = decode_only ? decode_graph_bucket(num_seqs) : num_seqs;
   const int64_t width = decode_only ? (max_model_len_ + block_size_ - 1) / block_size_ : max_blocks;
   if (max_blocks > width) throw std::logic_error("ModelRunner: block table longer than max_model_len allows");
 
@@ -121,8 +111,59 @@ std::vector<float> ModelRunner::execute(const Batch& batch) {
   } else {
     logits = model_.forward(in, kv_cache_);
   }
+  num_sampled_out = num_sampled;
+  return logits;
+}
+
+std::vector<float> ModelRunner::execute(const Batch& batch) {
+  int64_t num_sampled = 0;
+  const Tensor logits = run(batch, num_sampled);
   if (num_sampled == 0) return {};
   return backend_.download_f32(logits.rows(0, num_sampled));
+}
+
+void ModelRunner::execute_only(const Batch& batch) {
+  int64_t num_sampled = 0;
+  run(batch, num_sampled);
+}
+
+
+std::vector<SampleResult> ModelRunner::execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled) {
+  int64_t num_sampled = 0;
+  Tensor logits = run(batch, num_sampled);
+  if (num_sampled != static_cast<int64_t>(sampled.size())) {
+    throw std::logic_error("ModelRunner: the batch samples a different number of sequences than it was given");
+  }
+  std::vector<SampleResult> results(sampled.size());
+  if (num_sampled == 0) return results;
+  const int64_t vocab = model_.config().vocab_size;
+  if (!backend_.supports_sampling()) {
+    const std::vector<float> host = backend_.download_f32(logits.rows(0, num_sampled));
+    for (size_t i = 0; i < sampled.size(); ++i) {
+      results[i] = sample(*sampled[i], host.data() + static_cast<int64_t>(i) * vocab, vocab);
+    }
+    return results;
+  }
+  std::vector<SamplingRow> rows;
+  std::vector<PenaltyEntry> entries;
+  rows.reserve(sampled.size());
+  for (const Sequence* seq : sampled) rows.push_back(device_sampling_row(*seq, entries));
+  Tensor view = logits.rows(0, num_sampled).reshaped({num_sampled, vocab});
+  SampledRows out;
+  backend_.sample(view, rows, entries, out);
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    results[i].token_id = out.token_ids[i];
+    const int32_t n = rows[i].num_logprobs;
+    if (n < 0) continue;
+    TokenLogprobs& lp = results[i].logprobs;
+    lp.token_id = out.token_ids[i];
+    lp.logprob = out.logprobs[i];
+    for (int32_t j = 0; j < n; ++j) {
+      const size_t k = i * kMaxSampledLogprobs + static_cast<size_t>(j);
+      lp.top.emplace_back(out.top_ids[k], out.top_logprobs[k]);
+    }
+  }
+  return results;
 }
 
 }  // namespace shardserve

@@ -3,6 +3,9 @@
 // It packs the step inputs (token ids, positions, slot mapping, block tables, query start
 // locations, logits rows) into one host buffer, copies it to the device in one transfer, runs the
 // model, and returns the sampled rows' logits on the host.
+// Sampling: execute_and_sample() picks each sampled sequence's token on the backend that holds the
+// logits (the GPU sampler of kernels/sampling.cu), so a decode step copies back a few bytes per
+// sequence instead of its FP32 logits (66 MB at batch 128 with a 128k vocabulary).
 // Decode-only steps of up to kMaxGraphBatch sequences are padded to a batch-size bucket (1, 2, 4,
 // 8, 16, then multiples of 16) with a fixed block-table width, so each bucket's step is one
 // captured CUDA graph replayed with new inputs (on backends that support graphs): at batch 1 the
@@ -20,12 +23,13 @@
 #include "worker/engine/batch.h"
 #include "worker/engine/executor.h"
 #include "worker/model/llama.h"
+#include "worker/model/memory_plan.h"
 
 namespace shardserve {
 
 class ModelRunner final : public StepExecutor {
  public:
-  static constexpr int64_t kMaxGraphBatch = 256;
+  static constexpr int64_t kMaxGraphBatch = shardserve::kMaxGraphBatch;
 
   // max_model_len (0: the model's) bounds positions and sets the graphs' block-table width.
   ModelRunner(LlamaModel& model, Backend& backend, int64_t num_blocks, int64_t block_size,
@@ -33,6 +37,11 @@ class ModelRunner final : public StepExecutor {
 
   // Logits [num sampled sequences * vocab_size], FP32, in batch order.
   std::vector<float> execute(const Batch& batch) override;
+  // The step, then sampling on the backend where it can (only ids and asked-for logprobs are
+  // copied back), else on the host from the downloaded logits.
+  std::vector<SampleResult> execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled) override;
+  // The step alone, its logits left on the device (a tensor-parallel follower's step).
+  void execute_only(const Batch& batch);
 
   int64_t num_blocks() const override { return num_blocks_; }
   int64_t block_size() const override { return block_size_; }
@@ -45,6 +54,9 @@ class ModelRunner final : public StepExecutor {
     std::shared_ptr<void> graph;   // then captured once, replayed from then on
     Tensor logits;                 // where the captured step leaves its logits
   };
+
+  // Runs the step; the logits of the first `num_sampled` rows of the result are the sampled ones.
+  Tensor run(const Batch& batch, int64_t& num_sampled);
 
   LlamaModel& model_;
   Backend& backend_;

@@ -72,7 +72,8 @@ class GroupLeader final : public StepExecutor {
     rank_.owned_comm.reset();
     followers_.clear();  // closing the connections ends the followers
   }
-  std::vector<float> execute(const Batch& batch) override {
+  template <typename Fn>
+  auto lead(const Batch& batch, Fn&& fn) {
     const std::string message = pack(batch);
     for (size_t i = 0; i < followers_.size(); ++i) {
       if (auto st = followers_[i]->send(message); !st.ok()) {
@@ -82,11 +83,17 @@ class GroupLeader final : public StepExecutor {
     }
     rank_.backend->bind_thread();
     try {
-      return rank_.runner->execute(batch);
+      return fn(*rank_.runner);
     } catch (const std::exception& e) {
       rank_.comm->abort(absl::StrCat("rank 0: ", e.what()));
       throw;
     }
+  }
+  std::vector<float> execute(const Batch& batch) override {
+    return lead(batch, [&](ModelRunner& runner) { return runner.execute(batch); });
+  }
+  std::vector<SampleResult> execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled) override {
+    return lead(batch, [&](ModelRunner& runner) { return runner.execute_and_sample(batch, sampled); });
   }
   const ModelConfig& config() const override { return rank_.model->config(); }
   int64_t num_blocks() const override { return rank_.runner->num_blocks(); }
@@ -232,7 +239,7 @@ absl::Status run_group_follower(const ExecutorOptions& options, const GroupOptio
         status = batch.status();
         break;
       }
-      rank.runner->execute(*batch);
+      rank.runner->execute_only(*batch);
     }
   } catch (const std::exception& e) {
     status = absl::UnavailableError(absl::StrCat("rank ", group.rank, ": ", e.what()));

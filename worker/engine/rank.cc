@@ -36,32 +36,58 @@ int64_t model_len(const ExecutorOptions& o, const ModelConfig& config) {
                              : config.max_position_embeddings;
 }
 
+}  // namespace
+
+void warm_up_worst_steps(LlamaModel& model, Backend& backend, const ExecutorOptions& o) {
+  const int64_t bs = o.block_size;
+  const int64_t max_len = model_len(o, model.config());
+  // The worst steps the scheduler can emit (measure mode: every scratch allocation is counted):
+  // the token budget spent by max_num_seqs sequences that all sample (one prefill chunk and
+  // single decode tokens), block tables at their widest; and every decode bucket the CUDA
+  // graphs replay (padded rows, the full block-table width, split attention). Every term of a
+  // step's scratch grows with its tokens, rows and table width, except the split-attention
+  // partials of small decode steps, which the buckets cover (worker/model/memory_plan.cc).
+  const WarmupShapes shapes = warmup_shapes(o.max_num_batched_tokens, o.max_num_seqs, max_len, bs);
+  ModelRunner warmup(model, backend, shapes.num_blocks, bs, max_len, /*use_graphs=*/false);
+  std::vector<Sequence> seqs(static_cast<size_t>(shapes.mixed_seqs));
+  std::vector<const Sequence*> sampled;
+  Batch mixed;
+  for (int64_t i = 0; i < shapes.mixed_seqs; ++i) {
+    const int64_t len = i == 0 ? shapes.mixed_tokens - (shapes.mixed_seqs - 1) : 1;
+    SequenceStep step{std::vector<int32_t>(static_cast<size_t>(len), 1), 0, {}, true};
+    for (int64_t b = 0; b < shapes.width; ++b) step.block_table.push_back(static_cast<int32_t>(b % shapes.num_blocks));
+    mixed.seqs.push_back(std::move(step));
+    Sequence& seq = seqs[static_cast<size_t>(i)];
+    seq.tokens = {1};
+    seq.num_prompt_tokens = 1;
+    seq.params.temperature = 0.0;
+    sampled.push_back(&seq);
+  }
+  warmup.execute_and_sample(mixed, sampled);
+  for (int64_t rows : shapes.decode_buckets) {
+    Batch decode;
+    for (int64_t i = 0; i < rows; ++i) {
+      decode.seqs.push_back({{1}, 0, std::vector<int32_t>(static_cast<size_t>(shapes.width), 0), true});
+    }
+    warmup.execute_only(decode);
+  }
+  backend.begin_step();
+}
+
+namespace {
+
 #ifdef SHARDSERVE_WITH_CUDA
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 // The memory plan: weights (as loaded) + activation peak (measured by warm-up steps at the
-// largest prefill and the largest decode batch) + KV cache = gpu_memory_utilization x total.
+// largest steps the scheduler can emit) + KV cache = gpu_memory_utilization x total.
 // Returns the KV blocks this GPU can hold; prints the plan beside the planner's prediction.
 absl::StatusOr<int64_t> plan_cuda_memory(Rank& rank, CudaBackend& gpu, const ExecutorOptions& o) {
   const ModelConfig& config = rank.model->config();
   const int64_t bs = o.block_size;
   const int64_t max_len = model_len(o, config);
   const size_t weight_bytes = gpu.persistent_bytes();
-  {
-    const int64_t prefill = std::min(o.max_num_batched_tokens, max_len);
-    const int64_t seqs = std::max<int64_t>(1, std::min(o.max_num_seqs, ModelRunner::kMaxGraphBatch));
-    const int64_t blocks = std::max((prefill + bs - 1) / bs, seqs);
-    ModelRunner warmup(*rank.model, gpu, blocks, bs, max_len, /*use_graphs=*/false);
-    Batch big;
-    SequenceStep step{std::vector<int32_t>(static_cast<size_t>(prefill), 1), 0, {}, true};
-    for (int64_t b = 0; b < (prefill + bs - 1) / bs; ++b) step.block_table.push_back(static_cast<int32_t>(b));
-    big.seqs.push_back(step);
-    warmup.execute(big);
-    Batch decode;
-    for (int64_t i = 0; i < seqs; ++i) decode.seqs.push_back({{1}, 0, {static_cast<int32_t>(i)}, true});
-    warmup.execute(decode);
-    gpu.begin_step();
-  }
+  warm_up_worst_steps(*rank.model, gpu, o);
   const size_t arena = gpu.scratch_peak_bytes() + gpu.scratch_peak_bytes() / 16 + (size_t{16} << 20);
   gpu.reserve_scratch(arena);
 
@@ -93,7 +119,7 @@ absl::StatusOr<int64_t> plan_cuda_memory(Rank& rank, CudaBackend& gpu, const Exe
   std::fprintf(stderr,
                "memory plan of rank %d/%d on %s (%.1f GiB, gpu_memory_utilization %.2f):  predicted     measured\n"
                "  weights                %8.2f GiB  %8.2f GiB\n"
-               "  activations (arena)    %8.2f GiB  %8.2f GiB  (warm-up at %lld batched tokens, %lld sequences)\n"
+               "  activations (arena)    %8.2f GiB  %8.2f GiB  (worst step: %lld batched tokens, %lld sequences)\n"
                "  other (CUDA context)   %8.2f GiB  %8.2f GiB\n"
                "  KV cache               %8.2f GiB  %8.2f GiB  %lld blocks of %lld tokens, %lld bytes/token\n"
                "  KV tokens              %12lld  %12lld\n"

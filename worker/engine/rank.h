@@ -48,4 +48,9 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const ExecutorOptions& opt
 absl::Status build_rank(Rank& rank, const ModelConfig& config, const ExecutorOptions& options,
                         const Checkpoint* checkpoint, const AgreeBlocks& agree);
 
+// Runs the largest steps the scheduler can emit under options' limits (max_num_batched_tokens,
+// max_num_seqs, max_model_len) on a throw-away runner: a CUDA backend in measure mode then knows
+// the activation arena that no step can exhaust (worker/model/memory_plan.h WarmupShapes).
+void warm_up_worst_steps(LlamaModel& model, Backend& backend, const ExecutorOptions& options);
+
 }  // namespace shardserve

@@ -7,14 +7,6 @@
 
 namespace shardserve {
 
-double counter_uniform(uint64_t seed, uint64_t counter) {
-  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (counter + 1);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return static_cast<double>(z >> 11) * 0x1.0p-53;
-}
-
 namespace {
 
 TokenLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top_n) {
@@ -106,5 +98,37 @@ SampleResult sample(const Sequence& seq, const float* raw, int64_t vocab) {
   if (p.logprobs >= 0) result.logprobs = logprobs_of(raw, vocab, chosen, p.logprobs);
   return result;
 }
+
+// The device sampler's row for a sequence, and its penalty entries: every distinct token of the
+// sequence with its count in the output (only the output's tokens when repetition_penalty is off,
+// since presence/frequency touch only those).
+SamplingRow device_sampling_row(const Sequence& seq, std::vector<PenaltyEntry>& entries) {
+  const SamplingParams& p = seq.params;
+  SamplingRow r;
+  r.temperature = p.temperature;
+  r.top_p = p.top_p;
+  r.min_p = p.min_p;
+  r.repetition_penalty = p.repetition_penalty;
+  r.presence_penalty = p.presence_penalty;
+  r.frequency_penalty = p.frequency_penalty;
+  r.seed = seq.seed;
+  r.counter = static_cast<uint64_t>(seq.num_output_tokens());
+  r.top_k = p.top_k > 0 ? static_cast<int32_t>(std::min<int64_t>(p.top_k, INT32_MAX)) : 0;
+  r.num_logprobs = static_cast<int32_t>(std::min<int64_t>(p.logprobs, kMaxSampledLogprobs));
+  r.penalty_begin = r.penalty_end = static_cast<int32_t>(entries.size());
+  if (p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0) {
+    std::unordered_map<int32_t, size_t> index;
+    const int64_t from = p.repetition_penalty != 1.0 ? 0 : seq.num_prompt_tokens;
+    for (int64_t i = from; i < seq.size(); ++i) {
+      const int32_t t = seq.tokens[static_cast<size_t>(i)];
+      auto [it, added] = index.try_emplace(t, entries.size());
+      if (added) entries.push_back({t, 0});
+      if (i >= seq.num_prompt_tokens) ++entries[it->second].output_count;
+    }
+    r.penalty_end = static_cast<int32_t>(entries.size());
+  }
+  return r;
+}
+
 
 }  // namespace shardserve

@@ -11,11 +11,9 @@
 #include <vector>
 
 #include "worker/engine/sequence.h"
+#include "worker/runtime/sampling_row.h"  // counter_uniform: one definition for the CPU and the GPU
 
 namespace shardserve {
-
-// Uniform in [0, 1) from (seed, counter), splitmix64-based.
-double counter_uniform(uint64_t seed, uint64_t counter);
 
 struct SampleResult {
   int32_t token_id = 0;
@@ -24,5 +22,9 @@ struct SampleResult {
 
 // `logits` is the model's raw output for seq's next position (vocab_size values).
 SampleResult sample(const Sequence& seq, const float* logits, int64_t vocab_size);
+
+// The same sampling as a device sampler's input (kernels/sampling.cu): the row's parameters, and the
+// sequence's penalty entries appended to `entries` (none when no penalty is on).
+SamplingRow device_sampling_row(const Sequence& seq, std::vector<PenaltyEntry>& entries);
 
 }  // namespace shardserve

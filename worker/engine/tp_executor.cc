@@ -143,16 +143,25 @@ void TpExecutor::abort(const std::string& reason) {
 
 bool TpExecutor::broken() const { return broken_; }
 
-std::vector<float> TpExecutor::execute(const Batch& batch) {
+template <typename Fn>
+auto TpExecutor::lead(const Batch& batch, Fn&& fn) {
   publish(pack(batch));
   Rank& rank = *ranks_[0];
   try {
     rank.backend->bind_thread();
-    return rank.runner->execute(batch);
+    return fn(*rank.runner);
   } catch (const std::exception& e) {
     abort(absl::StrCat("rank 0: ", e.what()));
     throw;
   }
+}
+
+std::vector<float> TpExecutor::execute(const Batch& batch) {
+  return lead(batch, [&](ModelRunner& runner) { return runner.execute(batch); });
+}
+
+std::vector<SampleResult> TpExecutor::execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled) {
+  return lead(batch, [&](ModelRunner& runner) { return runner.execute_and_sample(batch, sampled); });
 }
 
 // current step taken by every follower -> step_ + 1 published, taken by none.
@@ -191,7 +200,7 @@ void TpExecutor::follow(int r) {
     try {
       auto batch = unpack(message);
       if (!batch.ok()) throw std::runtime_error(std::string(batch.status().message()));
-      rank.runner->execute(*batch);
+      rank.runner->execute_only(*batch);
     } catch (const std::exception& e) {
       abort(absl::StrCat("rank ", r, ": ", e.what()));
       return;

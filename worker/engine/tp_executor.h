@@ -46,6 +46,7 @@ class TpExecutor final : public StepExecutor {
   ~TpExecutor() override;
 
   std::vector<float> execute(const Batch& batch) override;
+  std::vector<SampleResult> execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled) override;
   const ModelConfig& config() const override { return ranks_[0]->model->config(); }
   int64_t num_blocks() const override { return ranks_[0]->runner->num_blocks(); }
   int64_t block_size() const override { return ranks_[0]->runner->block_size(); }
@@ -56,6 +57,9 @@ class TpExecutor final : public StepExecutor {
   // Builds rank r (on its own thread); followers then loop in follow().
   void run_rank(int r, const ModelConfig& config, const ExecutorOptions& options);
   void publish(std::string message);
+  // Publishes the batch and runs rank 0's share of it through fn(runner).
+  template <typename Fn>
+  auto lead(const Batch& batch, Fn&& fn);
   void follow(int rank);
   // ok -> broken: every rank blocked in a collective, a setup barrier or publish() stops.
   void abort(const std::string& reason);

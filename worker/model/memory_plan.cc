@@ -110,7 +110,7 @@ WeightBytes weight_bytes(const ModelConfig& c, const RankShape& s, const PlanOpt
 //   embedding output, x, h: 3 x T x hidden
 //   the layers' shared workspace, once: qkv T x qkv_rows, attention out T x q_heads x head_dim,
 //           gate/up T x 2 ffn, silu-mul T x ffn
-//   per layer, decode only: split-attention partials (they are not shared, so they grow with depth)
+//   decode only: split-attention partials (released after each layer's attention: counted once)
 //   logits: last hidden rows S x hidden, LM head S x vocab_local x FP32, and for tp > 1 the
 //           gathered tp x S x vocab_local and joined S x vocab FP32 logits.
 // Llama-3.1-70B, tp 1, BF16, T = 2048 prefill tokens: the workspace is 2048 x (10240 + 8192 +
@@ -124,9 +124,10 @@ int64_t step_scratch_bytes(const RankShape& s, int64_t act, int64_t tokens, int6
        aligned(tokens * 2 * s.ffn * act) + aligned(tokens * s.ffn * act);
   if (decode) {
     // cuda_backend.cc: splits = clamp(2 x SMs / (tokens x KV heads), 1, 32); partials FP32
-    // tokens x q_heads x splits x (head_dim + 2) (kernels/attention.cu attention_workspace_bytes).
+    // tokens x q_heads x splits x (head_dim + 2) (kernels/attention.cu attention_workspace_bytes),
+    // released after each layer's attention, so counted once.
     const int64_t splits = std::clamp<int64_t>(2 * num_sms / std::max<int64_t>(tokens * s.kv_heads, 1), 1, 32);
-    if (splits > 1) b += s.layers * aligned(4 * tokens * s.q_heads * splits * (s.head_dim + 2));
+    if (splits > 1) b += aligned(4 * tokens * s.q_heads * splits * (s.head_dim + 2));
   }
   b += aligned(sampled * s.hidden * act);
   b += aligned(sampled * s.vocab_local * 4);
@@ -186,19 +187,39 @@ int64_t kv_bytes_per_token(const ModelConfig& config, int tp_size, DType kv_dtyp
   return 2 * s.layers * s.kv_heads * s.head_dim * static_cast<int64_t>(dtype_size(kv_dtype));
 }
 
+int64_t decode_graph_bucket(int64_t n) {
+  if (n <= 8) {
+    int64_t b = 1;
+    while (b < n) b *= 2;
+    return b;
+  }
+  return (n + 15) / 16 * 16;
+}
+
+WarmupShapes warmup_shapes(int64_t max_num_batched_tokens, int64_t max_num_seqs, int64_t max_model_len,
+                           int64_t block_size) {
+  WarmupShapes w;
+  w.mixed_tokens = std::max<int64_t>(1, std::min(max_num_batched_tokens, max_model_len));
+  w.mixed_seqs = std::max<int64_t>(1, std::min(max_num_seqs, w.mixed_tokens));
+  w.width = ceil_div(max_model_len, block_size);
+  const int64_t largest = decode_graph_bucket(std::max<int64_t>(1, std::min(max_num_seqs, kMaxGraphBatch)));
+  for (int64_t b = 1; b <= largest; b = decode_graph_bucket(b + 1)) w.decode_buckets.push_back(b);
+  w.num_blocks = std::max<int64_t>(1, ceil_div(w.mixed_tokens - (w.mixed_seqs - 1), block_size));
+  return w;
+}
+
 int64_t activation_arena_bytes(const ModelConfig& config, const PlanOptions& o, int num_sms) {
   const RankShape s = rank_shape(config, o.tp_size);
   const auto act = static_cast<int64_t>(dtype_size(o.activation_dtype));
   const int64_t max_len =
       o.max_model_len > 0 ? std::min(o.max_model_len, config.max_position_embeddings) : config.max_position_embeddings;
-  // The worker's warm-up (executor.cc plan_and_build_cuda): one prefill of min(batched tokens,
-  // max_model_len) tokens sampling one row, and one decode step of min(max_num_seqs, 256)
-  // sequences, each one token in one block; without CUDA graphs, so no padding.
-  const int64_t prefill = std::min(o.max_num_batched_tokens, max_len);
-  const int64_t seqs = std::max<int64_t>(1, std::min<int64_t>(o.max_num_seqs, 256));
-  const int64_t peak =
-      std::max(step_scratch_bytes(s, act, prefill, 1, 1, ceil_div(prefill, o.block_size), prefill == 1, num_sms),
-               step_scratch_bytes(s, act, seqs, seqs, seqs, 1, true, num_sms));
+  // The worker's warm-up (worker/engine/rank.cc): the whole token budget over the most sequences,
+  // all sampling, at the widest block tables; and every decode graph bucket. No graphs, so no
+  // padding beyond the buckets themselves.
+  const WarmupShapes w = warmup_shapes(o.max_num_batched_tokens, o.max_num_seqs, max_len, o.block_size);
+  int64_t peak = step_scratch_bytes(s, act, w.mixed_tokens, w.mixed_seqs, w.mixed_seqs, w.width,
+                                    w.mixed_tokens == w.mixed_seqs, num_sms);
+  for (int64_t b : w.decode_buckets) peak = std::max(peak, step_scratch_bytes(s, act, b, b, b, w.width, true, num_sms));
   // The arena reserved: the measured peak + 1/16 + 16 MiB of slack.
   return peak + peak / 16 + 16 * kMiB;
 }

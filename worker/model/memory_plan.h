@@ -92,6 +92,25 @@ struct MemoryPlan {
 // KV heads are split over the ranks, one per rank (replicated) when tp_size > num_kv_heads.
 int64_t kv_bytes_per_token(const ModelConfig& config, int tp_size, DType kv_dtype);
 
+// Decode-only steps of up to this many sequences run as CUDA graphs, one per batch bucket.
+inline constexpr int64_t kMaxGraphBatch = 256;
+// The bucket a decode-only step of n sequences is padded to: 1, 2, 4, 8, then multiples of 16.
+int64_t decode_graph_bucket(int64_t n);
+
+// The steps the CUDA worker measures its activation arena with at start-up: the largest the
+// scheduler can emit under its limits (worker/engine/rank.cc runs them, activation_arena_bytes
+// predicts them).
+struct WarmupShapes {
+  int64_t mixed_tokens = 0;  // min(max_num_batched_tokens, max_model_len): the whole token budget
+  int64_t mixed_seqs = 0;    // min(max_num_seqs, mixed_tokens): one prefill chunk + single decode
+                             // tokens, every sequence sampling
+  int64_t width = 0;         // block-table width: ceil(max_model_len / block_size)
+  std::vector<int64_t> decode_buckets;  // every graph bucket up to the largest decode batch
+  int64_t num_blocks = 0;    // KV blocks the warm-up steps touch
+};
+WarmupShapes warmup_shapes(int64_t max_num_batched_tokens, int64_t max_num_seqs, int64_t max_model_len,
+                           int64_t block_size);
+
 // The activation arena the worker reserves: its warm-up steps' scratch peak, plus 1/16 and 16 MiB.
 int64_t activation_arena_bytes(const ModelConfig& config, const PlanOptions& options, int num_sms);
 

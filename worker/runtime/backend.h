@@ -13,9 +13,11 @@
 
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "worker/runtime/sampling_row.h"
 #include "worker/runtime/synthetic_uniform.h"
 #include "worker/runtime/tensor.h"
 
@@ -83,6 +85,24 @@ struct AttentionMetadata {
   Tensor slot_mapping;     // I32 [T]
 };
 
+// A step that could not run for want of a resource the step itself sized (the scratch arena): the
+// device is intact, nothing outside the step's own tokens was written, so the engine fails that
+// step's requests and goes on. Any other exception from a step is fatal to the worker.
+class StepError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// What a device sampler returns for n rows: token_ids[n]; when any row asked for logprobs, also
+// logprobs[n] (the chosen token's) and top_ids / top_logprobs [n, kMaxSampledLogprobs] (the first
+// num_logprobs of row r's are set).
+struct SampledRows {
+  std::vector<int32_t> token_ids;
+  std::vector<float> logprobs;
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_logprobs;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -114,6 +134,15 @@ class Backend {
   virtual bool supports_graphs() const { return false; }
   virtual std::shared_ptr<void> capture(const std::function<void()>& fn) { (void)fn; return nullptr; }
   virtual void replay(const std::shared_ptr<void>& graph) { (void)graph; }
+  // Sampling where the logits are (worker/engine/sampler.h's semantics): rows [0, rows.size()) of
+  // FP32 logits [>= rows.size(), vocab], one SamplingRow each; penalties rewrite those rows.
+  // Only token ids and the asked-for logprobs come back. supports_sampling() false: the caller
+  // downloads the logits and samples on the host.
+  virtual bool supports_sampling() const { return false; }
+  virtual void sample(Tensor& logits, const std::vector<SamplingRow>& rows, const std::vector<PenaltyEntry>& entries,
+                      SampledRows& out) {
+    (void)logits, (void)rows, (void)entries, (void)out;
+  }
   // Fills a floating tensor with values uniform in [-scale, scale) from (seed, element index):
   // synthetic weights, made where they live.
   virtual void fill_uniform(Tensor& t, uint64_t seed, float scale) = 0;

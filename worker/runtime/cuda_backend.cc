@@ -88,6 +88,8 @@ CudaBackend::~CudaBackend() {
   gemm_plans_.clear();
   for (void* p : measured_) cudaFree(p);
   if (dequant_) cudaFree(dequant_);
+  if (sample_dev_) cudaFree(sample_dev_);
+  if (sample_host_) cudaFreeHost(sample_host_);
   if (arena_) cudaFree(arena_);
   if (gemm_workspace_) cudaFree(gemm_workspace_);
   if (cublaslt_) cublasLtDestroy(static_cast<cublasLtHandle_t>(cublaslt_));
@@ -119,7 +121,8 @@ Tensor CudaBackend::scratch(std::vector<int64_t> shape, DType dtype) {
     t.data = mem;
   } else {
     if (arena_used_ + bytes > arena_bytes_) {
-      throw std::runtime_error(absl::StrCat("scratch arena of ", arena_bytes_, " bytes exhausted (step needs more than the warm-up measured)"));
+      throw StepError(absl::StrCat("scratch arena of ", arena_bytes_, " bytes exhausted: the step needs more than the ",
+                                   "largest step the worker was sized for (max_num_batched_tokens, max_num_seqs)"));
     }
     t.data = arena_ + arena_used_;
   }
@@ -317,6 +320,7 @@ void CudaBackend::quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t
       v.n % 16 == 0) {
     GemmPlan& plan = gemm_plan(v.n, tokens, v.k, DType::kF8E4M3, DType::kF32, /*allow_missing=*/true);
     if (!plan.missing) {
+      const size_t mark = arena_used_;  // temporaries of this call only (see attention)
       Tensor xq = scratch({tokens, v.k}, DType::kF8E4M3);
       Tensor row_scales = scratch({tokens}, DType::kF32);
       Tensor acc = scratch({tokens, v.n}, DType::kF32);
@@ -326,6 +330,7 @@ void CudaBackend::quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t
       gemm(w.weight.data, DType::kF8E4M3, xq.data, tokens, v.n, v.k, acc.data, DType::kF32);
       check(kernels::scale_fp8_output(acc.as<float>(), row_scales.as<float>(), w.scales.as<float>(), tokens, v.n,
                                       out.data, out.dtype, stream_), "scale_fp8_output");
+      arena_used_ = mark;
       return;
     }
   }
@@ -402,6 +407,9 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
     const int64_t ctas = p.num_tokens * p.num_kv_heads;
     p.num_splits = static_cast<int>(std::clamp<int64_t>(2 * num_sms_ / std::max<int64_t>(ctas, 1), 1, 32));
   }
+  // The partials live only until the combine kernel has run: later scratch may reuse them (the
+  // stream orders every reader before the next writer), so they do not grow with depth.
+  const size_t mark = arena_used_;
   Tensor partials;
   if (p.num_splits > 1) {
     const size_t bytes = kernels::attention_workspace_bytes(p.num_tokens, p.num_q_heads, p.head_dim, p.num_splits);
@@ -409,6 +417,67 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
     p.partials = partials.as<float>();
   }
   check(kernels::paged_attention(p, qkv.dtype, stream_), "paged_attention");
+  arena_used_ = mark;
+}
+
+// One device buffer and one pinned host buffer of the same layout: [rows | entries | saved raw
+// logits | tokens | logprobs | top ids | top logprobs]. The inputs go up in one copy; the tokens
+// (and, when asked, the logprobs) come down in one.
+void CudaBackend::sample(Tensor& logits, const std::vector<SamplingRow>& rows, const std::vector<PenaltyEntry>& entries,
+                         SampledRows& out) {
+  const auto n = static_cast<int64_t>(rows.size());
+  const auto e = static_cast<int64_t>(entries.size());
+  out = SampledRows{};
+  if (n == 0) return;
+  if (logits.dtype != DType::kF32 || logits.shape.size() != 2 || logits.dim(0) < n) {
+    throw std::logic_error("CudaBackend::sample: logits must be FP32 [>= rows, vocab]");
+  }
+  const size_t off_entries = aligned(sizeof(SamplingRow) * n);
+  const size_t off_saved = off_entries + aligned(sizeof(PenaltyEntry) * std::max<int64_t>(e, 1));
+  const size_t off_tokens = off_saved + aligned(sizeof(float) * std::max<int64_t>(e, 1));
+  const size_t off_lp = off_tokens + aligned(sizeof(int32_t) * n);
+  const size_t off_top_ids = off_lp + aligned(sizeof(float) * n);
+  const size_t off_top_lp = off_top_ids + aligned(sizeof(int32_t) * n * kMaxSampledLogprobs);
+  const size_t total = off_top_lp + aligned(sizeof(float) * n * kMaxSampledLogprobs);
+  if (total > sample_bytes_) {
+    wait_stream();
+    if (sample_dev_) cudaFree(sample_dev_);
+    if (sample_host_) cudaFreeHost(sample_host_);
+    sample_dev_ = sample_host_ = nullptr;
+    sample_bytes_ = 0;
+    const size_t bytes = std::max(total, size_t{1} << 20) * 2;
+    check(cudaMalloc(&sample_dev_, bytes), "cudaMalloc(sampler)");
+    check(cudaMallocHost(&sample_host_, bytes), "cudaMallocHost(sampler)");
+    sample_bytes_ = bytes;
+  }
+  char* host = static_cast<char*>(sample_host_);
+  char* dev = static_cast<char*>(sample_dev_);
+  std::memcpy(host, rows.data(), sizeof(SamplingRow) * n);
+  if (e > 0) std::memcpy(host + off_entries, entries.data(), sizeof(PenaltyEntry) * e);
+  check(cudaMemcpyAsync(dev, host, e > 0 ? off_saved : sizeof(SamplingRow) * n, cudaMemcpyHostToDevice, stream_),
+        "cudaMemcpy(sampler inputs)");
+  check(kernels::sample_rows(logits.as<float>(), n, logits.dim(1), reinterpret_cast<const SamplingRow*>(dev),
+                             reinterpret_cast<const PenaltyEntry*>(dev + off_entries),
+                             reinterpret_cast<float*>(dev + off_saved), reinterpret_cast<int32_t*>(dev + off_tokens),
+                             reinterpret_cast<float*>(dev + off_lp), reinterpret_cast<int32_t*>(dev + off_top_ids),
+                             reinterpret_cast<float*>(dev + off_top_lp), stream_),
+        "sample_rows");
+  const bool any_logprobs =
+      std::any_of(rows.begin(), rows.end(), [](const SamplingRow& r) { return r.num_logprobs >= 0; });
+  const size_t down = any_logprobs ? total - off_tokens : sizeof(int32_t) * n;
+  check(cudaMemcpyAsync(host + off_tokens, dev + off_tokens, down, cudaMemcpyDeviceToHost, stream_),
+        "cudaMemcpy(sampled tokens)");
+  wait_stream();
+  const auto* tokens = reinterpret_cast<const int32_t*>(host + off_tokens);
+  out.token_ids.assign(tokens, tokens + n);
+  if (any_logprobs) {
+    const auto* lp = reinterpret_cast<const float*>(host + off_lp);
+    const auto* top_ids = reinterpret_cast<const int32_t*>(host + off_top_ids);
+    const auto* top_lp = reinterpret_cast<const float*>(host + off_top_lp);
+    out.logprobs.assign(lp, lp + n);
+    out.top_ids.assign(top_ids, top_ids + n * kMaxSampledLogprobs);
+    out.top_logprobs.assign(top_lp, top_lp + n * kMaxSampledLogprobs);
+  }
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {
@@ -432,9 +501,16 @@ void CudaBackend::join_column_shards(const Tensor& shards, int64_t num_shards, T
 }
 
 std::shared_ptr<void> CudaBackend::capture(const std::function<void()>& fn) {
-  cudaGraph_t graph;
+  cudaGraph_t graph = nullptr;
   check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
-  fn();
+  try {
+    fn();
+  } catch (...) {
+    // Leave the stream usable: end the capture and drop what it recorded.
+    if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    throw;
+  }
   check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
   cudaGraphExec_t exec;
   const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);

@@ -51,6 +51,10 @@ class CudaBackend final : public Backend {
   std::shared_ptr<void> capture(const std::function<void()>& fn) override;
   void replay(const std::shared_ptr<void>& graph) override;
 
+  bool supports_sampling() const override { return true; }
+  void sample(Tensor& logits, const std::vector<SamplingRow>& rows, const std::vector<PenaltyEntry>& entries,
+              SampledRows& out) override;
+
   void embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start, Tensor& out) override;
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
   void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor& out) override;
@@ -109,6 +113,11 @@ class CudaBackend final : public Backend {
   void* dequant_ = nullptr;
   size_t dequant_bytes_ = 0;
   Watchdog watchdog_;
+  // The sampler's inputs and outputs (outside the arena: sampling runs after the step, never in a
+  // graph), on the device and pinned on the host; both grow to the largest step seen.
+  void* sample_dev_ = nullptr;
+  void* sample_host_ = nullptr;
+  size_t sample_bytes_ = 0;
 
   // Scratch arena (fixed) or measure mode (arena_ == nullptr).
   char* arena_ = nullptr;

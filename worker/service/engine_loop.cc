@@ -130,6 +130,12 @@ void EngineLoop::run() {
             hooks_.on_queue_time(std::chrono::duration<double>(step_start - a.submitted).count());
           }
         }
+        if (!o.error.empty()) {  // the step failed; the engine goes on without this request
+          if (hooks_.on_finished) hooks_.on_finished(o.finish_reason);
+          a.stream->fail(absl::InternalError(absl::StrCat("the step running this request failed: ", o.error)));
+          active_.erase(it);
+          continue;
+        }
         const bool last = o.finished;
         if (last && hooks_.on_finished) hooks_.on_finished(o.finish_reason);
         a.stream->push(std::move(o), last);
