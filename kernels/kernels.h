@@ -52,6 +52,9 @@ struct AttentionParams {
   // combined. partials needs attention_workspace_bytes(...) bytes when num_splits > 1.
   int num_splits = 1;
   float* partials = nullptr;
+  // Every sequence has exactly one query token (num_tokens == num_seqs, query_start_loc[s] = s
+  // rows apart by one): the decode kernel may run.
+  bool decode_only = false;
 };
 size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_t head_dim, int num_splits);
 // Causal paged attention, GQA-aware: one CTA serves all query heads of a KV head, so each K/V

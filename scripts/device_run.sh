@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine over a checkout with dist/ from scripts/device_bundle.sh: every GPU test,
 # then the engine benchmark, results (JSON records, logs) under ${OUT:-out}/, a short table last.
-#   scripts/device_run.sh [tests|bench|all|tp|quant]
+#   scripts/device_run.sh [tests|bench|all|tp|quant|engine]
+# engine (one GPU): every GPU test, the engine benchmark of synthetic llama-3.1-8b with the per-op
+# micro-benchmarks, then the served sweep of the same model (scripts/device_serving_sweep.sh bf16,
+# 128/128 at concurrency 1, 16, 64, 128, 256); a short table last.
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), then the
 # engine benchmark of synthetic llama-3.1-70b over 2 GPUs.
 # quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
@@ -9,6 +12,8 @@
 # llama-3.1-70b in AWQ INT4 and FP8 and the INT4/INT8/FP8 layers against BF16 cuBLASLt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# dist/ may travel packed (the working tree that goes to a GPU machine is size-limited).
+if [[ ! -d dist && -f ${DIST_TARBALL:-.devcarry/dist.tar.xz} ]]; then tar xJf "${DIST_TARBALL:-.devcarry/dist.tar.xz}"; fi
 export LD_LIBRARY_PATH="$PWD/dist/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0
 OUT=${OUT:-out}
@@ -46,5 +51,25 @@ if [[ $what == quant ]]; then
       --out "$OUT/quant_micro.jsonl" >"$OUT/quant_micro.log" 2>&1
     grep -E "int4|int8|fp8" "$OUT/quant_micro.log" | head -80
   fi
+fi
+if [[ $what == engine ]]; then
+  SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL "${TEST_SECONDS:-300}" dist/bin/gpu_tests --gtest_brief=1 \
+    ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} >"$OUT/gpu_tests.log" 2>&1
+  status=$?
+  grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure|error" "$OUT/gpu_tests.log" | head -40
+  timeout -s KILL "${BENCH_SECONDS:-240}" stdbuf -oL dist/bin/engine_bench ${MICRO---micro} --batches "${BATCHES:-1,8,32,128}" \
+    --out "$OUT/engine_bench.jsonl" >"$OUT/engine_bench.log" 2>&1 || echo "engine_bench failed ($?)"
+  if [[ ${SWEEP:-1} != 0 ]]; then
+    SYNTHETIC=llama-3.1-8b timeout -s KILL "${SWEEP_SECONDS:-300}" bash scripts/device_serving_sweep.sh bf16 \
+      "${LENGTHS:-128/128}" "${CONCURRENCIES:-1,16,64,128,256}" >"$OUT/sweep.log" 2>&1 || echo "sweep failed ($?)"
+    (cd "$OUT" && tar czf serving.tgz serving 2>/dev/null)
+    grep -E "error|Error|exhausted|restarting" "$OUT/serve-bf16.log" | head -10
+    tail -5 "$OUT/sweep.log"
+    for f in "$OUT"/serving/*/*.json; do
+      [[ -f $f && $f != */run.json ]] && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('served c=%s: %s req, %s errors, %.0f out tok/s' % (r.get('concurrency'), r.get('completed'), r.get('errors'), r.get('output_tokens_per_s', 0)))" "$f" 2>/dev/null
+    done
+    rm -rf "$OUT/serving"  # in serving.tgz: at most 8 files come back
+  fi
+  sed -n '/tp_size/,$p' "$OUT/engine_bench.log"
 fi
 exit "$status"

@@ -1,6 +1,7 @@
 // Engine benchmark on one GPU, or N with tensor parallelism (--tp-size): decode tokens/s at
 // several batch sizes and prefill tokens/s for a 2,048-token prompt, on a synthetic model (random
-// weights made on the device, no files). With N GPUs the bytes are per GPU (each reads its shard)
+// weights made on the device, no files). Each step is what the served engine runs: the forward
+// pass (a CUDA graph for decode) and greedy sampling on the device, token ids copied back. With N GPUs the bytes are per GPU (each reads its shard)
 // and the step's collectives are also timed alone (collective_ms_per_step).
 // Every figure is set against the device's copy bandwidth measured in the same run:
 //   bandwidth_fraction = (weight bytes + KV bytes read per step) / step time / copy bandwidth
@@ -255,17 +256,30 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  // Every step samples on the device, greedy, as the served engine does (only token ids come back).
+  std::vector<shardserve::Sequence> greedy(static_cast<size_t>(std::max(max_batch, 1)));
+  std::vector<const shardserve::Sequence*> greedy_ptrs;
+  for (auto& s : greedy) {
+    s.tokens = {1};
+    s.num_prompt_tokens = 1;
+    s.params.temperature = 0.0;
+    greedy_ptrs.push_back(&s);
+  }
+  auto sampled = [&](int n) { return std::vector<const shardserve::Sequence*>(greedy_ptrs.begin(), greedy_ptrs.begin() + n); };
+
   // Prefill: one 2,048-token prompt.
   {
     Batch b;
     b.seqs.push_back({std::vector<int32_t>(prefill_len, 1000), 0, table(0), true});
-    exec.execute(b);
+    exec.execute_and_sample(b, sampled(1));
     const auto t0 = Clock::now();
     const int reps = 5;
-    for (int r = 0; r < reps; ++r) exec.execute(b);
+    for (int r = 0; r < reps; ++r) exec.execute_and_sample(b, sampled(1));
     const double s = std::chrono::duration<double>(Clock::now() - t0).count() / reps;
     std::printf("prefill %d tokens: %.1f ms, %.0f tokens/s\n", prefill_len, s * 1e3, prefill_len / s);
     record("prefill", 1, prefill_len / s, weights / s / bw, s * 1e3);
+    records.back()["prompt_len"] = prefill_len;
+    records.back()["context_len"] = 0;
   }
 
   for (int batch : batches) {
@@ -276,19 +290,20 @@ int main(int argc, char** argv) {
       Batch chunk;
       for (int j = i; j < std::min(batch, i + std::max(1, 2048 / context)); ++j) chunk.seqs.push_back(fill.seqs[j]);
       chunk.seqs.back().sample = true;
-      exec.execute(chunk);
+      exec.execute_and_sample(chunk, sampled(1));
     }
     auto decode_batch = [&](int step) {
       Batch b;
       for (int i = 0; i < batch; ++i) b.seqs.push_back({{7}, context + step, table(i), true});
       return b;
     };
-    for (int w = 0; w < 3; ++w) exec.execute(decode_batch(w));  // warm-up (captures the graph)
+    const auto batch_seqs = sampled(batch);
+    for (int w = 0; w < 3; ++w) exec.execute_and_sample(decode_batch(w), batch_seqs);  // warm-up (captures the graph)
     std::vector<double> times;
     for (int s = 0; s < steps; ++s) {
       const Batch b = decode_batch(3 + s);
       const auto t0 = Clock::now();
-      exec.execute(b);
+      exec.execute_and_sample(b, batch_seqs);
       times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     }
     std::sort(times.begin(), times.end());

@@ -39,39 +39,44 @@ std::vector<nlohmann::json> run_op_benchmarks(const ModelConfig& c, double bw, i
   auto made = CudaBackend::create(0, DType::kBF16);
   if (!made.ok()) return {};
   CudaBackend& gpu = **made;
-  gpu.reserve_scratch(size_t{64} << 20);
+  gpu.reserve_scratch(size_t{512} << 20);
   std::vector<nlohmann::json> records;
-  auto report = [&](const std::string& op, int64_t tokens, double ms, double bytes) {
+  // bytes: the fewest the op must move; flops: its multiply-adds x 2 (0 for pure data movement).
+  auto report = [&](const std::string& op, int64_t tokens, double ms, double bytes, double flops = 0) {
     const double fraction = bytes / (ms * 1e-3) / bw;
-    std::printf("  %-34s T=%-3lld %9.1f us  %7.1f MB  bw fraction %.3f\n", op.c_str(), static_cast<long long>(tokens),
-                ms * 1e3, bytes / 1e6, fraction);
+    const double tflops = flops / (ms * 1e-3) / 1e12;
+    std::printf("  %-30s T=%-4lld %9.1f us  %8.1f MB  bw fraction %.3f  %7.1f TFLOP/s\n", op.c_str(),
+                static_cast<long long>(tokens), ms * 1e3, bytes / 1e6, fraction, tflops);
     records.push_back({{"bench", "op"}, {"op", op}, {"device", device}, {"quantization", "none"}, {"tp_size", 1},
-                       {"batch", tokens}, {"time_us", ms * 1e3},
-                       {"bytes", bytes}, {"bandwidth_fraction", fraction}});
+                       {"batch", tokens}, {"context_len", context}, {"time_us", ms * 1e3}, {"bytes", bytes},
+                       {"bandwidth_fraction", fraction}, {"tflops", tflops}});
   };
   const int64_t h = c.hidden_size, d = c.head_dim, hq = c.num_attention_heads, hkv = c.num_key_value_heads;
+  const std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64, 128, 256};
   struct Shape { const char* name; int64_t n, k; };
   const Shape shapes[] = {{"qkv_proj", (hq + 2 * hkv) * d, h}, {"o_proj", h, hq * d}, {"gate_up_proj", 2 * c.intermediate_size, h},
                           {"down_proj", h, c.intermediate_size}, {"lm_head (f32 out)", c.vocab_size, h}};
   for (const Shape& s : shapes) {
     Tensor w = gpu.empty({s.n, s.k}, DType::kBF16);
     gpu.fill_uniform(w, 1, 0.02f);
-    for (int64_t t : {1, 2, 4, 8}) {
+    for (int64_t t : batches) {
       Tensor x = gpu.empty({t, s.k}, DType::kBF16);
       gpu.fill_uniform(x, 2, 1.0f);
       const DType out_dtype = s.n == c.vocab_size ? DType::kF32 : DType::kBF16;
       Tensor y = gpu.empty({t, s.n}, out_dtype);
-      const double bytes = double(s.n) * s.k * 2;
+      const double bytes = double(s.n) * s.k * 2 + double(t) * (s.k * 2 + s.n * dtype_size(out_dtype));
+      const double flops = 2.0 * double(s.n) * s.k * t;
       for (int64_t gemv_max : {int64_t{0}, int64_t{8}}) {
+        if (gemv_max > 0 && t > gemv_max) continue;
         gpu.set_gemv_max_tokens(gemv_max);
         const double ms = median_ms(gpu, [&] { gpu.linear(x, LinearWeight{w}, y); });
-        report(std::string(s.name) + (gemv_max ? " gemv" : " cublaslt"), t, ms, bytes);
+        report(std::string(s.name) + (gemv_max ? " gemv" : " cublaslt"), t, ms, bytes, flops);
       }
     }
   }
   gpu.set_gemv_max_tokens(2);
   // Decode attention over `context` cached tokens per sequence.
-  for (int64_t t : {1, 8}) {
+  for (int64_t t : {int64_t{1}, int64_t{8}, int64_t{32}, int64_t{128}}) {
     const int64_t bs = 16, blocks_per_seq = (context + bs) / bs + 1;
     Tensor kc = gpu.empty({t * blocks_per_seq, bs, hkv, d}, DType::kBF16);
     Tensor vc = gpu.empty({t * blocks_per_seq, bs, hkv, d}, DType::kBF16);
@@ -97,18 +102,37 @@ std::vector<nlohmann::json> run_op_benchmarks(const ModelConfig& c, double bw, i
       gpu.begin_step();
       gpu.attention(qkv, hq, kv, meta, 0.088f, out);
     });
-    report("attention decode ctx " + std::to_string(context), t, ms, double(t) * (context + 1) * hkv * d * 2 * 2);
+    report("attention decode ctx " + std::to_string(context), t, ms, double(t) * (context + 1) * hkv * d * 2 * 2,
+           4.0 * double(t) * (context + 1) * hq * d);
   }
-  // The small per-layer ops at T = 1.
-  Tensor x = gpu.empty({1, h}, DType::kBF16), res = gpu.empty({1, h}, DType::kBF16), wn = gpu.empty({h}, DType::kBF16);
-  Tensor y = gpu.empty({1, h}, DType::kBF16);
-  gpu.fill_uniform(x, 6, 1.0f);
-  gpu.fill_uniform(res, 7, 1.0f);
-  gpu.fill_uniform(wn, 8, 1.0f);
-  report("add_rmsnorm", 1, median_ms(gpu, [&] { gpu.add_rmsnorm(x, res, wn, 1e-5f, y); }), 4.0 * h * 2);
-  Tensor gu = gpu.empty({1, 2 * c.intermediate_size}, DType::kBF16), act = gpu.empty({1, c.intermediate_size}, DType::kBF16);
-  gpu.fill_uniform(gu, 9, 1.0f);
-  report("silu_mul", 1, median_ms(gpu, [&] { gpu.silu_mul(gu, act); }), 3.0 * c.intermediate_size * 2);
+  // The small per-layer ops.
+  for (int64_t t : {int64_t{1}, int64_t{128}}) {
+    Tensor x = gpu.empty({t, h}, DType::kBF16), res = gpu.empty({t, h}, DType::kBF16), wn = gpu.empty({h}, DType::kBF16);
+    Tensor y = gpu.empty({t, h}, DType::kBF16);
+    gpu.fill_uniform(x, 6, 1.0f);
+    gpu.fill_uniform(res, 7, 1.0f);
+    gpu.fill_uniform(wn, 8, 1.0f);
+    report("add_rmsnorm", t, median_ms(gpu, [&] { gpu.add_rmsnorm(x, res, wn, 1e-5f, y); }), 4.0 * t * h * 2);
+    Tensor gu = gpu.empty({t, 2 * c.intermediate_size}, DType::kBF16), act = gpu.empty({t, c.intermediate_size}, DType::kBF16);
+    gpu.fill_uniform(gu, 9, 1.0f);
+    report("silu_mul", t, median_ms(gpu, [&] { gpu.silu_mul(gu, act); }), 3.0 * t * c.intermediate_size * 2);
+  }
+  // The sampler on [rows, vocab] FP32 logits: greedy, and temperature 1 with top-p 0.9.
+  for (int64_t rows : {int64_t{1}, int64_t{32}, int64_t{128}}) {
+    Tensor logits = gpu.empty({rows, c.vocab_size}, DType::kF32);
+    gpu.fill_uniform(logits, 10, 8.0f);
+    for (const double temperature : {0.0, 1.0}) {
+      std::vector<SamplingRow> params(static_cast<size_t>(rows));
+      for (int64_t r = 0; r < rows; ++r) {
+        params[r].temperature = temperature;
+        params[r].top_p = temperature > 0 ? 0.9 : 1.0;
+        params[r].seed = static_cast<uint64_t>(r);
+      }
+      SampledRows out;
+      const double ms = median_ms(gpu, [&] { gpu.sample(logits, params, {}, out); });
+      report(temperature > 0 ? "sample t=1 top_p=0.9" : "sample greedy", rows, ms, double(rows) * c.vocab_size * 4);
+    }
+  }
   return records;
 }
 

@@ -6,6 +6,7 @@
 // Skipped when no CUDA device is present.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -204,10 +205,60 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
   run_step({{37, 1}, {25, 1}, {100, 1}}, true);
 }
 
+// Decode-only steps over long, scrambled contexts (several 64-position tiles, partial tiles, one
+// position), from a cache filled with random values: the decode kernel, with attention split over
+// CTAs (few sequences) and unsplit (many sequences), against the reference.
+TEST_P(AttentionTest, DecodeOverLongContextsMatchesTheReference) {
+  const AttnCase c = GetParam();
+  const int64_t block_size = 16;
+  for (const int64_t num_seqs : {int64_t{5}, int64_t{40}}) {
+    std::vector<int32_t> lens;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const int32_t pick[] = {1, 63, 64, 65, 700, 129, 17, 300};
+      lens.push_back(pick[s % 8] + static_cast<int32_t>(s / 8));
+    }
+    const int64_t width = (700 + 8 + block_size - 1) / block_size;
+    const int64_t num_blocks = num_seqs * width;
+    std::vector<int32_t> perm(static_cast<size_t>(num_blocks));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng_);
+    std::vector<int32_t> bt(static_cast<size_t>(num_seqs * width), -1), qsl{0};
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) bt[s * width + b] = perm[s * width + b];
+      qsl.push_back(static_cast<int32_t>(s + 1));
+    }
+    const int64_t cache_elems = num_blocks * block_size * c.hkv * c.d;
+    const auto k = random(cache_elems), v = random(cache_elems);
+    const std::vector<int64_t> shape{num_blocks, block_size, c.hkv, c.d};
+    KvLayer c_cache{cpu_f32(k, shape), cpu_f32(v, shape)}, g_cache{gpu_bf16(k, shape), gpu_bf16(v, shape)};
+    const int64_t stride = (c.hq + 2 * c.hkv) * c.d;
+    const auto qkv = random(num_seqs * stride);
+    Tensor c_qkv = cpu_f32(qkv, {num_seqs, stride}), g_qkv = gpu_bf16(qkv, {num_seqs, stride});
+    AttentionMetadata cm, gm;
+    for (auto* m : {&cm, &gm}) {
+      m->num_seqs = static_cast<int>(num_seqs);
+      m->max_query_len = 1;
+      m->max_seq_len = 700 + 8;
+      m->block_size = static_cast<int>(block_size);
+    }
+    cm.query_start_loc = ints(cpu_, qsl), cm.seq_lens = ints(cpu_, lens), cm.block_tables = ints2(cpu_, bt, num_seqs);
+    gm.query_start_loc = ints(*gpu_, qsl), gm.seq_lens = ints(*gpu_, lens), gm.block_tables = ints2(*gpu_, bt, num_seqs);
+    Tensor c_out = cpu_.empty({num_seqs, c.hq * c.d}, DType::kF32);
+    Tensor g_out = gpu_bf16(std::vector<float>(static_cast<size_t>(num_seqs * c.hq * c.d), 1e4f), {num_seqs, c.hq * c.d});
+    const float scale = 1.0f / std::sqrt(float(c.d));
+    cpu_.attention(c_qkv, c.hq, c_cache, cm, scale, c_out);
+    gpu_->begin_step();
+    gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
+    EXPECT_LT(rel_error(g_out, c_out), 2e-2) << num_seqs << " sequences";
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                          ::testing::Values(AttnCase{32, 8, 128},  // Llama 3.1 8B
                                            AttnCase{8, 1, 128},   // 70B per rank at TP 8
+                                           AttnCase{64, 8, 128},  // 70B, GQA 8:1
                                            AttnCase{6, 1, 32},    // a tiny golden checkpoint
+                                           AttnCase{8, 4, 64},    // head_dim 64, GQA 2:1
                                            AttnCase{4, 4, 64}),   // MHA
                          [](const auto& info) {
                            return "hq" + std::to_string(info.param.hq) + "_hkv" + std::to_string(info.param.hkv) + "_d" +

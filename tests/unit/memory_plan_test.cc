@@ -80,11 +80,11 @@ TEST(MemoryPlan, QuantizedWeights) {
 TEST(MemoryPlan, ActivationArenaFollowsTheWorkersWarmup) {
   // The worst step: the 2048-token budget over min(max_num_seqs 256, 2048) sequences that all
   // sample, block tables 4096 / 16 = 256 wide. Its scratch, all aligned to 256 B:
-  //   inputs 4 x (3 x 2048 + 257 + 256 + 256 + 256 x 256 block-table entries) = 289,796 -> 290,048
+  //   inputs 4 x (3 x 2048 + 257 + 256 + 256) = 27,652 -> 27,904, block tables 4 x 256 x 256 = 262,144
   //   embedding out, x, h: 3 x 2048 x 8192 x 2 = 100,663,296
   //   the layers' shared workspace: 2048 x (10240 + 8192 + 57344 + 28672) x 2 = 427,819,008
   //   the 256 sampled rows' hidden states 256 x 8192 x 2 = 4,194,304 and logits 256 x 128256 x 4
-  const int64_t mixed = 290048 + 100663296 + 427819008 + 4194304 + int64_t{256} * 128256 * 4;
+  const int64_t mixed = 27904 + 262144 + 100663296 + 427819008 + 4194304 + int64_t{256} * 128256 * 4;
   PlanOptions o;
   o.max_model_len = 4096;
   EXPECT_EQ(activation_arena_bytes(llama70b(), o, 132), mixed + mixed / 16 + 16 * kMiB);
@@ -100,9 +100,9 @@ TEST(MemoryPlan, ActivationArenaFollowsTheWorkersWarmup) {
   const WarmupShapes w = warmup_shapes(1, 16, 4096, 16);
   EXPECT_EQ(w.decode_buckets, (std::vector<int64_t>{1, 2, 4, 8, 16}));
   EXPECT_EQ(w.mixed_seqs, 1);
-  //   inputs 4 x (3 x 16 + 17 + 16 + 16 + 16 x 256) = 16,772 -> 16,896 aligned; every other term
-  //   is a multiple of 256.
-  const int64_t decode = 16896 + 3 * 16 * 8192 * 2 + 16 * (10240 + 8192 + 57344 + 28672) * 2 +
+  //   inputs 4 x (3 x 16 + 17 + 16 + 16) = 388 -> 512 aligned, block tables 4 x 16 x 256 = 16,384;
+  //   every other term is a multiple of 256.
+  const int64_t decode = 512 + 16384 + 3 * 16 * 8192 * 2 + 16 * (10240 + 8192 + 57344 + 28672) * 2 +
                          16 * 64 * 2 * 130 * 4 + 16 * 8192 * 2 + 16 * 128256 * 4;
   EXPECT_EQ(activation_arena_bytes(llama70b(), o, 132), decode + decode / 16 + 16 * kMiB);
 }

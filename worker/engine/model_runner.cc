@@ -32,7 +32,10 @@ Tensor ModelRunner::run(const Batch& batch, int64_t& num_sampled_out) {
   if (max_blocks > width) throw std::logic_error("ModelRunner: block table longer than max_model_len allows");
 
   std::vector<int32_t> token_ids, positions, slot_mapping, query_start_loc{0}, seq_lens, logits_indices;
-  std::vector<int32_t> block_tables(static_cast<size_t>(rows * width), 0);
+  // Block tables go up compact (max_blocks wide) into the device's [rows, width]: a graph's width
+  // is max_model_len's, but the kernels read only the blocks each context covers, so the rest is
+  // never written (with a 128k context that is 8,192 entries a row a step).
+  std::vector<int32_t> block_tables(static_cast<size_t>(rows * max_blocks), 0);
   int max_query_len = 0;
   int max_seq_len = 0;
   for (int64_t i = 0; i < num_seqs; ++i) {
@@ -51,8 +54,8 @@ Tensor ModelRunner::run(const Batch& batch, int64_t& num_sampled_out) {
       positions.push_back(pos);
       slot_mapping.push_back(static_cast<int32_t>(block * block_size_ + pos % block_size_));
     }
-    std::fill(block_tables.begin() + i * width, block_tables.begin() + (i + 1) * width, -1);
-    std::copy(s.block_table.begin(), s.block_table.end(), block_tables.begin() + i * width);
+    std::fill(block_tables.begin() + i * max_blocks, block_tables.begin() + (i + 1) * max_blocks, -1);
+    std::copy(s.block_table.begin(), s.block_table.end(), block_tables.begin() + i * max_blocks);
     query_start_loc.push_back(static_cast<int32_t>(token_ids.size()));
     seq_lens.push_back(seq_len);
     if (s.sample) logits_indices.push_back(static_cast<int32_t>(token_ids.size()) - 1);
@@ -77,11 +80,13 @@ Tensor ModelRunner::run(const Batch& batch, int64_t& num_sampled_out) {
     return std::pair{offset, static_cast<int64_t>(v.size())};
   };
   const auto t_ids = append(token_ids), t_pos = append(positions), t_slots = append(slot_mapping),
-             t_qsl = append(query_start_loc), t_lens = append(seq_lens), t_logits = append(logits_indices),
-             t_tables = append(block_tables);
+             t_qsl = append(query_start_loc), t_lens = append(seq_lens), t_logits = append(logits_indices);
   backend_.begin_step();
   Tensor device = backend_.scratch({static_cast<int64_t>(packed.size())}, DType::kI32);
   backend_.copy_from_host(packed.data(), device);
+  Tensor tables = backend_.scratch({rows, width}, DType::kI32);
+  backend_.copy_from_host_2d(block_tables.data(), max_blocks * sizeof(int32_t), tables, width * sizeof(int32_t),
+                             max_blocks * sizeof(int32_t), static_cast<size_t>(rows));
   auto view = [&device](std::pair<int64_t, int64_t> r) { return device.rows(r.first, r.first + r.second); };
 
   StepInputs in;
@@ -94,7 +99,7 @@ Tensor ModelRunner::run(const Batch& batch, int64_t& num_sampled_out) {
   in.attn.block_size = static_cast<int>(block_size_);
   in.attn.query_start_loc = view(t_qsl);
   in.attn.seq_lens = view(t_lens);
-  in.attn.block_tables = view(t_tables).reshaped({rows, width});
+  in.attn.block_tables = tables;
   in.attn.slot_mapping = view(t_slots);
 
   // A step that samples nothing (a non-final prefill chunk) still runs: it fills the cache.

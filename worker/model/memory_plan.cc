@@ -106,7 +106,7 @@ WeightBytes weight_bytes(const ModelConfig& c, const RankShape& s, const PlanOpt
 // The scratch one step allocates from the arena, which is rewound only between steps
 // (llama.cc forward, model_runner.cc execute, cuda_backend.cc attention), in order:
 //   inputs: one int32 buffer (ids, positions, slots: 3 T; query_start_loc rows + 1; seq_lens rows;
-//           logits_indices S; block tables rows x width)
+//           logits_indices S), then the block tables rows x width
 //   embedding output, x, h: 3 x T x hidden
 //   the layers' shared workspace, once: qkv T x qkv_rows, attention out T x q_heads x head_dim,
 //           gate/up T x 2 ffn, silu-mul T x ffn
@@ -118,7 +118,7 @@ WeightBytes weight_bytes(const ModelConfig& c, const RankShape& s, const PlanOpt
 //   529,037,056 B; the arena 578,879,088 B (0.54 GiB).
 int64_t step_scratch_bytes(const RankShape& s, int64_t act, int64_t tokens, int64_t rows, int64_t sampled,
                            int64_t width, bool decode, int num_sms) {
-  int64_t b = aligned(4 * (3 * tokens + (rows + 1) + rows + sampled + rows * width));
+  int64_t b = aligned(4 * (3 * tokens + (rows + 1) + rows + sampled)) + aligned(4 * rows * width);
   b += 3 * aligned(tokens * s.hidden * act);
   b += aligned(tokens * s.qkv_rows * act) + aligned(tokens * s.q_heads * s.head_dim * act) +
        aligned(tokens * 2 * s.ffn * act) + aligned(tokens * s.ffn * act);

@@ -128,6 +128,18 @@ class Backend {
   virtual void begin_step() {}
   // Copies dst.nbytes() bytes of host memory into dst (no conversion).
   virtual void copy_from_host(const void* src, Tensor& dst) = 0;
+  // Copies `rows` rows of `row_bytes` bytes, `src_pitch` bytes apart on the host, into dst's
+  // memory `dst_pitch` bytes apart (no conversion); the rest of dst is left as it was.
+  virtual void copy_from_host_2d(const void* src, size_t src_pitch, Tensor& dst, size_t dst_pitch, size_t row_bytes,
+                                 size_t rows) {
+    for (size_t r = 0; r < rows; ++r) {
+      Tensor row = dst;
+      row.data = static_cast<char*>(dst.data) + r * dst_pitch;
+      row.dtype = DType::kU8;
+      row.shape = {static_cast<int64_t>(row_bytes)};
+      copy_from_host(static_cast<const char*>(src) + r * src_pitch, row);
+    }
+  }
   // Step graphs (CUDA graphs where supported): capture() records the work `fn` queues without
   // running it; replay() runs it again on the same buffers. Only after supports_graphs() says
   // scratch addresses are fixed.

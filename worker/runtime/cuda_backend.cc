@@ -3,6 +3,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <thread>
@@ -45,6 +46,10 @@ struct GemmPlan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
   bool missing = false;  // cuBLASLt has no algorithm (asked with allow_missing)
+  // The heuristic's candidates, best first; the first call outside a graph capture times them on
+  // the real operands and keeps the fastest (algo).
+  std::vector<cublasLtMatmulAlgo_t> candidates;
+  bool tuned = false;
   ~GemmPlan() {
     if (c) cublasLtMatrixLayoutDestroy(c);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -218,6 +223,13 @@ void CudaBackend::copy_from_host(const void* src, Tensor& dst) {
   check(cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, stream_), "cudaMemcpy(copy_from_host)");
 }
 
+void CudaBackend::copy_from_host_2d(const void* src, size_t src_pitch, Tensor& dst, size_t dst_pitch, size_t row_bytes,
+                                    size_t rows) {
+  if (rows == 0 || row_bytes == 0) return;
+  check(cudaMemcpy2DAsync(dst.data, dst_pitch, src, src_pitch, row_bytes, rows, cudaMemcpyHostToDevice, stream_),
+        "cudaMemcpy2D(copy_from_host_2d)");
+}
+
 void CudaBackend::fill_uniform(Tensor& t, uint64_t seed, float scale) {
   check(kernels::fill_uniform(t.data, t.numel(), seed, scale, t.dtype, stream_), "fill_uniform");
 }
@@ -260,10 +272,11 @@ GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DTyp
   check(cublasLtMatmulPreferenceCreate(&pref), "preference");
   check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &gemm_workspace_bytes_,
                                              sizeof(gemm_workspace_bytes_)), "preference workspace");
-  cublasLtMatmulHeuristicResult_t result{};
+  constexpr int kCandidates = 8;
+  cublasLtMatmulHeuristicResult_t results[kCandidates]{};
   int found = 0;
   const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(cublaslt_), plan->desc, plan->a,
-                                                          plan->b, plan->c, plan->c, pref, 1, &result, &found);
+                                                          plan->b, plan->c, plan->c, pref, kCandidates, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (s == CUBLAS_STATUS_NOT_SUPPORTED && allow_missing) found = 0;  // no kernel for these types here
   else check(s, "cublasLtMatmulAlgoGetHeuristic");
@@ -271,7 +284,10 @@ GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DTyp
     if (!allow_missing) throw std::runtime_error("cuBLASLt has no algorithm for " + key);
     plan->missing = true;
   }
-  plan->algo = result.algo;
+  plan->algo = results[0].algo;
+  for (int i = 0; i < found; ++i) {
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(results[i].algo);
+  }
   return *gemm_plans_.emplace(key, std::move(plan)).first->second;
 }
 
@@ -298,11 +314,53 @@ kernels::QuantWeightView quant_view(const LinearWeight& w) {
 
 }  // namespace
 
+// cuBLASLt's first heuristic answer is often not its fastest kernel for decode shapes (a few
+// tokens against a large weight), where the choice of split-K decides whether the GPU is filled.
+// Each candidate runs 3 times on the real operands (the output is rewritten by the caller's own
+// call right after), the median is compared, and the winner is kept for this shape. Skipped
+// inside a graph capture (the heuristic's first then stays; ModelRunner's first run of a shape is
+// never captured).
+void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream_, &capturing), "cudaStreamIsCapturing");
+  if (capturing != cudaStreamCaptureStatusNone) return;
+  plan.tuned = true;
+  if (plan.candidates.size() < 2) return;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  check(cudaEventCreate(&start), "cudaEventCreate");
+  check(cudaEventCreate(&stop), "cudaEventCreate");
+  const float alpha = 1.0f, beta = 0.0f;
+  float best = INFINITY;
+  for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
+    float times[3];
+    bool ok = true;
+    for (float& t : times) {
+      check(cudaEventRecord(start, stream_), "cudaEventRecord");
+      ok = cublasLtMatmul(static_cast<cublasLtHandle_t>(cublaslt_), plan.desc, &alpha, w, plan.a, x, plan.b, &beta, out,
+                          plan.c, out, plan.c, &algo, gemm_workspace_, gemm_workspace_bytes_, stream_) ==
+           CUBLAS_STATUS_SUCCESS;
+      check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+      check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      if (!ok) break;
+      check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+    }
+    if (!ok) continue;
+    std::sort(times, times + 3);
+    if (times[1] < best) {
+      best = times[1];
+      plan.algo = algo;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+}
+
 void CudaBackend::gemm(const void* w, DType w_dtype, const void* x, int64_t tokens, int64_t n, int64_t k, void* out,
                        DType out_dtype) {
   GemmPlan& plan = gemm_plan(n, tokens, k, w_dtype, out_dtype);
   const float alpha = 1.0f;
   const float beta = 0.0f;
+  if (!plan.tuned) tune_gemm(plan, w, x, out);
   check(cublasLtMatmul(static_cast<cublasLtHandle_t>(cublaslt_), plan.desc, &alpha, w, plan.a, x, plan.b, &beta, out,
                        plan.c, out, plan.c, &plan.algo, gemm_workspace_, gemm_workspace_bytes_, stream_),
         "cublasLtMatmul");
@@ -403,6 +461,7 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
   p.scale = scale;
   // Decode-only steps have too few (token, KV head) pairs to fill the GPU: split each context
   // over enough CTAs for about two waves. Depends on the shape only (see kernels/attention.cu).
+  p.decode_only = meta.max_query_len == 1 && p.num_tokens == meta.num_seqs;
   if (meta.max_query_len == 1) {
     const int64_t ctas = p.num_tokens * p.num_kv_heads;
     p.num_splits = static_cast<int>(std::clamp<int64_t>(2 * num_sms_ / std::max<int64_t>(ctas, 1), 1, 32));

@@ -45,6 +45,8 @@ class CudaBackend final : public Backend {
   Tensor scratch(std::vector<int64_t> shape, DType dtype) override;
   void begin_step() override;
   void copy_from_host(const void* src, Tensor& dst) override;
+  void copy_from_host_2d(const void* src, size_t src_pitch, Tensor& dst, size_t dst_pitch, size_t row_bytes,
+                         size_t rows) override;
   void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
   void fill_random_bits(Tensor& t, uint64_t seed) override;
   bool supports_graphs() const override { return arena_ != nullptr; }
@@ -93,6 +95,7 @@ class CudaBackend final : public Backend {
   // out [T, N] = x [T, K] * W^T through cuBLASLt, W [N, K] of w_dtype (x the same, or E4M3 with W).
   void gemm(const void* w, DType w_dtype, const void* x, int64_t tokens, int64_t n, int64_t k, void* out,
             DType out_dtype);
+  void tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out);
   void quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t tokens, Tensor& out);
 
   int device_ = 0;
