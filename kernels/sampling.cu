@@ -57,8 +57,22 @@ __device__ __forceinline__ uint64_t warp_max_u64(uint64_t v) {
   return v;
 }
 
+constexpr int kCandidates = 2048;  // the fast path's sorted head of the distribution
+
+__device__ __forceinline__ int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
+
 struct Shared {
-  double hist[kWarps][kBins];  // per-warp histograms: no atomics across warps
+  union {
+    double hist[kWarps][kBins];  // per-warp histograms: no atomics across warps
+    struct {
+      uint64_t key[kCandidates];
+      double cum[kCandidates];   // probabilities, then their running sums in sorted order
+    } cand;
+  };
+  int num_cand;
+  int fast_result;             // >= 0: the token; -1: the fast path cannot decide
+  int counts[8];
   double red_d[kWarps];
   uint64_t red_u[kWarps];
   double before;               // weight of the elements ordered before the current prefix
@@ -160,6 +174,151 @@ __device__ bool select_first(const Row& row, double temperature, double x, bool 
   return true;
 }
 
+// The CPU sampler's walk, done exactly on the head of the sorted order. The elements within
+// theta of the best logit (in units of T) are a prefix of that order: gathered (at most
+// kCandidates), sorted by key, their probabilities summed in order (the CPU's running sums, bit
+// for bit), the rest of the vocabulary's mass added once. top-k, top-p, min-p and the draw then
+// find their cut by binary search on the running sums. Returns the token, or -1 when a cut falls
+// past the head (a flat distribution, top_k beyond it, a draw into the tail): the radix search
+// then decides.
+__device__ int fast_sample(const float* row, int V, const SamplingRow& p, float l_max, double top, Shared& sh) {
+  const double T = p.temperature;
+  // How far below the best logit to gather: the widest of 1, 2, 4, ..., 32 (x T) that holds at
+  // most kCandidates elements.
+  constexpr int kLevels = 6;
+  int counts[kLevels] = {0, 0, 0, 0, 0, 0};
+  for (int i = threadIdx.x; i < V; i += kThreads) {
+    const float z = (l_max - row[i]) / static_cast<float>(T);
+#pragma unroll
+    for (int j = 0; j < kLevels; ++j) counts[j] += z < static_cast<float>(1 << j) ? 1 : 0;
+  }
+  if (threadIdx.x < 8) sh.counts[threadIdx.x] = 0;
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kLevels; ++j) {
+    int c = counts[j];
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffff, c, o);
+    if (threadIdx.x % 32 == 0) atomicAdd(&sh.counts[j], c);
+  }
+  __syncthreads();
+  int level = -1;
+  for (int j = 0; j < kLevels; ++j) {
+    if (sh.counts[j] <= kCandidates) level = j;
+  }
+  if (level < 0) return -1;
+  const float theta = static_cast<float>(1 << level);
+  const int n = sh.counts[level];
+
+  // Gather the head's keys (warp-aggregated slots), pad to a power of two, sort ascending.
+  if (threadIdx.x == 0) sh.num_cand = 0;
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  for (int base = 0; base < V; base += kThreads) {
+    const int i = base + static_cast<int>(threadIdx.x);
+    const bool in = i < V && (l_max - row[i]) / static_cast<float>(T) < theta;
+    const unsigned mask = __ballot_sync(0xffffffff, in);
+    int slot = 0;
+    if (lane == 0 && mask != 0) slot = atomicAdd(&sh.num_cand, __popc(mask));
+    slot = __shfl_sync(0xffffffff, slot, 0);
+    const int at = slot + __popc(mask & ((1u << lane) - 1));
+    if (in && at < kCandidates) sh.cand.key[at] = key_of(row[i], i);
+  }
+  __syncthreads();
+  if (sh.num_cand != n) return -1;  // (the same test as the count's: never, short of a race)
+  int padded = 1;
+  while (padded < n) padded <<= 1;
+  for (int i = n + static_cast<int>(threadIdx.x); i < padded; i += kThreads) sh.cand.key[i] = ~uint64_t{0};
+  __syncthreads();
+  for (int size = 2; size <= padded; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < padded; i += kThreads) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const uint64_t a = sh.cand.key[i], b = sh.cand.key[j];
+          const bool ascending = (i & size) == 0;
+          if ((a > b) == ascending) {
+            sh.cand.key[i] = b;
+            sh.cand.key[j] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // Probabilities of the head, in sorted order; the mass of everything else (a tree sum).
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const auto id = static_cast<int32_t>(static_cast<uint32_t>(sh.cand.key[i]));
+    sh.cand.cum[i] = exp(static_cast<double>(row[id]) / T - top);
+  }
+  const int64_t keep0 = p.top_k > 0 ? lmin(V, p.top_k) : V;
+  if (keep0 > n && keep0 < V) return -1;  // top_k reaches past the head
+  double tail = 0.0;
+  int min_p_count = 0;
+  if (keep0 > n) {
+    for (int i = threadIdx.x; i < V; i += kThreads) {
+      const float v = row[i];
+      if (!((l_max - v) / static_cast<float>(T) < theta)) tail += exp(static_cast<double>(v) / T - top);
+    }
+  }
+  tail = block_sum_d(tail, sh);  // also orders the probabilities' writes before the reads below
+  if (p.min_p > 0.0) {
+    int c = 0;
+    for (int i = threadIdx.x; i < n; i += kThreads) c += sh.cand.cum[i] >= p.min_p ? 1 : 0;
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffff, c, o);
+    if (threadIdx.x == 0) sh.counts[7] = 0;
+    __syncthreads();
+    if (lane == 0) atomicAdd(&sh.counts[7], c);
+    __syncthreads();
+    min_p_count = sh.counts[7];
+  }
+  if (threadIdx.x == 0) {
+    // The CPU's running sums, in its order.
+    double acc = 0.0;
+    for (int i = 0; i < n; ++i) sh.cand.cum[i] = acc += sh.cand.cum[i];
+    const double* cum = sh.cand.cum;
+    // First i < limit with cum[i] >= x (or > x when strict); limit when none.
+    auto first_reaching = [&](int limit, double x, bool strict) {
+      int lo = 0, hi = limit;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (strict ? cum[mid] > x : cum[mid] >= x) hi = mid; else lo = mid + 1;
+      }
+      return lo;
+    };
+    int result = -1;
+    const double total0 = keep0 <= n ? cum[keep0 - 1] : cum[n - 1] + tail;
+    int64_t keep1 = keep0;
+    bool ok = true;
+    if (p.top_p < 1.0) {
+      const double x = p.top_p * total0;
+      const int64_t limit = lmin(keep0, n);
+      const int i = first_reaching(static_cast<int>(limit), x, false);
+      if (i < limit) keep1 = i + 1;
+      else ok = keep0 <= n;  // the CPU's loop ends at keep0 too; else it goes on into the tail
+    }
+    int64_t keep2 = keep1;
+    if (ok && p.min_p > 0.0) {
+      // Probabilities fall along the order: the kept ones are the leading min_p_count.
+      const int64_t limit = lmin(keep1, n);
+      if (min_p_count < limit || keep1 <= n) keep2 = lmax(1, lmin(min_p_count, limit));
+      else ok = false;
+    }
+    if (ok) {
+      const double total = keep2 <= n ? cum[keep2 - 1] : total0;
+      const double target = counter_uniform(p.seed, p.counter) * total;
+      const int64_t limit = lmin(keep2, n);
+      const int i = first_reaching(static_cast<int>(limit), target, true);
+      if (i < limit) result = static_cast<int32_t>(static_cast<uint32_t>(sh.cand.key[i]));
+      else if (keep2 <= n) result = static_cast<int32_t>(static_cast<uint32_t>(sh.cand.key[keep2 - 1]));
+    }
+    sh.fast_result = result;
+  }
+  __syncthreads();
+  const int result = sh.fast_result;
+  __syncthreads();  // the candidates' memory is the slow path's histograms
+  return result;
+}
+
 __global__ void __launch_bounds__(kThreads) sample_kernel(float* logits, int64_t vocab, const SamplingRow* params,
                                                           const PenaltyEntry* entries, float* saved_raw,
                                                           int32_t* tokens, float* logprobs, int32_t* top_ids,
@@ -228,47 +387,52 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(float* logits, int64_t
     first = block_min_u64(first, sh);
     Row rw{row, V, static_cast<double>(row[static_cast<uint32_t>(first)]) / p.temperature};
     const double T = p.temperature;
-    auto kept_mass = [&](uint64_t cut) {
-      double s = 0.0;
-      for (int i = threadIdx.x; i < V; i += kThreads) {
-        const float v = row[i];
-        if (key_of(v, i) <= cut) s += exp(static_cast<double>(v) / T - rw.top);
+    const int fast = fast_sample(row, V, p, row[static_cast<uint32_t>(first)], rw.top, sh);
+    if (fast >= 0) {
+      chosen = fast;
+    } else {
+      auto kept_mass = [&](uint64_t cut) {
+        double s = 0.0;
+        for (int i = threadIdx.x; i < V; i += kThreads) {
+          const float v = row[i];
+          if (key_of(v, i) <= cut) s += exp(static_cast<double>(v) / T - rw.top);
+        }
+        return block_sum_d(s, sh);
+      };
+      uint64_t cut = ~uint64_t{0};
+      if (p.top_k > 0 && p.top_k < V) {
+        uint64_t k = 0;
+        if (select_first<false>(rw, T, static_cast<double>(p.top_k - 1), true, cut, &k, sh)) cut = k;
       }
-      return block_sum_d(s, sh);
-    };
-    uint64_t cut = ~uint64_t{0};
-    if (p.top_k > 0 && p.top_k < V) {
-      uint64_t k = 0;
-      if (select_first<false>(rw, T, static_cast<double>(p.top_k - 1), true, cut, &k, sh)) cut = k;
-    }
-    if (p.top_p < 1.0) {
-      const double x = p.top_p * kept_mass(cut);
-      uint64_t k = 0;
-      if (select_first<true>(rw, T, x, false, cut, &k, sh)) cut = k;
-    }
-    if (p.min_p > 0.0) {
-      // The first kept element has probability exp(0) = 1: keep those >= min_p, at least one.
-      double c = 0.0;
-      for (int i = threadIdx.x; i < V; i += kThreads) {
-        const float v = row[i];
-        if (key_of(v, i) <= cut && exp(static_cast<double>(v) / T - rw.top) >= p.min_p) c += 1.0;
+      if (p.top_p < 1.0) {
+        const double x = p.top_p * kept_mass(cut);
+        uint64_t k = 0;
+        if (select_first<true>(rw, T, x, false, cut, &k, sh)) cut = k;
       }
-      c = block_sum_d(c, sh);
-      uint64_t k = 0;
-      if (select_first<false>(rw, T, c < 1.0 ? 0.0 : c - 1.0, true, cut, &k, sh)) cut = k;
-    }
-    const double target = counter_uniform(p.seed, p.counter) * kept_mass(cut);
-    uint64_t k = 0;
-    if (!select_first<true>(rw, T, target, true, cut, &k, sh)) {
-      // Rounding put the target past the end: the last kept element, as the CPU does.
-      uint64_t last = 0;
-      for (int i = threadIdx.x; i < V; i += kThreads) {
-        const uint64_t ki = key_of(row[i], i);
-        if (ki <= cut && ki > last) last = ki;
+      if (p.min_p > 0.0) {
+        // The first kept element has probability exp(0) = 1: keep those >= min_p, at least one.
+        double c = 0.0;
+        for (int i = threadIdx.x; i < V; i += kThreads) {
+          const float v = row[i];
+          if (key_of(v, i) <= cut && exp(static_cast<double>(v) / T - rw.top) >= p.min_p) c += 1.0;
+        }
+        c = block_sum_d(c, sh);
+        uint64_t k = 0;
+        if (select_first<false>(rw, T, c < 1.0 ? 0.0 : c - 1.0, true, cut, &k, sh)) cut = k;
       }
-      k = block_max_u64(last, sh);
+      const double target = counter_uniform(p.seed, p.counter) * kept_mass(cut);
+      uint64_t k = 0;
+      if (!select_first<true>(rw, T, target, true, cut, &k, sh)) {
+        // Rounding put the target past the end: the last kept element, as the CPU does.
+        uint64_t last = 0;
+        for (int i = threadIdx.x; i < V; i += kThreads) {
+          const uint64_t ki = key_of(row[i], i);
+          if (ki <= cut && ki > last) last = ki;
+        }
+        k = block_max_u64(last, sh);
+      }
+      chosen = static_cast<int32_t>(static_cast<uint32_t>(k));
     }
-    chosen = static_cast<int32_t>(static_cast<uint32_t>(k));
   }
 
   if (p.num_logprobs >= 0) {
