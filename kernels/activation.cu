@@ -10,6 +10,8 @@ namespace {
 
 template <typename T>
 __global__ void silu_mul_kernel(const T* gate_up, int64_t rows, int64_t f, T* out) {
+  pdl_trigger();
+  pdl_wait();  // every input is another kernel's output
   const int64_t n = rows * f;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -29,8 +31,8 @@ cudaError_t silu_mul(const void* gate_up, int64_t rows, int64_t f, void* out, DT
   if (n == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
   return dispatch_dtype(dtype, [&]<typename T>() {
-    silu_mul_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(gate_up), rows, f, static_cast<T*>(out));
-    return cudaGetLastError();
+    return launch_pdl(silu_mul_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(256), 0, stream,
+                      static_cast<const T*>(gate_up), rows, f, static_cast<T*>(out));
   });
 }
 

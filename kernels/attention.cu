@@ -193,6 +193,8 @@ template <> struct VecOf<4> { using type = uint32_t; };
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p) {
+  pdl_trigger();
+  pdl_wait();  // every input is another kernel's output
   constexpr int kVec = D / 32;                     // elements of head_dim per lane: a row per warp
   using Vec = typename VecOf<kVec * 2>::type;      // 16-bit types only
   constexpr int kWarps = 4;
@@ -357,6 +359,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p) {
 
 template <typename T>
 __global__ void combine_kernel(AttentionParams p) {
+  pdl_trigger();
+  pdl_wait();  // every input is another kernel's output
   const int64_t t = blockIdx.x;
   const int64_t h = blockIdx.y;
   const int64_t D = p.head_dim;
@@ -420,12 +424,12 @@ cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t 
       if (decode != nullptr) {
         const dim3 grid(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.num_kv_heads),
                         static_cast<unsigned>(p.num_splits));
-        decode<<<grid, 128, 0, stream>>>(p);
-        if (p.num_splits > 1) {
+        cudaError_t e = launch_pdl(decode, grid, dim3(128), 0, stream, p);
+        if (e == cudaSuccess && p.num_splits > 1) {
           const dim3 cgrid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_q_heads));
-          combine_kernel<T><<<cgrid, 128, 0, stream>>>(p);
+          e = launch_pdl(combine_kernel<T>, cgrid, dim3(128), 0, stream, p);
         }
-        return cudaGetLastError();
+        return e;
       }
     }
     if (smem > 48 * 1024) {

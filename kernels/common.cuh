@@ -3,6 +3,11 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 #include "worker/runtime/dtype.h"
 
@@ -35,6 +40,55 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
   return v;
+}
+
+// Programmatic dependent launch (Hopper and later): a kernel launched by launch_pdl() may be
+// scheduled while the kernel before it in the stream is still finishing, so its launch latency
+// and prologue hide behind that kernel's tail; at a decode step's hundreds of small kernels this
+// is a good part of the step. Such a kernel calls pdl_trigger() (its own dependents may launch)
+// and then pdl_wait() before it touches any memory another kernel writes or reads (pdl_wait
+// returns once the previous kernel has completed and its writes are visible); only memory no
+// kernel writes (weights) may be read before. On older GPUs both are no-ops and launches are
+// ordinary. SHARDSERVE_PDL=0 turns it off.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    const char* env = std::getenv("SHARDSERVE_PDL");
+    return major >= 9 && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.

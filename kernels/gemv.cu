@@ -18,17 +18,24 @@ constexpr int kWarpsPerBlock = 8;
 template <typename T, typename OutT, int NT>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                  int64_t n, int64_t k, OutT* __restrict__ y) {
+  pdl_trigger();
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (row >= n) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + row * k);
+  const uint4* wr = reinterpret_cast<const uint4*>(w + min(row, n - 1) * k);
   const int64_t vecs = k / 8;
+  // The first weights are read before waiting for the kernel that writes x (weights never change).
+  constexpr int kPre = 4;
+  uint4 pre[kPre];
+#pragma unroll
+  for (int u = 0; u < kPre; ++u) {
+    if (lane + u * 32 < vecs) pre[u] = __ldcs(wr + lane + u * 32);
+  }
+  pdl_wait();
+  if (row >= n) return;
   float acc[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-#pragma unroll 4
-  for (int64_t v = lane; v < vecs; v += 32) {
-    const uint4 wv = __ldcs(wr + v);
+  auto consume = [&](const uint4& wv, int64_t v) {
     const T* wp = reinterpret_cast<const T*>(&wv);
     float wf[8];
 #pragma unroll
@@ -40,7 +47,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const T* __re
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[t] += wf[j] * to_f32(xp[j]);
     }
+  };
+#pragma unroll
+  for (int u = 0; u < kPre; ++u) {
+    if (lane + u * 32 < vecs) consume(pre[u], lane + u * 32);
   }
+#pragma unroll 4
+  for (int64_t v = lane + kPre * 32; v < vecs; v += 32) consume(__ldcs(wr + v), v);
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     const float s = warp_sum(acc[t]);
@@ -56,7 +69,7 @@ cudaError_t launch(const void* x, const void* w, int64_t tokens, int64_t n, int6
   auto* ys = static_cast<OutT*>(y);
   switch (tokens) {
 #define SHARDSERVE_GEMV_CASE(NT) \
-  case NT: gemv_kernel<T, OutT, NT><<<grid, kWarpsPerBlock * 32, 0, stream>>>(xs, ws, n, k, ys); break;
+  case NT: return launch_pdl(gemv_kernel<T, OutT, NT>, grid, dim3(kWarpsPerBlock * 32), 0, stream, xs, ws, n, k, ys);
     SHARDSERVE_GEMV_CASE(1) SHARDSERVE_GEMV_CASE(2) SHARDSERVE_GEMV_CASE(3) SHARDSERVE_GEMV_CASE(4)
     SHARDSERVE_GEMV_CASE(5) SHARDSERVE_GEMV_CASE(6) SHARDSERVE_GEMV_CASE(7) SHARDSERVE_GEMV_CASE(8)
 #undef SHARDSERVE_GEMV_CASE

@@ -12,6 +12,8 @@ constexpr int kMaxPerThread = 16;
 
 template <typename T>
 __global__ void rmsnorm_kernel(const T* x, T* residual, const T* weight, int64_t hidden, float eps, T* out) {
+  pdl_trigger();
+  pdl_wait();  // every input is another kernel's output
   const int64_t row = blockIdx.x;
   const T* xr = x + row * hidden;
   T* rr = residual ? residual + row * hidden : nullptr;
@@ -55,9 +57,9 @@ cudaError_t rmsnorm(const void* x, void* residual, const void* weight, int64_t r
   while (threads < 1024 && threads * kMaxPerThread / 2 < hidden) threads *= 2;
   if (static_cast<int64_t>(threads) * kMaxPerThread < hidden) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&]<typename T>() {
-    rmsnorm_kernel<T><<<rows, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(residual),
-                                                    static_cast<const T*>(weight), hidden, eps, static_cast<T*>(out));
-    return cudaGetLastError();
+    return launch_pdl(rmsnorm_kernel<T>, dim3(static_cast<unsigned>(rows)), dim3(threads), 0, stream,
+                      static_cast<const T*>(x), static_cast<T*>(residual), static_cast<const T*>(weight), hidden, eps,
+                      static_cast<T*>(out));
   });
 }
 

@@ -11,6 +11,8 @@ template <typename T>
 __global__ void rope_kv_kernel(T* qkv, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                const int32_t* positions, const float* cos_sin, const int32_t* slot_mapping,
                                T* k_cache, T* v_cache) {
+  pdl_trigger();
+  pdl_wait();  // every input is another kernel's output
   const int64_t t = blockIdx.x;
   const int64_t half = head_dim / 2;
   const int64_t stride = (num_q_heads + 2 * num_kv_heads) * head_dim;
@@ -45,10 +47,9 @@ cudaError_t rope_and_store_kv(void* qkv, int64_t num_tokens, int64_t num_q_heads
                               cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&]<typename T>() {
-    rope_kv_kernel<T><<<num_tokens, 128, 0, stream>>>(static_cast<T*>(qkv), num_q_heads, num_kv_heads, head_dim,
-                                                      positions, cos_sin, slot_mapping, static_cast<T*>(k_cache),
-                                                      static_cast<T*>(v_cache));
-    return cudaGetLastError();
+    return launch_pdl(rope_kv_kernel<T>, dim3(static_cast<unsigned>(num_tokens)), dim3(128), 0, stream,
+                      static_cast<T*>(qkv), num_q_heads, num_kv_heads, head_dim, positions, cos_sin, slot_mapping,
+                      static_cast<T*>(k_cache), static_cast<T*>(v_cache));
   });
 }
 
