@@ -205,8 +205,10 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p) {
   __shared__ float l_s[kWarps][G];
   __shared__ float acc_s[kWarps][G][D];
 
-  const int s = blockIdx.x;
-  const int kvh = blockIdx.y;
+  // KV heads vary fastest over the grid: the CTAs of one sequence run side by side and together
+  // read each position's K and V rows of all heads, which lie next to one another in the cache.
+  const int kvh = blockIdx.x;
+  const int s = blockIdx.y;
   const int split = blockIdx.z;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -422,7 +424,7 @@ cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t 
         return nullptr;
       }();
       if (decode != nullptr) {
-        const dim3 grid(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.num_kv_heads),
+        const dim3 grid(static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_splits));
         cudaError_t e = launch_pdl(decode, grid, dim3(128), 0, stream, p);
         if (e == cudaSuccess && p.num_splits > 1) {

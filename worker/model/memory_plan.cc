@@ -7,6 +7,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "worker/runtime/attention_splits.h"
 
 namespace shardserve {
 namespace {
@@ -123,10 +124,10 @@ int64_t step_scratch_bytes(const RankShape& s, int64_t act, int64_t tokens, int6
   b += aligned(tokens * s.qkv_rows * act) + aligned(tokens * s.q_heads * s.head_dim * act) +
        aligned(tokens * 2 * s.ffn * act) + aligned(tokens * s.ffn * act);
   if (decode) {
-    // cuda_backend.cc: splits = clamp(2 x SMs / (tokens x KV heads), 1, 32); partials FP32
+    // worker/runtime/attention_splits.h: ceil(4 x SMs / (tokens x KV heads)), 1..32; partials FP32
     // tokens x q_heads x splits x (head_dim + 2) (kernels/attention.cu attention_workspace_bytes),
     // released after each layer's attention, so counted once.
-    const int64_t splits = std::clamp<int64_t>(2 * num_sms / std::max<int64_t>(tokens * s.kv_heads, 1), 1, 32);
+    const int64_t splits = decode_attention_splits(tokens, s.kv_heads, num_sms);
     if (splits > 1) b += aligned(4 * tokens * s.q_heads * splits * (s.head_dim + 2));
   }
   b += aligned(sampled * s.hidden * act);

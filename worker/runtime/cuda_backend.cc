@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/kernels.h"
+#include "worker/runtime/attention_splits.h"
 #include "worker/runtime/communicator.h"
 
 namespace shardserve {
@@ -460,11 +461,10 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
   p.max_blocks = meta.block_tables.dim(1);
   p.scale = scale;
   // Decode-only steps have too few (token, KV head) pairs to fill the GPU: split each context
-  // over enough CTAs for about two waves. Depends on the shape only (see kernels/attention.cu).
+  // over enough CTAs for about four per SM. Depends on the shape only (attention_splits.h).
   p.decode_only = meta.max_query_len == 1 && p.num_tokens == meta.num_seqs;
   if (meta.max_query_len == 1) {
-    const int64_t ctas = p.num_tokens * p.num_kv_heads;
-    p.num_splits = static_cast<int>(std::clamp<int64_t>(2 * num_sms_ / std::max<int64_t>(ctas, 1), 1, 32));
+    p.num_splits = static_cast<int>(decode_attention_splits(p.num_tokens, p.num_kv_heads, num_sms_));
   }
   // The partials live only until the combine kernel has run: later scratch may reuse them (the
   // stream orders every reader before the next writer), so they do not grow with depth.
