@@ -13,13 +13,15 @@
 // (FlashAttention-2 style) prefill path is the next step for long prompts.
 //
 // Decode-only steps (one query token per sequence) take decode_kernel instead, built to stream
-// the KV cache at memory bandwidth: grid (sequence, KV head, split), 4 warps. A K or V row is one
-// warp-wide coalesced read (each lane its head_dim / 32 elements), read once for the whole GQA
-// group of query heads. Each warp walks its own rows, 8 at a time (4 for 8-head groups) with all
-// 16 K and V loads in flight before the first use, and keeps its own online softmax (FP32, exp2
-// with log2(e) folded into q) and P.V accumulators, so no barrier stalls the stream; the 4 warps'
-// states are merged once at the end. Splits write the same partials as attention_kernel, merged
-// by combine_kernel.
+// the KV cache at memory bandwidth: grid (sequence, KV head, split); each CTA walks its part of
+// the context in tiles of 64 positions. Every lane owns a fixed slice of head_dim (16 bytes of
+// each K and V row: 8 BF16, or 8 bytes for 8-query-head groups, which need twice the registers
+// per slice) for all the group's query heads, so a K or V row is one coalesced line per
+// kLanesPerRow lanes, read once for the whole GQA group, with all of a warp's rows of a tile in
+// flight before the first use. Scores go through shared memory for the tile's online softmax
+// (FP32, exp2 with log2(e) folded into q); each thread accumulates P.V for its slice over its
+// rows, and the warps' partial sums are added once at the end. Splits write the same partials as
+// attention_kernel, merged by combine_kernel.
 #include <cfloat>
 #include <type_traits>
 
@@ -189,37 +191,42 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 template <int kBytes> struct VecOf;
 template <> struct VecOf<16> { using type = uint4; };
 template <> struct VecOf<8> { using type = uint2; };
-template <> struct VecOf<4> { using type = uint32_t; };
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p) {
   pdl_trigger();
   pdl_wait();  // every input is another kernel's output
-  constexpr int kVec = D / 32;                     // elements of head_dim per lane: a row per warp
-  using Vec = typename VecOf<kVec * 2>::type;      // 16-bit types only
+  constexpr int kVec = G >= 8 ? 4 : 8;               // elements of head_dim per lane
+  using Vec = typename VecOf<kVec * 2>::type;         // 16-bit types only
+  constexpr int kLanesPerRow = D / kVec;              // lanes that share one K/V row
+  static_assert(kLanesPerRow <= 32 && 32 % kLanesPerRow == 0, "head_dim / lanes");
+  constexpr int kRowsPerWarp = 32 / kLanesPerRow;     // rows a warp reads at once
   constexpr int kWarps = 4;
-  constexpr int kChunk = G >= 8 ? 4 : 8;           // rows a warp has in flight (K and V)
+  constexpr int kTileRows = 64;
+  constexpr int kRowsPerWarpTile = kTileRows / kWarps;  // 16
+  constexpr int kIters = kRowsPerWarpTile / kRowsPerWarp;
   constexpr float kLog2e = 1.4426950408889634f;
 
-  __shared__ float m_s[kWarps][G];
-  __shared__ float l_s[kWarps][G];
-  __shared__ float acc_s[kWarps][G][D];
+  __shared__ float scores[G][kTileRows];
+  __shared__ float alpha_s[G];
+  __shared__ float m_s[G];
+  __shared__ float l_s[G];
+  __shared__ float reduce_s[kWarps][G][D];
 
-  // KV heads vary fastest over the grid: the CTAs of one sequence run side by side and together
-  // read each position's K and V rows of all heads, which lie next to one another in the cache.
-  const int kvh = blockIdx.x;
-  const int s = blockIdx.y;
+  const int s = blockIdx.x;
+  const int kvh = blockIdx.y;
   const int split = blockIdx.z;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int col = lane * kVec;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int row_in_warp = lane / kLanesPerRow;
+  const int col = (lane % kLanesPerRow) * kVec;
   const int64_t t = p.query_start_loc[s];  // its one query token
   const int ctx = p.seq_lens[s];           // positions [0, ctx)
-  constexpr int kTile = kWarps * kChunk;   // positions the CTA advances by
-  const int tiles = (ctx + kTile - 1) / kTile;
+  const int tiles = (ctx + kTileRows - 1) / kTileRows;
   const int tiles_per_split = (tiles + p.num_splits - 1) / p.num_splits;
-  const int begin = split * tiles_per_split * kTile;
-  const int end = min(ctx, begin + tiles_per_split * kTile);
+  const int begin = split * tiles_per_split * kTileRows;
+  const int end = min(ctx, begin + tiles_per_split * kTileRows);
 
   const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
   const T* q = static_cast<const T*>(p.qkv) + t * stride + static_cast<int64_t>(kvh) * G * D + col;
@@ -232,128 +239,135 @@ __global__ void __launch_bounds__(128) decode_kernel(AttentionParams p) {
     for (int i = 0; i < kVec; ++i) qf[g][i] = to_f32(e[i]) * p.scale * kLog2e;
   }
   float acc[G][kVec];
-  float m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    m[g] = -FLT_MAX;
-    l[g] = 0.0f;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[g][i] = 0.0f;
   }
+  if (tid < G) {
+    m_s[tid] = -FLT_MAX;
+    l_s[tid] = 0.0f;
+  }
   const int32_t* block_table = p.block_tables + static_cast<int64_t>(s) * p.max_blocks;
-  const T* k_cache = static_cast<const T*>(p.k_cache) + static_cast<int64_t>(kvh) * D + col;
-  const T* v_cache = static_cast<const T*>(p.v_cache) + static_cast<int64_t>(kvh) * D + col;
+  const T* k_cache = static_cast<const T*>(p.k_cache);
+  const T* v_cache = static_cast<const T*>(p.v_cache);
   const int64_t row_stride = p.num_kv_heads * D;  // between slots
 
-  // Each warp walks its own rows with its own softmax state: no block barrier until the end.
-  for (int base = begin + warp * kChunk; base < end; base += kTile) {
-    Vec kv[kChunk], vv[kChunk];
-    int n = min(kChunk, end - base);
+  for (int tile = begin; tile < end; tile += kTileRows) {
+    int64_t offset[kIters];
+    bool valid[kIters];
+    Vec kv[kIters];
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      if (j < n) {
-        const int pos = base + j;
-        const int64_t slot = static_cast<int64_t>(block_table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-        kv[j] = __ldcs(reinterpret_cast<const Vec*>(k_cache + slot * row_stride));
-        vv[j] = __ldcs(reinterpret_cast<const Vec*>(v_cache + slot * row_stride));
-      }
+    for (int i = 0; i < kIters; ++i) {
+      const int pos = tile + warp * kRowsPerWarpTile + i * kRowsPerWarp + row_in_warp;
+      valid[i] = pos < end;
+      const int64_t slot = valid[i] ? static_cast<int64_t>(block_table[pos / p.block_size]) * p.block_size + pos % p.block_size : 0;
+      offset[i] = slot * row_stride + static_cast<int64_t>(kvh) * D + col;
     }
-    float sc[kChunk][G];
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      const T* e = reinterpret_cast<const T*>(&kv[j]);
+    for (int i = 0; i < kIters; ++i) {
+      if (valid[i]) kv[i] = __ldcs(reinterpret_cast<const Vec*>(k_cache + offset[i]));
+    }
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const T* e = reinterpret_cast<const T*>(&kv[i]);
       float kf[kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) kf[i] = to_f32(e[i]);
+      for (int j = 0; j < kVec; ++j) kf[j] = to_f32(e[j]);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float d = 0.0f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) d += qf[g][i] * kf[i];
-        sc[j][g] = d;
-      }
-    }
-    // Sums over the warp: every lane ends with every (row, head) score.
+        for (int j = 0; j < kVec; ++j) d += qf[g][j] * kf[j];
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float d = sc[j][g];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffff, d, o);
-        sc[j][g] = j < n ? d : -FLT_MAX;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float mx = m[g];
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) mx = fmaxf(mx, sc[j][g]);
-      const float alpha = exp2f(m[g] - mx);
-      m[g] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[g][i] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        const float pj = j < n ? exp2f(sc[j][g] - mx) : 0.0f;
-        sum += pj;
-        sc[j][g] = pj;
-      }
-      l[g] = l[g] * alpha + sum;
-    }
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
-      if (j < n) {
-        const T* e = reinterpret_cast<const T*>(&vv[j]);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          const float v = to_f32(e[i]);
-#pragma unroll
-          for (int g = 0; g < G; ++g) acc[g][i] += sc[j][g] * v;
+        for (int o = kLanesPerRow / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffff, d, o);
+        if (lane % kLanesPerRow == 0) {
+          scores[g][warp * kRowsPerWarpTile + i * kRowsPerWarp + row_in_warp] = valid[i] ? d : -FLT_MAX;
         }
       }
     }
-  }
-
-  // Merge the warps' states (m, l, acc), as combine_kernel merges splits.
-  if (lane == 0) {
+    // V rows of this tile are independent of the softmax: in flight while it runs.
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      if (valid[i]) kv[i] = __ldcs(reinterpret_cast<const Vec*>(v_cache + offset[i]));
+    }
+    __syncthreads();
+    // Online softmax over the tile, one warp per query head (base 2: q carries log2(e)).
+    for (int g = warp; g < G; g += kWarps) {
+      const float a = scores[g][lane], b = scores[g][lane + 32];
+      const float m_old = m_s[g];
+      const float m_new = fmaxf(m_old, warp_max(fmaxf(a, b)));
+      const float ea = a == -FLT_MAX ? 0.0f : exp2f(a - m_new);
+      const float eb = b == -FLT_MAX ? 0.0f : exp2f(b - m_new);
+      scores[g][lane] = ea;
+      scores[g][lane + 32] = eb;
+      const float sum = warp_sum(ea + eb);
+      if (lane == 0) {
+        const float alpha = exp2f(m_old - m_new);
+        alpha_s[g] = alpha;
+        l_s[g] = l_s[g] * alpha + sum;
+        m_s[g] = m_new;
+      }
+    }
+    __syncthreads();
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      m_s[warp][g] = m[g];
-      l_s[warp][g] = l[g];
+      const float alpha = alpha_s[g];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[g][j] *= alpha;
     }
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      if (!valid[i]) continue;
+      const T* e = reinterpret_cast<const T*>(&kv[i]);
+      float vf[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) vf[j] = to_f32(e[j]);
+      const int r = warp * kRowsPerWarpTile + i * kRowsPerWarp + row_in_warp;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float pg = scores[g][r];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) acc[g][j] += pg * vf[j];
+      }
+    }
+    __syncthreads();  // scores are rewritten by the next tile
   }
+
+  // Sum each slice over the warp's rows (lanes kLanesPerRow apart), then over the warps.
 #pragma unroll
   for (int g = 0; g < G; ++g) {
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) acc_s[warp][g][col + i] = acc[g][i];
+    for (int j = 0; j < kVec; ++j) {
+      float v = acc[g][j];
+#pragma unroll
+      for (int o = kLanesPerRow; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+      acc[g][j] = v;
+    }
+  }
+  if (row_in_warp == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) reduce_s[warp][g][col + j] = acc[g][j];
+    }
   }
   __syncthreads();
   const int64_t head0 = static_cast<int64_t>(kvh) * G;
   const int64_t ml_count = p.num_tokens * p.num_q_heads * p.num_splits;
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+  for (int idx = tid; idx < G * D; idx += blockDim.x) {
     const int g = idx / D, d = idx % D;
-    float mx = -FLT_MAX;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_s[w][g]);
-    float a = 0.0f, lsum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = m_s[w][g] == -FLT_MAX ? 0.0f : exp2f(m_s[w][g] - mx);
-      a += f * acc_s[w][g][d];
-      lsum += f * l_s[w][g];
-    }
+    const float a = reduce_s[0][g][d] + reduce_s[1][g][d] + reduce_s[2][g][d] + reduce_s[3][g][d];
     if (p.num_splits == 1) {
       T* out = static_cast<T*>(p.out) + t * p.num_q_heads * D + head0 * D;
-      out[idx] = from_f32<T>(lsum > 0.0f ? a / lsum : 0.0f);
+      out[idx] = from_f32<T>(l_s[g] > 0.0f ? a / l_s[g] : 0.0f);
     } else {
       // Partials in attention_kernel's layout, m in natural-log units as combine_kernel expects.
       const int64_t r = ((t * p.num_q_heads) + head0 + g) * p.num_splits + split;
       p.partials[2 * ml_count + r * D + d] = a;
       if (d == 0) {
-        p.partials[2 * r] = mx == -FLT_MAX ? -FLT_MAX : mx / kLog2e;
-        p.partials[2 * r + 1] = lsum;
+        p.partials[2 * r] = m_s[g] == -FLT_MAX ? -FLT_MAX : m_s[g] / kLog2e;
+        p.partials[2 * r + 1] = l_s[g];
       }
     }
   }
@@ -424,7 +438,7 @@ cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t 
         return nullptr;
       }();
       if (decode != nullptr) {
-        const dim3 grid(static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.num_seqs),
+        const dim3 grid(static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(p.num_kv_heads),
                         static_cast<unsigned>(p.num_splits));
         cudaError_t e = launch_pdl(decode, grid, dim3(128), 0, stream, p);
         if (e == cudaSuccess && p.num_splits > 1) {

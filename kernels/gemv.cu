@@ -30,13 +30,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const T* __re
   for (int u = 0; u < kPre; ++u) {
     if (lane + u * 32 < vecs) pre[u] = __ldcs(wr + lane + u * 32);
   }
-  // ... and the next ones are asked into L2: the kernel before (a norm, RoPE, attention) is short
-  // and leaves most SMs to this one, whose weight stream then starts while it runs.
-  constexpr int kPrefetch = 16;
-#pragma unroll
-  for (int u = kPre; u < kPrefetch; ++u) {
-    if (lane + u * 32 < vecs) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr + lane + u * 32));
-  }
   pdl_wait();
   if (row >= n) return;
   float acc[NT];

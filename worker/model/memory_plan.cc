@@ -111,7 +111,8 @@ WeightBytes weight_bytes(const ModelConfig& c, const RankShape& s, const PlanOpt
 //   embedding output, x, h: 3 x T x hidden
 //   the layers' shared workspace, once: qkv T x qkv_rows, attention out T x q_heads x head_dim,
 //           gate/up T x 2 ffn, silu-mul T x ffn
-//   decode only: split-attention partials (released after each layer's attention: counted once)
+//   decode only: split-attention partials (released after each layer's attention, before what
+//           follows is allocated: the peak holds them or the sampled rows, whichever is larger)
 //   logits: last hidden rows S x hidden, LM head S x vocab_local x FP32, and for tp > 1 the
 //           gathered tp x S x vocab_local and joined S x vocab FP32 logits.
 // Llama-3.1-70B, tp 1, BF16, T = 2048 prefill tokens: the workspace is 2048 x (10240 + 8192 +
@@ -123,17 +124,19 @@ int64_t step_scratch_bytes(const RankShape& s, int64_t act, int64_t tokens, int6
   b += 3 * aligned(tokens * s.hidden * act);
   b += aligned(tokens * s.qkv_rows * act) + aligned(tokens * s.q_heads * s.head_dim * act) +
        aligned(tokens * 2 * s.ffn * act) + aligned(tokens * s.ffn * act);
+  // The sampled rows: hidden states, logits (and for tp > 1 the gathered and joined logits).
+  int64_t tail = aligned(sampled * s.hidden * act) + aligned(sampled * s.vocab_local * 4);
+  if (s.tp > 1) tail += aligned(s.tp * sampled * s.vocab_local * 4) + aligned(sampled * s.vocab * 4);
+  // Decode only: split-attention partials, FP32 tokens x q_heads x splits x (head_dim + 2)
+  // (kernels/attention.cu attention_workspace_bytes; splits: worker/runtime/attention_splits.h).
+  // Released after each layer's attention, before the sampled rows are allocated: the peak is
+  // whichever of the two is larger.
+  int64_t partials = 0;
   if (decode) {
-    // worker/runtime/attention_splits.h: ceil(4 x SMs / (tokens x KV heads)), 1..32; partials FP32
-    // tokens x q_heads x splits x (head_dim + 2) (kernels/attention.cu attention_workspace_bytes),
-    // released after each layer's attention, so counted once.
     const int64_t splits = decode_attention_splits(tokens, s.kv_heads, num_sms);
-    if (splits > 1) b += aligned(4 * tokens * s.q_heads * splits * (s.head_dim + 2));
+    if (splits > 1) partials = aligned(4 * tokens * s.q_heads * splits * (s.head_dim + 2));
   }
-  b += aligned(sampled * s.hidden * act);
-  b += aligned(sampled * s.vocab_local * 4);
-  if (s.tp > 1) b += aligned(s.tp * sampled * s.vocab_local * 4) + aligned(sampled * s.vocab * 4);
-  return b;
+  return b + std::max(partials, tail);
 }
 
 absl::StatusOr<DType> resolve_kv_dtype(const std::string& name, DType activation) {
