@@ -192,8 +192,11 @@ template <int kBytes> struct VecOf;
 template <> struct VecOf<16> { using type = uint4; };
 template <> struct VecOf<8> { using type = uint2; };
 
+#ifndef SHARDSERVE_DECODE_MIN_BLOCKS
+#define SHARDSERVE_DECODE_MIN_BLOCKS 1
+#endif
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(128) decode_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(128, SHARDSERVE_DECODE_MIN_BLOCKS) decode_kernel(AttentionParams p) {
   pdl_trigger();
   pdl_wait();  // every input is another kernel's output
   constexpr int kVec = G >= 8 ? 4 : 8;               // elements of head_dim per lane
