@@ -91,24 +91,20 @@ __device__ double block_sum_d(double v, Shared& sh) {
   v = lane < kWarps ? sh.red_d[lane] : 0.0;
   return warp_sum_d(v);
 }
-__device__ uint64_t block_min_u64(uint64_t v, Shared& sh) {
-  v = warp_min_u64(v);
+// The block's minimum (kMax false) or maximum of a 64-bit key.
+template <bool kMax>
+__device__ uint64_t block_extreme_u64(uint64_t v, Shared& sh) {
+  auto reduce = [](uint64_t x) { return kMax ? warp_max_u64(x) : warp_min_u64(x); };
+  v = reduce(v);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   __syncthreads();
   if (lane == 0) sh.red_u[warp] = v;
   __syncthreads();
-  v = lane < kWarps ? sh.red_u[lane] : ~uint64_t{0};
-  return warp_min_u64(v);
+  v = lane < kWarps ? sh.red_u[lane] : (kMax ? 0 : ~uint64_t{0});
+  return reduce(v);
 }
-__device__ uint64_t block_max_u64(uint64_t v, Shared& sh) {
-  v = warp_max_u64(v);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();
-  if (lane == 0) sh.red_u[warp] = v;
-  __syncthreads();
-  v = lane < kWarps ? sh.red_u[lane] : 0;
-  return warp_max_u64(v);
-}
+__device__ uint64_t block_min_u64(uint64_t v, Shared& sh) { return block_extreme_u64<false>(v, sh); }
+__device__ uint64_t block_max_u64(uint64_t v, Shared& sh) { return block_extreme_u64<true>(v, sh); }
 
 // The row being searched: its logits (penalties applied) and l_max / T.
 struct Row {
