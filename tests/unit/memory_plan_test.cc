@@ -93,9 +93,9 @@ TEST(MemoryPlan, ActivationArenaFollowsTheWorkersWarmup) {
   EXPECT_GT(mixed, 290048 + 100663296 + 427819008 + 16384 + 513024 + 32 * kMiB);
 
   // Decode only (a 1-token budget): the graph buckets 1, 2, 4, 8, 16 decide. At 16 sequences
-  // attention splits in 5 (ceil(4 x 132 SMs / (16 x 8 KV heads))); its FP32 partials, 16 x 64 x 5
-  // x 130 x 4 B = 2,662,400, are released after each layer's attention, before the sampled rows'
-  // hidden states and logits (8,470,528 B) are allocated: the larger of the two counts.
+  // attention splits in 2 (2 x 132 SMs / (16 x 8 KV heads)); its FP32 partials, 16 x 64 x 2 x 130
+  // x 4 B = 1,064,960, are released after each layer's attention, before the sampled rows' hidden
+  // states and logits (8,470,528 B) are allocated: the larger of the two counts.
   o.max_num_batched_tokens = 1;
   o.max_num_seqs = 16;
   const WarmupShapes w = warmup_shapes(1, 16, 4096, 16);
@@ -104,7 +104,7 @@ TEST(MemoryPlan, ActivationArenaFollowsTheWorkersWarmup) {
   //   inputs 4 x (3 x 16 + 17 + 16 + 16) = 388 -> 512 aligned, block tables 4 x 16 x 256 = 16,384;
   //   every other term is a multiple of 256.
   const int64_t decode = 512 + 16384 + 3 * 16 * 8192 * 2 + 16 * (10240 + 8192 + 57344 + 28672) * 2 +
-                         std::max<int64_t>(16 * 64 * 5 * 130 * 4, 16 * 8192 * 2 + 16 * 128256 * 4);
+                         std::max<int64_t>(16 * 64 * 2 * 130 * 4, 16 * 8192 * 2 + 16 * 128256 * 4);
   EXPECT_EQ(activation_arena_bytes(llama70b(), o, 132), decode + decode / 16 + 16 * kMiB);
 }
 

@@ -461,7 +461,7 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
   p.max_blocks = meta.block_tables.dim(1);
   p.scale = scale;
   // Decode-only steps have too few (token, KV head) pairs to fill the GPU: split each context
-  // over enough CTAs for about four per SM. Depends on the shape only (attention_splits.h).
+  // over enough CTAs for about two per SM. Depends on the shape only (attention_splits.h).
   p.decode_only = meta.max_query_len == 1 && p.num_tokens == meta.num_seqs;
   if (meta.max_query_len == 1) {
     p.num_splits = static_cast<int>(decode_attention_splits(p.num_tokens, p.num_kv_heads, num_sms_));
