@@ -49,19 +49,8 @@ class SamplerCudaTest : public ::testing::Test {
     for (const Sequence& s : seqs) params.push_back(device_sampling_row(s, entries));
     SampledRows out;
     gpu_->sample(t, params, entries, out);
-    std::vector<SampleResult> results(seqs.size());
     EXPECT_EQ(out.token_ids.size(), seqs.size());
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      results[i].token_id = out.token_ids[i];
-      if (params[i].num_logprobs < 0) continue;
-      results[i].logprobs.token_id = out.token_ids[i];
-      results[i].logprobs.logprob = out.logprobs[i];
-      for (int j = 0; j < params[i].num_logprobs; ++j) {
-        results[i].logprobs.top.emplace_back(out.top_ids[i * kMaxSampledLogprobs + j],
-                                             out.top_logprobs[i * kMaxSampledLogprobs + j]);
-      }
-    }
-    return results;
+    return sample_results(params, out);
   }
 
   Sequence sequence(const SamplingParams& p, uint64_t seed, int64_t prompt, int64_t outputs, int64_t vocab) {

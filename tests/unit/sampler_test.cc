@@ -125,5 +125,36 @@ TEST(Sampler, LogprobsAreRawLogSoftmax) {
   EXPECT_NEAR(r.logprobs.top[0].second, std::log(0.5), 1e-6);
 }
 
+// The device sampler's output read back as the CPU sampler's results: each row's top list is its
+// first num_logprobs entries of a kMaxSampledLogprobs-wide row; rows that asked for none get none.
+TEST(Sampler, DeviceResultsReadLikeTheCpuSamplers) {
+  std::vector<SamplingRow> rows(3);
+  rows[0].num_logprobs = -1;
+  rows[1].num_logprobs = 2;
+  rows[2].num_logprobs = 0;
+  SampledRows out;
+  out.token_ids = {7, 8, 9};
+  out.logprobs = {-0.1f, -0.2f, -0.3f};
+  for (int r = 0; r < 3; ++r) {
+    for (int j = 0; j < kMaxSampledLogprobs; ++j) {
+      out.top_ids.push_back(100 * r + j);
+      out.top_logprobs.push_back(-static_cast<float>(r + j));
+    }
+  }
+  const std::vector<SampleResult> results = sample_results(rows, out);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(results[0].token_id, 7);
+  EXPECT_TRUE(results[0].logprobs.top.empty());
+  EXPECT_EQ(results[1].token_id, 8);
+  EXPECT_EQ(results[1].logprobs.token_id, 8);
+  EXPECT_FLOAT_EQ(results[1].logprobs.logprob, -0.2f);
+  ASSERT_EQ(results[1].logprobs.top.size(), 2u);
+  EXPECT_EQ(results[1].logprobs.top[1].first, 101);
+  EXPECT_FLOAT_EQ(results[1].logprobs.top[1].second, -2.0f);
+  EXPECT_EQ(results[2].logprobs.token_id, 9);
+  EXPECT_FLOAT_EQ(results[2].logprobs.logprob, -0.3f);
+  EXPECT_TRUE(results[2].logprobs.top.empty());
+}
+
 }  // namespace
 }  // namespace shardserve

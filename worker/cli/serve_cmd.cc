@@ -50,6 +50,7 @@ struct ServeArgs {
 struct Child {
   std::string name;
   pid_t pid = -1;
+  bool is_worker() const { return name.rfind("shardserve-worker", 0) == 0; }
 };
 
 std::string default_model() {
@@ -238,7 +239,7 @@ int run_serve(const ServeArgs& args) {
   while (!stopping) {
     int status = 0;
     if (const Child* c = exited_child(children, &status)) {
-      const bool worker = c->name.rfind("shardserve-worker", 0) == 0;
+      const bool worker = c->is_worker();
       if (!worker || restarts >= args.max_worker_restarts) {
         std::cerr << "error: " << c->name << " exited (status " << status << ")"
                   << (worker ? absl::StrCat(" after ", restarts, " restarts") : "") << "; stopping\n";
@@ -250,7 +251,7 @@ int run_serve(const ServeArgs& args) {
                 << restarts << " of at most " << args.max_worker_restarts << ")\n";
       std::vector<Child> workers;
       for (Child& other : children) {
-        if (other.pid > 0 && other.name.rfind("shardserve-worker", 0) == 0) workers.push_back(other), other.pid = -1;
+        if (other.pid > 0 && other.is_worker()) workers.push_back(other), other.pid = -1;
       }
       stop_all(workers, args.shutdown_timeout);
       std::erase_if(children, [](const Child& ch) { return ch.pid <= 0; });

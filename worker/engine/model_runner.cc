@@ -132,7 +132,6 @@ void ModelRunner::execute_only(const Batch& batch) {
   run(batch, num_sampled);
 }
 
-
 std::vector<SampleResult> ModelRunner::execute_and_sample(const Batch& batch, const std::vector<const Sequence*>& sampled) {
   int64_t num_sampled = 0;
   Tensor logits = run(batch, num_sampled);
@@ -156,19 +155,7 @@ std::vector<SampleResult> ModelRunner::execute_and_sample(const Batch& batch, co
   Tensor view = logits.rows(0, num_sampled).reshaped({num_sampled, vocab});
   SampledRows out;
   backend_.sample(view, rows, entries, out);
-  for (size_t i = 0; i < sampled.size(); ++i) {
-    results[i].token_id = out.token_ids[i];
-    const int32_t n = rows[i].num_logprobs;
-    if (n < 0) continue;
-    TokenLogprobs& lp = results[i].logprobs;
-    lp.token_id = out.token_ids[i];
-    lp.logprob = out.logprobs[i];
-    for (int32_t j = 0; j < n; ++j) {
-      const size_t k = i * kMaxSampledLogprobs + static_cast<size_t>(j);
-      lp.top.emplace_back(out.top_ids[k], out.top_logprobs[k]);
-    }
-  }
-  return results;
+  return sample_results(rows, out);
 }
 
 }  // namespace shardserve

@@ -6,7 +6,7 @@
 // Sampling: execute_and_sample() picks each sampled sequence's token on the backend that holds the
 // logits (the GPU sampler of kernels/sampling.cu), so a decode step copies back a few bytes per
 // sequence instead of its FP32 logits (66 MB at batch 128 with a 128k vocabulary).
-// Decode-only steps of up to kMaxGraphBatch sequences are padded to a batch-size bucket (1, 2, 4,
+// Decode-only steps of up to kMaxGraphBatch (worker/model/memory_plan.h) sequences are padded to a batch-size bucket (1, 2, 4,
 // 8, 16, then multiples of 16) with a fixed block-table width, so each bucket's step is one
 // captured CUDA graph replayed with new inputs (on backends that support graphs): at batch 1 the
 // launch overhead of hundreds of small kernels would otherwise rival the weight reads. Padding
@@ -29,8 +29,6 @@ namespace shardserve {
 
 class ModelRunner final : public StepExecutor {
  public:
-  static constexpr int64_t kMaxGraphBatch = shardserve::kMaxGraphBatch;
-
   // max_model_len (0: the model's) bounds positions and sets the graphs' block-table width.
   ModelRunner(LlamaModel& model, Backend& backend, int64_t num_blocks, int64_t block_size,
               int64_t max_model_len = 0, bool use_graphs = true);

@@ -130,5 +130,21 @@ SamplingRow device_sampling_row(const Sequence& seq, std::vector<PenaltyEntry>& 
   return r;
 }
 
+std::vector<SampleResult> sample_results(const std::vector<SamplingRow>& rows, const SampledRows& out) {
+  std::vector<SampleResult> results(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    results[i].token_id = out.token_ids[i];
+    const int32_t n = rows[i].num_logprobs;
+    if (n < 0) continue;
+    TokenLogprobs& lp = results[i].logprobs;
+    lp.token_id = out.token_ids[i];
+    lp.logprob = out.logprobs[i];
+    for (int32_t j = 0; j < n; ++j) {
+      const size_t k = i * kMaxSampledLogprobs + static_cast<size_t>(j);
+      lp.top.emplace_back(out.top_ids[k], out.top_logprobs[k]);
+    }
+  }
+  return results;
+}
 
 }  // namespace shardserve

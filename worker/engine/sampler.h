@@ -27,4 +27,8 @@ SampleResult sample(const Sequence& seq, const float* logits, int64_t vocab_size
 // sequence's penalty entries appended to `entries` (none when no penalty is on).
 SamplingRow device_sampling_row(const Sequence& seq, std::vector<PenaltyEntry>& entries);
 
+// What a device sampler returned for `rows` (in the same order), as the CPU sampler returns it:
+// the token, and its logprob and the top num_logprobs where the row asked for them.
+std::vector<SampleResult> sample_results(const std::vector<SamplingRow>& rows, const SampledRows& out);
+
 }  // namespace shardserve

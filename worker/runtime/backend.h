@@ -93,16 +93,6 @@ class StepError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// What a device sampler returns for n rows: token_ids[n]; when any row asked for logprobs, also
-// logprobs[n] (the chosen token's) and top_ids / top_logprobs [n, kMaxSampledLogprobs] (the first
-// num_logprobs of row r's are set).
-struct SampledRows {
-  std::vector<int32_t> token_ids;
-  std::vector<float> logprobs;
-  std::vector<int32_t> top_ids;
-  std::vector<float> top_logprobs;
-};
-
 class Backend {
  public:
   virtual ~Backend() = default;

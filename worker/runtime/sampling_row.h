@@ -1,9 +1,10 @@
-// One sampled row's parameters as the device sampler reads them (kernels/sampling.cu), and the
-// penalty entries of its sequence: plain data shared by the host (worker/engine/model_runner.cc
+// One sampled row's parameters as the device sampler reads them (kernels/sampling.cu), the
+// penalty entries of its sequence, and what it returns: plain data shared by the host (worker/engine/model_runner.cc
 // packs it) and the kernel. The semantics are the CPU sampler's (worker/engine/sampler.h).
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "worker/runtime/synthetic_uniform.h"  // SHARDSERVE_HOST_DEVICE
 
@@ -42,5 +43,15 @@ SHARDSERVE_HOST_DEVICE inline double counter_uniform(uint64_t seed, uint64_t cou
 }
 
 inline constexpr int kMaxSampledLogprobs = 20;
+
+// What a device sampler returns for n rows: token_ids[n]; when any row asked for logprobs, also
+// logprobs[n] (the chosen token's) and top_ids / top_logprobs [n, kMaxSampledLogprobs] (the first
+// num_logprobs of row r's are set).
+struct SampledRows {
+  std::vector<int32_t> token_ids;
+  std::vector<float> logprobs;
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_logprobs;
+};
 
 }  // namespace shardserve
