@@ -2,8 +2,9 @@
 # Runs on the GPU machine over a checkout with dist/ from scripts/device_bundle.sh: every GPU test,
 # then the engine benchmark, results (JSON records, logs) under ${OUT:-out}/, a short table last.
 #   scripts/device_run.sh [tests|bench|all|tp|quant|engine]
-# engine (one GPU): every GPU test, the engine benchmark of synthetic llama-3.1-8b with the per-op
-# micro-benchmarks, then the served sweep of the same model (scripts/device_serving_sweep.sh bf16,
+# engine (one GPU): every GPU test, the attention kernels' harness, the engine benchmark of
+# synthetic llama-3.1-8b with the per-op micro-benchmarks (and again at 8,192 tokens of prompt and
+# of context), then the served sweep of the same model (scripts/device_serving_sweep.sh bf16,
 # 128/128 at concurrency 1, 16, 64, 128, 256); a short table last.
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), then the
 # engine benchmark of synthetic llama-3.1-70b over 2 GPUs.
@@ -57,8 +58,17 @@ if [[ $what == engine ]]; then
     ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} >"$OUT/gpu_tests.log" 2>&1
   status=$?
   grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure|error" "$OUT/gpu_tests.log" | head -40
+  if [[ -x dist/bin/attention_harness ]]; then
+    timeout -s KILL 200 dist/bin/attention_harness >"$OUT/attention_harness.log" 2>&1 || echo "attention_harness failed ($?)"
+    grep -E "FAIL|PASS|prefill|decode b" "$OUT/attention_harness.log" | grep -v "^ok" | head -30
+  fi
   timeout -s KILL "${BENCH_SECONDS:-240}" stdbuf -oL dist/bin/engine_bench ${MICRO---micro} --batches "${BATCHES:-1,8,32,128}" \
     --out "$OUT/engine_bench.jsonl" >"$OUT/engine_bench.log" 2>&1 || echo "engine_bench failed ($?)"
+  # Long prompts and long contexts (the attention-bound shapes), appended to the same records.
+  if [[ ${LONG:-1} != 0 ]]; then
+    timeout -s KILL "${LONG_SECONDS:-150}" stdbuf -oL dist/bin/engine_bench --prefill 8192 --context 8192 --batches 1,32 \
+      --steps 10 --out "$OUT/engine_bench.jsonl" >>"$OUT/engine_bench.log" 2>&1 || echo "engine_bench (long) failed ($?)"
+  fi
   if [[ ${SWEEP:-1} != 0 ]]; then
     SYNTHETIC=llama-3.1-8b timeout -s KILL "${SWEEP_SECONDS:-300}" bash scripts/device_serving_sweep.sh bf16 \
       "${LENGTHS:-128/128}" "${CONCURRENCIES:-1,16,64,128,256}" >"$OUT/sweep.log" 2>&1 || echo "sweep failed ($?)"

@@ -253,6 +253,56 @@ TEST_P(AttentionTest, DecodeOverLongContextsMatchesTheReference) {
   }
 }
 
+// Prefill steps on the tensor-core path: long prompts over several 64-position K/V tiles and query
+// tiles, prompts after cached prefixes (chunked prefill, prefix-cache hits) that end mid-tile,
+// one-token prompts and decodes in the same step, from a scrambled cache of random values.
+TEST_P(AttentionTest, LongPrefillsWithCachedPrefixesMatchTheReference) {
+  const AttnCase c = GetParam();
+  const int64_t block_size = 16;
+  struct Seq { int32_t cached, fresh; };
+  const std::vector<Seq> seqs = {{0, 300}, {500, 131}, {37, 1}, {0, 1}, {64, 64}, {1, 45}};
+  int64_t tokens = 0, width = 0;
+  std::vector<int32_t> lens, qsl{0};
+  for (const Seq& q : seqs) {
+    tokens += q.fresh;
+    qsl.push_back(static_cast<int32_t>(tokens));
+    lens.push_back(q.cached + q.fresh);
+    width = std::max<int64_t>(width, (lens.back() + block_size - 1) / block_size);
+  }
+  const auto num_seqs = static_cast<int64_t>(seqs.size());
+  const int64_t num_blocks = num_seqs * width;
+  std::vector<int32_t> perm(static_cast<size_t>(num_blocks));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng_);
+  std::vector<int32_t> bt(static_cast<size_t>(num_blocks), -1);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) bt[s * width + b] = perm[s * width + b];
+  }
+  const int64_t cache_elems = num_blocks * block_size * c.hkv * c.d;
+  const auto k = random(cache_elems), v = random(cache_elems);
+  const std::vector<int64_t> shape{num_blocks, block_size, c.hkv, c.d};
+  KvLayer c_cache{cpu_f32(k, shape), cpu_f32(v, shape)}, g_cache{gpu_bf16(k, shape), gpu_bf16(v, shape)};
+  const int64_t stride = (c.hq + 2 * c.hkv) * c.d;
+  const auto qkv = random(tokens * stride);
+  Tensor c_qkv = cpu_f32(qkv, {tokens, stride}), g_qkv = gpu_bf16(qkv, {tokens, stride});
+  AttentionMetadata cm, gm;
+  for (auto* m : {&cm, &gm}) {
+    m->num_seqs = static_cast<int>(num_seqs);
+    m->max_query_len = 300;
+    m->max_seq_len = 631;
+    m->block_size = static_cast<int>(block_size);
+  }
+  cm.query_start_loc = ints(cpu_, qsl), cm.seq_lens = ints(cpu_, lens), cm.block_tables = ints2(cpu_, bt, num_seqs);
+  gm.query_start_loc = ints(*gpu_, qsl), gm.seq_lens = ints(*gpu_, lens), gm.block_tables = ints2(*gpu_, bt, num_seqs);
+  Tensor c_out = cpu_.empty({tokens, c.hq * c.d}, DType::kF32);
+  Tensor g_out = gpu_bf16(std::vector<float>(static_cast<size_t>(tokens * c.hq * c.d), 1e4f), {tokens, c.hq * c.d});
+  const float scale = 1.0f / std::sqrt(float(c.d));
+  cpu_.attention(c_qkv, c.hq, c_cache, cm, scale, c_out);
+  gpu_->begin_step();
+  gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
+  EXPECT_LT(rel_error(g_out, c_out), 2e-2);
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                          ::testing::Values(AttnCase{32, 8, 128},  // Llama 3.1 8B
                                            AttnCase{8, 1, 128},   // 70B per rank at TP 8

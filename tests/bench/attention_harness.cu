@@ -1,0 +1,389 @@
+// Standalone harness for the paged-attention kernels (kernels/attention.cu, included whole so the
+// tensor-core and the CUDA-core kernels can be launched side by side): each checked against a
+// double-precision CPU reference on random inputs over a scrambled paged cache, then timed.
+//
+//   nvcc -std=c++20 -O3 -arch=sm_90a -I. --expt-relaxed-constexpr tests/bench/attention_harness.cu \
+//        -o attention_harness                       # the sm_90a build
+//   ... -gencode arch=compute_80,code=compute_80    # the sm_80 path, JIT-compiled on newer GPUs
+//   ./attention_harness [--quick]
+//
+// Prints one line per check (relative L2 error and max error against the reference; FAIL above
+// 2e-2, the GPU tests' tolerance) and per timing (microseconds per layer, TFLOP/s for prefill,
+// bandwidth fraction of the KV bytes against a device-to-device copy measured in the same run), and
+// exits non-zero when a check fails.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.cu"
+
+using namespace shardserve;
+using namespace shardserve::kernels;
+
+namespace {
+
+#define CK(x)                                                                          \
+  do {                                                                                 \
+    const cudaError_t e_ = (x);                                                        \
+    if (e_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+int g_failures = 0;
+int g_sms = 0;
+
+struct Seq {
+  int cached, fresh;
+};
+
+template <typename T>
+float host_f32(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return __half2float(v);
+}
+template <typename T>
+T host_from(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return __float2half_rn(v);
+}
+
+// One attention problem: random q/k/v, a scrambled block table, device copies (`copies` caches
+// of the same content for timing without L2 reuse between launches).
+template <typename T>
+struct Problem {
+  int hq, hkv, d, bs = 16;
+  std::vector<Seq> seqs;
+  int tokens = 0, width = 0, blocks = 0;
+  std::vector<int32_t> qsl{0}, lens, bt;
+  std::vector<T> qkv, k, v;
+  T *d_qkv = nullptr, *d_k = nullptr, *d_v = nullptr, *d_out = nullptr;
+  int32_t *d_qsl = nullptr, *d_lens = nullptr, *d_bt = nullptr;
+  float* d_part = nullptr;
+  int copies = 1;
+  size_t cache_elems = 0;
+
+  Problem(int hq_, int hkv_, int d_, std::vector<Seq> s, std::mt19937& rng, bool fill_cache = true)
+      : hq(hq_), hkv(hkv_), d(d_), seqs(std::move(s)) {
+    int max_len = 0;
+    for (const Seq& q : seqs) {
+      tokens += q.fresh;
+      qsl.push_back(tokens);
+      lens.push_back(q.cached + q.fresh);
+      max_len = std::max(max_len, q.cached + q.fresh);
+    }
+    width = (max_len + bs - 1) / bs;
+    blocks = static_cast<int>(seqs.size()) * width;
+    std::vector<int32_t> perm(blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    bt.assign(static_cast<size_t>(blocks), -1);
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      for (int b = 0; b < (lens[i] + bs - 1) / bs; ++b) bt[i * width + b] = perm[i * width + b];
+    }
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    const int64_t stride = static_cast<int64_t>(hq + 2 * hkv) * d;
+    qkv.resize(static_cast<size_t>(tokens) * stride);
+    for (auto& x : qkv) x = host_from<T>(u(rng));
+    cache_elems = static_cast<size_t>(blocks) * bs * hkv * d;
+    k.resize(cache_elems);
+    v.resize(cache_elems);
+    if (fill_cache) {
+      for (auto& x : k) x = host_from<T>(u(rng));
+      for (auto& x : v) x = host_from<T>(u(rng));
+    }
+    const double cache_bytes = 2.0 * cache_elems * sizeof(T);
+    copies = std::clamp(static_cast<int>(512e6 / cache_bytes), 1, 16);
+    CK(cudaMalloc(&d_qkv, qkv.size() * sizeof(T)));
+    CK(cudaMalloc(&d_k, cache_elems * sizeof(T) * copies));
+    CK(cudaMalloc(&d_v, cache_elems * sizeof(T) * copies));
+    CK(cudaMalloc(&d_out, static_cast<size_t>(tokens) * hq * d * sizeof(T)));
+    CK(cudaMalloc(&d_qsl, qsl.size() * 4));
+    CK(cudaMalloc(&d_lens, lens.size() * 4));
+    CK(cudaMalloc(&d_bt, bt.size() * 4));
+    CK(cudaMalloc(&d_part, attention_workspace_bytes(tokens, hq, d, 32) + 16));
+    CK(cudaMemcpy(d_qkv, qkv.data(), qkv.size() * sizeof(T), cudaMemcpyHostToDevice));
+    for (int c = 0; c < copies; ++c) {
+      CK(cudaMemcpy(d_k + c * cache_elems, k.data(), cache_elems * sizeof(T), cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(d_v + c * cache_elems, v.data(), cache_elems * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    CK(cudaMemcpy(d_qsl, qsl.data(), qsl.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_lens, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
+  }
+  ~Problem() {
+    for (void* p : {static_cast<void*>(d_qkv), static_cast<void*>(d_k), static_cast<void*>(d_v),
+                    static_cast<void*>(d_out), static_cast<void*>(d_qsl), static_cast<void*>(d_lens),
+                    static_cast<void*>(d_bt), static_cast<void*>(d_part)}) {
+      cudaFree(p);
+    }
+  }
+  bool decode_only() const {
+    return std::all_of(seqs.begin(), seqs.end(), [](const Seq& q) { return q.fresh == 1; });
+  }
+  AttentionParams params(int copy = 0) const {
+    AttentionParams p;
+    p.qkv = d_qkv;
+    p.k_cache = d_k + static_cast<size_t>(copy) * cache_elems;
+    p.v_cache = d_v + static_cast<size_t>(copy) * cache_elems;
+    p.out = d_out;
+    p.query_start_loc = d_qsl;
+    p.seq_lens = d_lens;
+    p.block_tables = d_bt;
+    p.num_tokens = tokens;
+    p.num_seqs = static_cast<int64_t>(seqs.size());
+    p.num_q_heads = hq;
+    p.num_kv_heads = hkv;
+    p.head_dim = d;
+    p.block_size = bs;
+    p.max_blocks = width;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+    p.decode_only = decode_only();
+    // As the CUDA backend: split only decode steps (worker/runtime/attention_splits.h).
+    const int64_t max_q = std::max_element(seqs.begin(), seqs.end(), [](auto& a, auto& b) { return a.fresh < b.fresh; })->fresh;
+    if (max_q == 1) p.num_splits = static_cast<int>(std::clamp<int64_t>(2 * g_sms / std::max<int64_t>(tokens * hkv, 1), 1, 32));
+    p.partials = p.num_splits > 1 ? d_part : nullptr;
+    return p;
+  }
+  // Causal FLOPs (QK^T and PV) and the KV bytes a decode step must read.
+  double flops() const {
+    double f = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      for (int j = 0; j < seqs[i].fresh; ++j) f += 4.0 * hq * d * (seqs[i].cached + j + 1);
+    }
+    return f;
+  }
+  double kv_bytes() const {
+    double b = 0;
+    for (int l : lens) b += 2.0 * l * hkv * d * sizeof(T);
+    return b;
+  }
+  // Checks the device output against a double reference on a sample of tokens (every token of
+  // short sequences, a stride of long ones plus their last tokens).
+  void check(const std::string& what) {
+    std::vector<T> out(static_cast<size_t>(tokens) * hq * d);
+    CK(cudaMemcpy(out.data(), d_out, out.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    const int64_t stride = static_cast<int64_t>(hq + 2 * hkv) * d;
+    const int g = hq / hkv;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    double err2 = 0, ref2 = 0, max_err = 0;
+    std::vector<double> sc, o(d);
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      for (int j = 0; j < seqs[s].fresh; ++j) {
+        if (seqs[s].fresh > 64 && j % 13 != 0 && j < seqs[s].fresh - 3) continue;
+        const int t = qsl[s] + j;
+        const int qp = seqs[s].cached + j;
+        for (int h = 0; h < hq; ++h) {
+          const int kvh = h / g;
+          sc.assign(qp + 1, 0.0);
+          double mx = -1e300;
+          for (int pos = 0; pos <= qp; ++pos) {
+            const int64_t slot = static_cast<int64_t>(bt[s * width + pos / bs]) * bs + pos % bs;
+            const T* kr = &k[(slot * hkv + kvh) * d];
+            const T* q = &qkv[t * stride + static_cast<int64_t>(h) * d];
+            double dot = 0;
+            for (int e = 0; e < d; ++e) dot += static_cast<double>(host_f32(q[e])) * host_f32(kr[e]);
+            sc[pos] = dot * scale;
+            mx = std::max(mx, sc[pos]);
+          }
+          double l = 0;
+          std::fill(o.begin(), o.end(), 0.0);
+          for (int pos = 0; pos <= qp; ++pos) {
+            const double w = std::exp(sc[pos] - mx);
+            l += w;
+            const int64_t slot = static_cast<int64_t>(bt[s * width + pos / bs]) * bs + pos % bs;
+            const T* vr = &v[(slot * hkv + kvh) * d];
+            for (int e = 0; e < d; ++e) o[e] += w * host_f32(vr[e]);
+          }
+          for (int e = 0; e < d; ++e) {
+            const double ref = o[e] / l;
+            const double got = host_f32(out[(static_cast<int64_t>(t) * hq + h) * d + e]);
+            err2 += (got - ref) * (got - ref);
+            ref2 += ref * ref;
+            max_err = std::max(max_err, std::abs(got - ref));
+          }
+        }
+      }
+    }
+    const double rel = std::sqrt(err2 / std::max(ref2, 1e-30));
+    const bool ok = rel < 2e-2 && std::isfinite(rel);
+    if (!ok) ++g_failures;
+    std::printf("%-4s %-58s rel_l2 %.2e  max_abs %.2e\n", ok ? "ok" : "FAIL", what.c_str(), rel, max_err);
+  }
+};
+
+using Launch = cudaError_t (*)(const AttentionParams&, cudaStream_t);
+
+// The CUDA-core fallback kernel (and its split combine for decode steps).
+template <typename T>
+cudaError_t launch_cuda_core(const AttentionParams& p, cudaStream_t stream) {
+  const size_t smem = smem_bytes(p.num_q_heads / p.num_kv_heads, p.head_dim);
+  CK(cudaFuncSetAttribute(attention_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  attention_kernel<T><<<dim3(p.num_tokens, p.num_kv_heads, p.num_splits), 128, smem, stream>>>(p);
+  if (p.num_splits > 1) combine_kernel<T><<<dim3(p.num_tokens, p.num_q_heads), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+template <typename T>
+cudaError_t launch_tensor_core(const AttentionParams& p, cudaStream_t stream) {
+  return paged_attention(p, std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16, stream);
+}
+
+// Tuning variants of the tensor-core kernels (warps per prefill CTA, pipeline stages).
+template <int kWarps, int kStages>
+cudaError_t prefill_variant(const AttentionParams& p, cudaStream_t stream) {
+  using T = __nv_bfloat16;
+  constexpr auto kernel = tc::prefill_mma_kernel<T, 128, 4, kWarps, kStages>;
+  const size_t smem = size_t{16} * kWarps * 128 * 2 + size_t{kStages} * 2 * tc::kTileN * 128 * 2;
+  CK(tc::allow_smem<kernel>(smem));
+  const int64_t tokens = 16 * kWarps / 4;
+  const dim3 grid((p.num_tokens + tokens - 1) / tokens + p.num_seqs, p.num_kv_heads);
+  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+template <int kStages>
+cudaError_t decode_variant(const AttentionParams& p, cudaStream_t stream) {
+  using T = __nv_bfloat16;
+  constexpr auto kernel = tc::decode_mma_kernel<T, 128, 4, kStages>;
+  const size_t smem = size_t{16} * 128 * 2 + size_t{kStages} * 2 * tc::kTileN * 128 * 2;
+  CK(tc::allow_smem<kernel>(smem));
+  cudaError_t e = launch_pdl(kernel, dim3(p.num_seqs, p.num_kv_heads, p.num_splits), dim3(128), smem, stream, p);
+  if (e == cudaSuccess && p.num_splits > 1) e = launch_pdl(combine_kernel<T>, dim3(p.num_tokens, p.num_q_heads), dim3(128), 0, stream, p);
+  return e;
+}
+
+template <typename T>
+double time_us(Problem<T>& pr, Launch f, int iters) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) CK(f(pr.params(i % pr.copies), nullptr));
+  CK(cudaEventRecord(a));
+  for (int i = 0; i < iters; ++i) CK(f(pr.params(i % pr.copies), nullptr));
+  CK(cudaEventRecord(b));
+  CK(cudaEventSynchronize(b));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return 1e3 * ms / iters;
+}
+
+double copy_bandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *x, *y;
+  CK(cudaMalloc(&x, bytes));
+  CK(cudaMalloc(&y, bytes));
+  CK(cudaMemset(x, 1, bytes));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  CK(cudaMemcpy(y, x, bytes, cudaMemcpyDeviceToDevice));
+  CK(cudaEventRecord(a));
+  for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice));
+  CK(cudaEventRecord(b));
+  CK(cudaEventSynchronize(b));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  cudaFree(x);
+  cudaFree(y);
+  return 2.0 * bytes * 10 / (ms * 1e-3);  // read + write
+}
+
+template <typename T>
+void check_case(const char* name, int hq, int hkv, int d, std::vector<Seq> seqs, std::mt19937& rng) {
+  Problem<T> pr(hq, hkv, d, std::move(seqs), rng);
+  const std::string shape = " hq" + std::to_string(hq) + " hkv" + std::to_string(hkv) + " d" + std::to_string(d) +
+                            (std::is_same_v<T, __half> ? " f16" : " bf16");
+  CK(launch_tensor_core<T>(pr.params(), nullptr));
+  CK(cudaDeviceSynchronize());
+  pr.check(std::string("tensor-core ") + name + shape);
+  if (d == 128 || d == 64) {
+    CK(cudaMemset(pr.d_out, 0, static_cast<size_t>(pr.tokens) * hq * d * sizeof(T)));
+    CK(launch_cuda_core<T>(pr.params(), nullptr));
+    CK(cudaDeviceSynchronize());
+    pr.check(std::string("cuda-core   ") + name + shape);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  int dev = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev));
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("device %s, %d SMs, sm_%d%d\n", prop.name, g_sms, prop.major, prop.minor);
+  std::mt19937 rng(1234);
+
+  // Correctness: mixed steps (fresh prompts, cached prefixes with chunks, decodes), decode-only
+  // steps over long and odd contexts, GQA 8:1, 4:1, 2:1 and MHA, head_dim 64 and 128.
+  const std::vector<Seq> mixed = {{0, 37}, {20, 5}, {99, 1}, {300, 77}, {0, 200}, {63, 65}, {0, 1}};
+  std::vector<Seq> decode;
+  for (int s = 0; s < 40; ++s) {
+    const int pick[] = {1, 63, 64, 65, 700, 129, 17, 300};
+    decode.push_back({pick[s % 8] + s / 8 - 1, 1});
+  }
+  const std::vector<Seq> few = {{0, 1}, {63, 1}, {700, 1}, {2000, 1}, {128, 1}};
+  struct Shape {
+    int hq, hkv, d;
+  };
+  for (const Shape& sh : {Shape{32, 8, 128}, Shape{64, 8, 128}, Shape{8, 4, 64}, Shape{4, 4, 64}, Shape{16, 8, 128}}) {
+    const int hq = sh.hq, hkv = sh.hkv, d = sh.d;
+    check_case<__nv_bfloat16>("mixed", hq, hkv, d, mixed, rng);
+    check_case<__nv_bfloat16>("decode 40", hq, hkv, d, decode, rng);
+    check_case<__nv_bfloat16>("decode 5 (splits)", hq, hkv, d, few, rng);
+  }
+  check_case<__half>("mixed", 32, 8, 128, mixed, rng);
+  check_case<__half>("decode 5 (splits)", 32, 8, 128, few, rng);
+  check_case<__nv_bfloat16>("prefill 1000 + 1000 cached", 32, 8, 128, {{1000, 1000}}, rng);
+
+  const double bw = copy_bandwidth();
+  std::printf("copy bandwidth %.0f GB/s\n", bw / 1e9);
+  using T = __nv_bfloat16;
+  std::printf("%-36s %10s %10s %8s %10s %8s %7s\n", "case (Llama-3.1-8B layer)", "cc us", "tc us", "speedup", "TFLOP/s",
+              "bw frac", "");
+  auto bench = [&](const std::string& name, std::vector<Seq> seqs, bool decode_step) {
+    Problem<T> pr(32, 8, 128, std::move(seqs), rng, false);
+    const int iters = quick ? 5 : 20;
+    const double cc = time_us(pr, launch_cuda_core<T>, decode_step ? iters : std::max(2, iters / 5));
+    const double tc = time_us(pr, launch_tensor_core<T>, iters);
+    const double tflops = pr.flops() / (tc * 1e-6) / 1e12;
+    const double frac = pr.kv_bytes() / (tc * 1e-6) / bw;
+    std::printf("%-36s %10.1f %10.1f %7.2fx %10.1f %8.3f\n", name.c_str(), cc, tc, cc / tc, tflops, frac);
+  };
+  bench("prefill 2048", {{0, 2048}}, false);
+  bench("prefill 8192", {{0, 8192}}, false);
+  bench("prefill 4 x 512", {{0, 512}, {0, 512}, {0, 512}, {0, 512}}, false);
+  bench("chunk 512 after 4096 cached", {{4096, 512}}, false);
+  for (int ctx : {512, 8192}) {
+    for (int b : {1, 8, 32, 128}) {
+      if (ctx == 8192 && b == 128) continue;
+      bench("decode b" + std::to_string(b) + " ctx " + std::to_string(ctx), std::vector<Seq>(b, Seq{ctx - 1, 1}), true);
+    }
+  }
+  std::printf("tuning variants (us per layer)\n");
+  auto variants = [&](const std::string& name, std::vector<Seq> seqs, const std::vector<std::pair<const char*, Launch>>& fs) {
+    Problem<T> pr(32, 8, 128, std::move(seqs), rng, false);
+    std::printf("%-36s", name.c_str());
+    for (const auto& [label, f] : fs) std::printf(" %s %.1f", label, time_us(pr, f, quick ? 5 : 20));
+    std::printf("\n");
+  };
+  const std::vector<std::pair<const char*, Launch>> pf = {
+      {"w4s2", prefill_variant<4, 2>}, {"w8s2", prefill_variant<8, 2>}, {"w8s3", prefill_variant<8, 3>}};
+  const std::vector<std::pair<const char*, Launch>> df = {{"s2", decode_variant<2>}, {"s3", decode_variant<3>}, {"s4", decode_variant<4>}};
+  variants("prefill 2048", {{0, 2048}}, pf);
+  variants("prefill 8192", {{0, 8192}}, pf);
+  variants("decode b32 ctx 512", std::vector<Seq>(32, Seq{511, 1}), df);
+  variants("decode b128 ctx 512", std::vector<Seq>(128, Seq{511, 1}), df);
+  variants("decode b32 ctx 8192", std::vector<Seq>(32, Seq{8191, 1}), df);
+  std::printf("%s: %d failed checks\n", g_failures ? "FAIL" : "PASS", g_failures);
+  return g_failures ? 1 : 0;
+}
