@@ -523,8 +523,8 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
   }
 }
 
-template <typename T, int D, int G, int kStages>
-__global__ void __launch_bounds__(128) decode_mma_kernel(AttentionParams p) {
+template <typename T, int D, int G, int kStages, int kMinBlocks = 1>
+__global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionParams p) {
   pdl_trigger();
   pdl_wait();  // every input is another kernel's output
   constexpr int kWarps = 4;

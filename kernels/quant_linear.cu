@@ -199,13 +199,19 @@ __global__ void quantize_fp8_rows_kernel(const T* __restrict__ x, int64_t k, con
   } else {
     float amax = 0.0f;
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(to_f32(xr[i])));
-    // block_sum's shape, for a max: warp max, then the warps' maxima.
+    // Warp maxima, then warp 0 takes the maximum of those and shares it with every thread (each
+    // thread quantizes its own elements with the row's one scale).
     __shared__ float partial[32];
+    __shared__ float row_amax;
     amax = warp_max(amax);
     if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = amax;
     __syncthreads();
-    amax = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
-    amax = warp_max(amax);
+    if (threadIdx.x < 32) {
+      amax = warp_max(threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f);
+      if (threadIdx.x == 0) row_amax = amax;
+    }
+    __syncthreads();
+    amax = row_amax;
     // A row of zeros keeps a finite, positive scale (its codes are then all zero).
     scale = fmaxf(amax, 1e-12f) / kFp8Max;
   }

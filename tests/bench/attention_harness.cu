@@ -246,10 +246,10 @@ cudaError_t prefill_variant(const AttentionParams& p, cudaStream_t stream) {
   kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
-template <int kStages>
+template <int kStages, int kMinBlocks = 1>
 cudaError_t decode_variant(const AttentionParams& p, cudaStream_t stream) {
   using T = __nv_bfloat16;
-  constexpr auto kernel = tc::decode_mma_kernel<T, 128, 4, kStages>;
+  constexpr auto kernel = tc::decode_mma_kernel<T, 128, 4, kStages, kMinBlocks>;
   const size_t smem = size_t{16} * 128 * 2 + size_t{kStages} * 2 * tc::kTileN * 128 * 2;
   CK(tc::allow_smem<kernel>(smem));
   cudaError_t e = launch_pdl(kernel, dim3(p.num_seqs, p.num_kv_heads, p.num_splits), dim3(128), smem, stream, p);
@@ -378,9 +378,11 @@ int main(int argc, char** argv) {
   };
   const std::vector<std::pair<const char*, Launch>> pf = {
       {"w4s2", prefill_variant<4, 2>}, {"w8s2", prefill_variant<8, 2>}, {"w8s3", prefill_variant<8, 3>}};
-  const std::vector<std::pair<const char*, Launch>> df = {{"s2", decode_variant<2>}, {"s3", decode_variant<3>}, {"s4", decode_variant<4>}};
+  const std::vector<std::pair<const char*, Launch>> df = {{"s2", decode_variant<2>}, {"s3", decode_variant<3>}, {"s2mb3", decode_variant<2, 3>}, {"s3mb2", decode_variant<3, 2>}};
   variants("prefill 2048", {{0, 2048}}, pf);
   variants("prefill 8192", {{0, 8192}}, pf);
+  variants("decode b1 ctx 512", std::vector<Seq>(1, Seq{511, 1}), df);
+  variants("decode b8 ctx 512", std::vector<Seq>(8, Seq{511, 1}), df);
   variants("decode b32 ctx 512", std::vector<Seq>(32, Seq{511, 1}), df);
   variants("decode b128 ctx 512", std::vector<Seq>(128, Seq{511, 1}), df);
   variants("decode b32 ctx 8192", std::vector<Seq>(32, Seq{8191, 1}), df);

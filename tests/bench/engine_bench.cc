@@ -196,7 +196,6 @@ int main(int argc, char** argv) {
   options.gpu_memory_utilization = 0.90;
   options.tp_size = tp_size;
   options.quantization = quantization == "none" ? "" : quantization;
-  if (!options.quantization.empty()) setenv("SHARDSERVE_UNVERIFIED_QUANT_KERNELS", "1", 1);
   // The collectives a decode step of B sequences makes, timed alone: one all-reduce of [B, hidden]
   // BF16 after the embedding and after each layer's o_proj and down_proj, one all-gather of the
   // [B, vocab / N] FP32 logits.
@@ -283,14 +282,30 @@ int main(int argc, char** argv) {
   }
 
   for (int batch : batches) {
-    // Fill each sequence's cache to `context` tokens, then time decode steps.
-    Batch fill;
-    for (int i = 0; i < batch; ++i) fill.seqs.push_back({std::vector<int32_t>(context, 100 + i), 0, table(i), false});
-    for (int i = 0; i < batch; i += std::max(1, 2048 / context)) {
+    // Fill each sequence's cache to `context` tokens in steps of at most max_num_batched_tokens
+    // (the largest step the worker is sized for; longer contexts as chunked prefills), then time
+    // decode steps.
+    {
+      const int64_t budget = options.max_num_batched_tokens;
       Batch chunk;
-      for (int j = i; j < std::min(batch, i + std::max(1, 2048 / context)); ++j) chunk.seqs.push_back(fill.seqs[j]);
-      chunk.seqs.back().sample = true;
-      exec.execute_and_sample(chunk, sampled(1));
+      int64_t used = 0;
+      auto flush = [&] {
+        if (chunk.seqs.empty()) return;
+        chunk.seqs.back().sample = true;
+        exec.execute_and_sample(chunk, sampled(1));
+        chunk.seqs.clear();
+        used = 0;
+      };
+      for (int i = 0; i < batch; ++i) {
+        for (int offset = 0; offset < context;) {
+          if (used == budget) flush();
+          const int len = static_cast<int>(std::min<int64_t>(context - offset, budget - used));
+          chunk.seqs.push_back({std::vector<int32_t>(static_cast<size_t>(len), 100 + i), offset, table(i), false});
+          used += len;
+          offset += len;
+        }
+      }
+      flush();
     }
     auto decode_batch = [&](int step) {
       Batch b;

@@ -213,7 +213,6 @@ TEST_F(QuantKernelTest, FillRandomBitsIsTheDefinitionsBits) {
 class QuantCudaCheckpointTest : public ::testing::TestWithParam<std::string> {
  protected:
   absl::StatusOr<LoadedModel> load(const std::string& backend, const std::string& dtype) {
-    setenv("SHARDSERVE_UNVERIFIED_QUANT_KERNELS", "1", 1);  // what these tests verify
     ExecutorOptions o;
     o.model_dir = data_dir() + "/tiny-quant/" + GetParam();
     o.backend = backend;

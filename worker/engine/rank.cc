@@ -172,18 +172,6 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const ExecutorOptions& opt
 
 absl::Status build_rank(Rank& rank, const ModelConfig& config, const ExecutorOptions& options,
                         const Checkpoint* checkpoint, const AgreeBlocks& agree) {
-  if (rank.backend->name() == "cuda" && config.quantization.quantized()) {
-    // The INT4/INT8/FP8 kernels (kernels/quant_linear.cu) are built, and tests/gpu/quant_cuda_test.cc
-    // holds them to the CPU oracle, but they have not yet run on a GPU: until they have passed
-    // there, running them takes an explicit opt-in.
-    const char* opt_in = std::getenv("SHARDSERVE_UNVERIFIED_QUANT_KERNELS");
-    if (opt_in == nullptr || std::string(opt_in) != "1") {
-      return absl::UnimplementedError(absl::StrCat(
-          "quantization '", config.quantization.name(),
-          "' on the cuda backend: its kernels are not yet verified on a GPU; use --backend cpu, or set "
-          "SHARDSERVE_UNVERIFIED_QUANT_KERNELS=1 to run them anyway"));
-    }
-  }
   rank.backend->bind_thread();
   if (auto st = load_weights(rank, config, checkpoint); !st.ok()) return st;
   const int64_t max_len = model_len(options, config);
