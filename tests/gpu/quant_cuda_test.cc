@@ -212,8 +212,9 @@ TEST_F(QuantKernelTest, FillRandomBitsIsTheDefinitionsBits) {
 // The tiny quantized checkpoints through load_model, as a worker loads them.
 class QuantCudaCheckpointTest : public ::testing::TestWithParam<std::string> {
  protected:
-  absl::StatusOr<LoadedModel> load(const std::string& backend, const std::string& dtype) {
+  absl::StatusOr<LoadedModel> load(const std::string& backend, const std::string& dtype, bool cpu_w8a8 = false) {
     ExecutorOptions o;
+    o.cpu_w8a8 = cpu_w8a8;
     o.model_dir = data_dir() + "/tiny-quant/" + GetParam();
     o.backend = backend;
     o.dtype = dtype;
@@ -247,12 +248,20 @@ TEST_P(QuantCudaCheckpointTest, Float32EqualsTheCpuOracle) {
 // 16-bit activations: the quantized GEMV at decode, W8A8 or dequantize + GEMM for the prompt
 // (more than 8 tokens in the second prompt). Teacher-forced on the CPU's tokens, so a near-tie
 // cannot make the runs part ways; logits within 5e-2 of the scale (16-bit activations over the
-// layers, as golden_cuda_test.cc, plus FP8's activation rounding).
+// layers, as golden_cuda_test.cc). Where the GPU runs FP8 as W8A8 (FP8 tensor cores, sm_89 and
+// later), the CPU oracle quantizes the activations the same way (ExecutorOptions::cpu_w8a8): the
+// dequantized model on 32-bit activations is 0.03-0.07 away on these checkpoints (E4M3 keeps 3
+// mantissa bits), which no tolerance should hide.
 TEST_P(QuantCudaCheckpointTest, SixteenBitTeacherForcedWithinTolerance) {
   auto gpu = load("cuda", "auto");
   if (!gpu.ok() && gpu.status().code() == absl::StatusCode::kNotFound) GTEST_SKIP() << gpu.status();
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = load("cpu", "auto");
+  int device = 0, major = 0, minor = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), cudaSuccess);
+  const bool w8a8 = GetParam().rfind("fp8", 0) == 0 && major * 10 + minor >= 89;
+  auto cpu = load("cpu", "auto", w8a8);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   constexpr double kTol = 5e-2;
   for (const auto& prompt : kPrompts) {

@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -112,6 +113,65 @@ TEST(Fp8E4M3, RoundsToNearestEvenAndSaturates) {
   EXPECT_EQ(f32_to_fp8e4m3(NAN) & 0x7F, 0x7F);
   EXPECT_EQ(f32_to_fp8e4m3(std::ldexp(1.0f, -11)), 0x00);  // a quarter of the smallest subnormal
   EXPECT_EQ(f32_to_fp8e4m3(-0.0f), 0x80);
+}
+
+// The CUDA backend's W8A8 as the CPU oracle computes it when asked: from kW8A8MinTokens tokens,
+// each token's activations become E4M3 codes at scale max|x| / 448 (or the static input_scale),
+// y = scale * (codes . W); below it, and with emulation off, the dequantized model on FP32.
+TEST(Fp8E4M3, CpuBackendEmulatesW8A8FromItsTokenThreshold) {
+  CpuBackend backend(1);
+  const int64_t n = 16, k = 32;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  std::vector<uint8_t> codes(static_cast<size_t>(n * k));
+  for (auto& c : codes) c = f32_to_fp8e4m3(u(rng));
+  std::vector<float> scales(static_cast<size_t>(n));
+  for (auto& s : scales) s = 0.01f + std::fabs(u(rng)) / 100.0f;
+  LinearWeight w;
+  w.format = WeightFormat::kFp8;
+  w.weight = backend.upload(HostTensor{codes.data(), DType::kF8E4M3, {n, k}}, DType::kF8E4M3);
+  w.scales = backend.upload(HostTensor{scales.data(), DType::kF32, {n}}, DType::kF32);
+  for (const bool static_scale : {false, true}) {
+    const float input_scale = 0.02f;
+    if (static_scale) w.input_scale = backend.upload(HostTensor{&input_scale, DType::kF32, {1}}, DType::kF32);
+    for (const int64_t tokens : {kW8A8MinTokens - 1, kW8A8MinTokens}) {
+      std::vector<float> x(static_cast<size_t>(tokens * k));
+      for (auto& v : x) v = u(rng);
+      Tensor xt = backend.upload(HostTensor{x.data(), DType::kF32, {tokens, k}}, DType::kF32);
+      for (const bool emulate : {false, true}) {
+        backend.emulate_w8a8(emulate);
+        Tensor y = backend.empty({tokens, n}, DType::kF32);
+        backend.linear(xt, w, y);
+        const bool w8a8 = emulate && tokens >= kW8A8MinTokens;
+        for (int64_t t = 0; t < tokens; ++t) {
+          float amax = 0.0f;
+          for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[t * k + i]));
+          const float s = static_scale ? input_scale : amax / 448.0f;
+          for (int64_t j = 0; j < n; ++j) {
+            double want = 0.0;
+            for (int64_t i = 0; i < k; ++i) {
+              const float xv = w8a8 ? fp8e4m3_to_f32(f32_to_fp8e4m3(x[t * k + i] * (1.0f / s))) * s : x[t * k + i];
+              want += double(xv) * fp8e4m3_to_f32(codes[j * k + i]) * scales[j];
+            }
+            EXPECT_NEAR(y.as<float>()[t * n + j], want, 1e-4 * (1.0 + std::fabs(want)))
+                << "tokens " << tokens << " emulate " << emulate << " static " << static_scale;
+          }
+        }
+      }
+    }
+  }
+  // The static scale saturates what lies beyond 448 * scale: the emulation must differ there.
+  backend.emulate_w8a8(true);
+  std::vector<float> big(static_cast<size_t>(kW8A8MinTokens * k), 100.0f);
+  Tensor xt = backend.upload(HostTensor{big.data(), DType::kF32, {kW8A8MinTokens, k}}, DType::kF32);
+  Tensor y = backend.empty({kW8A8MinTokens, n}, DType::kF32);
+  backend.linear(xt, w, y);
+  double exact = 0.0;
+  for (int64_t i = 0; i < k; ++i) exact += 100.0 * fp8e4m3_to_f32(codes[i]) * scales[0];
+  double clipped = 0.0;
+  for (int64_t i = 0; i < k; ++i) clipped += 448.0 * 0.02 * fp8e4m3_to_f32(codes[i]) * scales[0];
+  EXPECT_NEAR(y.as<float>()[0], clipped, 1e-4 * (1.0 + std::fabs(clipped)));
+  EXPECT_GT(std::fabs(exact - clipped), 1.0);
 }
 
 TEST(QuantizationAtLoad, Int8RoundsHalfToEvenAndClamps) {

@@ -61,6 +61,9 @@ struct ExecutorOptions {
   int64_t max_num_batched_tokens = 2048;
   int64_t max_num_seqs = 256;
   bool cuda_graphs = true;
+  // cpu backend: FP8 layers quantize their activations as the CUDA backend's W8A8 path does
+  // (worker/runtime/backend.h, kW8A8MinTokens), the oracle a GPU with FP8 tensor cores is held to.
+  bool cpu_w8a8 = false;
 };
 
 struct LoadedModel {

@@ -152,7 +152,9 @@ absl::StatusOr<DType> resolve_activation_dtype(const std::string& name, const Mo
 absl::StatusOr<std::unique_ptr<Backend>> make_backend(const ExecutorOptions& options, const ModelConfig& config,
                                                       int local_index, int cpu_threads) {
   if (options.backend == "cpu") {
-    return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(cpu_threads));
+    auto cpu = std::make_unique<CpuBackend>(cpu_threads);
+    cpu->emulate_w8a8(options.cpu_w8a8);
+    return std::unique_ptr<Backend>(std::move(cpu));
   }
   if (options.backend != "cuda") {
     return absl::InvalidArgumentError(absl::StrCat("backend '", options.backend, "' is not one of cpu, cuda"));

@@ -283,28 +283,6 @@ bool is_decoder_projection(const std::string& weight_name) {
   return absl::StartsWith(weight_name, "model.layers.") && absl::EndsWith(weight_name, "_proj.weight");
 }
 
-uint8_t f32_to_fp8e4m3(float x) {
-  const uint8_t sign = std::signbit(x) ? 0x80 : 0x00;
-  if (std::isnan(x)) return sign | 0x7F;
-  const float a = std::fabs(x);
-  if (a >= 448.0f) return sign | 0x7E;  // saturate: 448 is the largest finite E4M3 value
-  if (a == 0.0f) return sign;
-  // a in [2^e, 2^(e+1)) has 3 fraction bits: quantum 2^(e - 3); below 2^-6 (subnormals) the
-  // quantum stays 2^-9. Scaling by a power of two is exact, so nearbyint does the only rounding
-  // (to nearest even in the default mode).
-  int frexp_exp = 0;
-  std::frexp(a, &frexp_exp);
-  int e = std::max(frexp_exp - 1, -6);
-  int m = static_cast<int>(std::nearbyint(std::ldexp(a, 3 - e)));  // [8, 16] normal, [0, 8] subnormal
-  if (m < 8) return sign | static_cast<uint8_t>(m);                // subnormal: exponent field 0
-  if (m == 16) {
-    m = 8;
-    ++e;
-  }
-  const int code = ((e + 7) << 3) | (m - 8);
-  return sign | static_cast<uint8_t>(std::min(code, 0x7E));
-}
-
 float quantization_scale(QuantMethod method, float max_abs) {
   if (!(max_abs > 0.0f) || !std::isfinite(max_abs)) return 1.0f;
   return max_abs / (method == QuantMethod::kFp8 ? 448.0f : 127.0f);

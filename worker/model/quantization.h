@@ -26,6 +26,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "worker/runtime/dtype.h"  // f32_to_fp8e4m3
 
 namespace shardserve {
 
@@ -78,9 +79,6 @@ absl::StatusOr<QuantizationConfig> synthetic_quantization(const std::string& req
 // synthetic and at-load quantization quantize (embeddings and the LM head stay 16-bit).
 bool is_decoder_projection(const std::string& weight_name);
 
-// OCP FP8 E4M3 (fn) of x: round to nearest, ties to even; magnitudes beyond 448 saturate to
-// +-448 (no infinities in E4M3); NaN stays NaN (0x7F with x's sign).
-uint8_t f32_to_fp8e4m3(float x);
 
 // Symmetric per-output-channel quantization at load:
 //   fp8:  scale = max|w| / 448, q = E4M3(w / scale), round to nearest even, saturating (vLLM

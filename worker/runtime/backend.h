@@ -41,11 +41,18 @@ enum class WeightFormat : uint8_t {
 //   kInt8:  W[n, k] = weight[n, k] * scales[n].
 //   kFp8:   W[n, k] = fp8(weight[n, k]) * scales[n]; input_scale, when present, is the static
 //           scale the activations are quantized with (W8A8); empty means per-token dynamic
-//           scales. The CPU reference does not quantize activations: it is the dequantized model.
+//           scales. The CPU reference is the dequantized model (16-bit activations), unless told
+//           to quantize activations as the CUDA backend's W8A8 path does (kW8A8MinTokens).
 // Invariants: K keeps the checkpoint's order (GPTQ act-order lives in g_idx, not in a
 // permutation of the columns), so a tensor-parallel shard is rows of everything (column-parallel)
 // or a K slice of weight and g_idx (row-parallel); with g_idx empty, K is a whole number of
 // groups. Fused layers (q|k|v, gate|up) are their parts concatenated along N.
+// On GPUs with FP8 tensor cores, an FP8 layer whose N and K are multiples of 16 runs as W8A8 for
+// steps of at least this many tokens (fewer take the GEMV on 16-bit activations): each token's
+// activations are quantized to E4M3 with scale max|x| / 448 (or input_scale), saturating. The CPU
+// backend reproduces it when asked (CpuBackend::emulate_w8a8), the oracle the GPU's FP8 is held to.
+constexpr int64_t kW8A8MinTokens = 9;
+
 struct LinearWeight {
   LinearWeight() = default;
   // A dense weight [N, K] (what every call site of the 16-bit model makes).

@@ -180,6 +180,28 @@ void CpuBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
   const int64_t tokens = x.numel() / k;
   const float* xs = x.as<float>();
   float* ys = out.as<float>();
+  // W8A8 as on the GPU: x[t] = E4M3(x[t] / s_t) and y[t] = s_t * (E4M3 codes . W).
+  std::vector<float> xq, x_scales;
+  const bool w8a8 = emulate_w8a8_ && w.format == WeightFormat::kFp8 && tokens >= kW8A8MinTokens && n % 16 == 0 &&
+                    k % 16 == 0;
+  if (w8a8) {
+    xq.resize(static_cast<size_t>(tokens * k));
+    x_scales.resize(static_cast<size_t>(tokens));
+    for (int64_t t = 0; t < tokens; ++t) {
+      float scale = 0.0f;
+      if (!w.input_scale.empty()) {
+        scale = w.input_scale.as<float>()[0];
+      } else {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xs[t * k + i]));
+        scale = std::max(amax, 1e-12f) / 448.0f;
+      }
+      const float inv = 1.0f / scale;
+      for (int64_t i = 0; i < k; ++i) xq[t * k + i] = fp8e4m3_to_f32(f32_to_fp8e4m3(xs[t * k + i] * inv));
+      x_scales[t] = scale;
+    }
+    xs = xq.data();
+  }
   // Threads split the output features: each reads (or dequantizes) its rows of W once for all
   // tokens. Every format runs the same dot-product loop over an FP32 row.
   const int threads = tokens * n * k >= (int64_t{1} << 20) ? num_threads_ : 1;
@@ -196,7 +218,7 @@ void CpuBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
         const float* xr = xs + t * k;
         float acc = 0.0f;
         for (int64_t i = 0; i < k; ++i) acc += xr[i] * wr[i];
-        ys[t * n + j] = acc;
+        ys[t * n + j] = w8a8 ? acc * x_scales[t] : acc;
       }
     }
   });

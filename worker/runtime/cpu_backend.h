@@ -40,8 +40,13 @@ class CpuBackend final : public Backend {
   void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) override;
   void join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) override;
 
+  // FP8 layers quantize their activations as the CUDA backend's W8A8 path does (backend.h,
+  // kW8A8MinTokens) instead of computing the dequantized model on 32-bit activations.
+  void emulate_w8a8(bool on) { emulate_w8a8_ = on; }
+
  private:
   int num_threads_;
+  bool emulate_w8a8_ = false;
 };
 
 // Row n of W (LinearWeight's definition, any format) as FP32, for a weight in host memory.

@@ -420,6 +420,8 @@ void CudaBackend::gemm(const void* w, DType w_dtype, const void* x, int64_t toke
 // layer reuses in turn (the largest layer's size, allocated by the warm-up step that the memory
 // plan measures, never during a graph capture) and multiplied by cuBLASLt: one extra pass over
 // the weight per step, small beside a prefill's arithmetic.
+static_assert(kW8A8MinTokens == kernels::kMaxGemvTokens + 1, "W8A8 takes the steps the quantized GEMV does not");
+
 void CudaBackend::quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t tokens, Tensor& out) {
   const kernels::QuantWeightView v = quant_view(w);
   if (w.format == WeightFormat::kFp8 && fp8_tensor_cores_ && x.dtype != DType::kF32 && v.k % 16 == 0 &&

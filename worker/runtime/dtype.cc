@@ -1,5 +1,6 @@
 #include "worker/runtime/dtype.h"
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -99,6 +100,29 @@ float fp8e4m3_to_f32(uint8_t bits) {
   }
   return neg ? -mag : mag;
 }
+
+uint8_t f32_to_fp8e4m3(float x) {
+  const uint8_t sign = std::signbit(x) ? 0x80 : 0x00;
+  if (std::isnan(x)) return sign | 0x7F;
+  const float a = std::fabs(x);
+  if (a >= 448.0f) return sign | 0x7E;  // saturate: 448 is the largest finite E4M3 value
+  if (a == 0.0f) return sign;
+  // a in [2^e, 2^(e+1)) has 3 fraction bits: quantum 2^(e - 3); below 2^-6 (subnormals) the
+  // quantum stays 2^-9. Scaling by a power of two is exact, so nearbyint does the only rounding
+  // (to nearest even in the default mode).
+  int frexp_exp = 0;
+  std::frexp(a, &frexp_exp);
+  int e = std::max(frexp_exp - 1, -6);
+  int m = static_cast<int>(std::nearbyint(std::ldexp(a, 3 - e)));  // [8, 16] normal, [0, 8] subnormal
+  if (m < 8) return sign | static_cast<uint8_t>(m);                // subnormal: exponent field 0
+  if (m == 16) {
+    m = 8;
+    ++e;
+  }
+  const int code = ((e + 7) << 3) | (m - 8);
+  return sign | static_cast<uint8_t>(std::min(code, 0x7E));
+}
+
 
 void convert_to_f32(const void* src, DType dtype, size_t n, float* dst) {
   // One loop per dtype: this runs on every downloaded logit row, so no per-element dispatch.

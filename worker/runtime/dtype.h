@@ -24,6 +24,9 @@ uint16_t f32_to_bf16(float value);  // round to nearest even, NaN stays NaN
 float f16_to_f32(uint16_t bits);
 uint16_t f32_to_f16(float value);   // round to nearest even, overflow to inf
 float fp8e4m3_to_f32(uint8_t bits); // OCP E4M3 (fn): no infinities, S.1111.111 is NaN
+// OCP FP8 E4M3 (fn) of x: round to nearest, ties to even; magnitudes beyond 448 saturate to
+// +-448 (no infinities in E4M3); NaN stays NaN (0x7F with x's sign).
+uint8_t f32_to_fp8e4m3(float x);
 
 // Converts n elements of a floating or integer dtype to FP32.
 void convert_to_f32(const void* src, DType dtype, size_t n, float* dst);
