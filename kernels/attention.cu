@@ -26,6 +26,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/kernels.h"
+#include "kernels/mma.cuh"
 
 namespace shardserve::kernels {
 namespace {
@@ -209,64 +210,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 // rows past G cost tensor-core slots the memory-bound kernel has to spare.
 namespace tc {
 
+using namespace mma;
+
 constexpr int kTileN = 64;  // K/V positions per shared-memory tile
 constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-// c (16x8, FP32) += a (16x16, row-major) * b (16x8, column-major).
-template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
-// Byte offset of 16-byte chunk c of row r in a [rows][D] tile: chunks XOR-swizzled by r % 8, so the
-// eight rows an ldmatrix reads at one logical chunk sit in eight different bank groups.
-template <int D>
-__device__ __forceinline__ uint32_t swizzle(int r, int c) {
-  return static_cast<uint32_t>((r * (D / 8) + (c ^ (r & 7))) * 16);
-}
 
 // Positions [start, start + kTileN) of one KV head into K and V tiles (zero past `end`).
 template <typename T, int D, int kThreads>
@@ -308,8 +255,8 @@ __device__ __forceinline__ void qk(float (&s)[2 * kNB2][4], const uint32_t (&qf)
     for (int nb = 0; nb < kNB2; ++nb) {
       uint32_t b[4];
       ldmatrix_x4(b, k_tile + swizzle<D>(n0 + nb * 16 + (mi >> 1) * 8 + (lane & 7), 2 * kk + (mi & 1)));
-      mma<T>(s[2 * nb], qf[kk], b[0], b[1]);
-      mma<T>(s[2 * nb + 1], qf[kk], b[2], b[3]);
+      mma_16816<T>(s[2 * nb], qf[kk], b[0], b[1]);
+      mma_16816<T>(s[2 * nb + 1], qf[kk], b[2], b[3]);
     }
   }
 }
@@ -327,8 +274,8 @@ __device__ __forceinline__ void pv(float (&acc)[D / 8][4], const float (&s)[2 * 
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, v_tile + swizzle<D>(n0 + kk * 16 + (mi & 1) * 8 + (lane & 7), 2 * dn + (mi >> 1)));
-      mma<T>(acc[2 * dn], a, b[0], b[1]);
-      mma<T>(acc[2 * dn + 1], a, b[2], b[3]);
+      mma_16816<T>(acc[2 * dn], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
     }
   }
 }

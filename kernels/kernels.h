@@ -68,6 +68,19 @@ bool gemv_supported(int64_t tokens, int64_t k, DType weight, DType x);
 cudaError_t gemv(const void* x, const void* w, int64_t tokens, int64_t n, int64_t k, void* y, DType dtype,
                  DType out_dtype, cudaStream_t stream);
 
+// Decode-sized GEMM on tensor cores (kernels/skinny_gemm.cu): y[T, N] = x[T, K] * W^T for T up to
+// kMaxSkinnyGemmTokens, x and W of the same 16-bit dtype, y that dtype or F32, N and K multiples
+// of 64. Split over K for the SMs; the FP32 partials need `workspace` (splits x T x N floats).
+constexpr int64_t kMaxSkinnyGemmTokens = 128;
+struct SkinnyGemmShape {
+  bool valid = false;  // false: a shape the kernel does not take
+  int64_t tokens = 0, n = 0, k = 0;
+  int64_t splits = 1, k_per_split = 0;
+};
+SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_sms, size_t workspace_bytes);
+cudaError_t skinny_gemm(const SkinnyGemmShape& shape, const void* x, const void* w, void* y, DType dtype,
+                        DType out_dtype, float* workspace, cudaStream_t stream);
+
 // Quantized weights (worker/runtime/backend.h's LinearWeight, same definitions), as device
 // pointers. kInt4: weight U32 [N, K/8] (feature k in bits 4 (k % 8) of word k / 8), scales [N, G]
 // F16 or F32, zeros U8 [N, G], g_idx I32 [K] or null (group = k / group_size). kInt8 / kFp8:

@@ -11,6 +11,7 @@
 #include <numeric>
 #include <random>
 
+#include "kernels/kernels.h"
 #include "worker/runtime/cpu_backend.h"
 #include "worker/runtime/cuda_backend.h"
 
@@ -314,6 +315,31 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                            return "hq" + std::to_string(info.param.hq) + "_hkv" + std::to_string(info.param.hkv) + "_d" +
                                   std::to_string(info.param.d);
                          });
+
+// The decode-sized tensor-core GEMM (kernels/skinny_gemm.cu) on its own, whatever the tuning in
+// CudaBackend::gemm picks: token counts that fill no whole fragment, one split and several, BF16
+// and F32 outputs, against the CPU backend's linear.
+TEST_F(KernelsTest, SkinnyGemmMatchesTheReference) {
+  struct Case { int64_t t, n, k; };
+  for (const Case c : {Case{9, 128, 64}, Case{33, 1024, 4096}, Case{100, 6144, 4096}, Case{128, 192, 512}}) {
+    const auto x = random(c.t * c.k), w = random(c.n * c.k, 0.05f);
+    Tensor c_out = cpu_.empty({c.t, c.n}, DType::kF32);
+    cpu_.linear(cpu_f32(x, {c.t, c.k}), LinearWeight(cpu_f32(w, {c.n, c.k})), c_out);
+    const Tensor gx = gpu_bf16(x, {c.t, c.k}), gw = gpu_bf16(w, {c.n, c.k});
+    const kernels::SkinnyGemmShape shape = kernels::skinny_gemm_shape(c.t, c.n, c.k, 132, size_t{32} << 20);
+    ASSERT_TRUE(shape.valid);
+    Tensor ws = gpu_->empty({(32 << 20) / 4}, DType::kF32);
+    for (const DType out : {DType::kBF16, DType::kF32}) {
+      Tensor g_out = gpu_->empty({c.t, c.n}, out);
+      ASSERT_EQ(kernels::skinny_gemm(shape, gx.data, gw.data, g_out.data, DType::kBF16, out, ws.as<float>(), nullptr),
+                cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_LT(rel_error(g_out, c_out), 1e-2) << c.t << "x" << c.n << "x" << c.k << " splits " << shape.splits;
+    }
+  }
+  EXPECT_FALSE(kernels::skinny_gemm_shape(129, 128, 64, 132, 1 << 20).valid);
+  EXPECT_FALSE(kernels::skinny_gemm_shape(16, 100, 64, 132, 1 << 20).valid);
+}
 
 TEST_F(KernelsTest, GatherRowsAndJoinColumnShards) {
   const auto x = random(10 * 33);

@@ -51,6 +51,11 @@ struct GemmPlan {
   // the real operands and keeps the fastest (algo).
   std::vector<cublasLtMatmulAlgo_t> candidates;
   bool tuned = false;
+  // Decode-sized 16-bit shapes: the project's split-K tensor-core GEMM (kernels/skinny_gemm.cu),
+  // used when the tuning finds it faster than every cuBLASLt candidate.
+  kernels::SkinnyGemmShape skinny;
+  DType skinny_dtype = DType::kBF16, out_dtype = DType::kBF16;
+  bool use_skinny = false;
   ~GemmPlan() {
     if (c) cublasLtMatrixLayoutDestroy(c);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -289,6 +294,11 @@ GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DTyp
   for (int i = 0; i < found; ++i) {
     if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(results[i].algo);
   }
+  if ((ab == DType::kBF16 || ab == DType::kF16) && (c == ab || c == DType::kF32)) {
+    plan->skinny = kernels::skinny_gemm_shape(n, m, k, num_sms_, gemm_workspace_bytes_);
+    plan->skinny_dtype = ab;
+    plan->out_dtype = c;
+  }
   // Decode shapes (a few hundred tokens at most against a large weight): N / tile CTAs do not
   // fill the GPU (4096 outputs in 128-wide tiles are 32 CTAs on 132 SMs), and the heuristic's
   // answers rarely split K far enough. Each candidate that can split K is also tried at 2 to 16
@@ -362,7 +372,9 @@ kernels::QuantWeightView quant_view(const LinearWeight& w) {
 // cuBLASLt's first heuristic answer is often not its fastest kernel for decode shapes (a few
 // tokens against a large weight), where the choice of split-K decides whether the GPU is filled.
 // Each candidate runs on the real operands (the output is rewritten by the caller's own call right
-// after), once to warm up and then 8 times back to back, and the fastest is kept for this shape. Skipped
+// after), once to warm up and then 8 times back to back, and the fastest is kept for this shape;
+// for decode-sized 16-bit shapes the project's skinny GEMM runs the same trial and is kept when it
+// beats every cuBLASLt candidate. Skipped
 // inside a graph capture (the heuristic's first then stays; ModelRunner's first run of a shape is
 // never captured).
 void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out) {
@@ -370,7 +382,7 @@ void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* 
   check(cudaStreamIsCapturing(stream_, &capturing), "cudaStreamIsCapturing");
   if (capturing != cudaStreamCaptureStatusNone) return;
   plan.tuned = true;
-  if (plan.candidates.size() < 2) return;
+  if (plan.candidates.size() < 2 && !plan.skinny.valid) return;
   cudaEvent_t start = nullptr, stop = nullptr;
   check(cudaEventCreate(&start), "cudaEventCreate");
   check(cudaEventCreate(&stop), "cudaEventCreate");
@@ -399,6 +411,24 @@ void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* 
       plan.algo = algo;
     }
   }
+  if (plan.skinny.valid) {
+    const DType ab = plan.skinny_dtype, c = plan.out_dtype;
+    auto run_skinny = [&] {
+      return kernels::skinny_gemm(plan.skinny, x, w, out, ab, c, static_cast<float*>(gemm_workspace_), stream_) ==
+             cudaSuccess;
+    };
+    if (run_skinny()) {
+      check(cudaEventRecord(start, stream_), "cudaEventRecord");
+      bool ok = true;
+      for (int i = 0; i < kCalls && ok; ++i) ok = run_skinny();
+      check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+      check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      float t = 0.0f;
+      check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+      plan.use_skinny = ok && t < best;
+    }
+    cudaGetLastError();  // a failed launch above leaves cuBLASLt in charge, not a sticky error
+  }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
 }
@@ -409,6 +439,11 @@ void CudaBackend::gemm(const void* w, DType w_dtype, const void* x, int64_t toke
   const float alpha = 1.0f;
   const float beta = 0.0f;
   if (!plan.tuned) tune_gemm(plan, w, x, out);
+  if (plan.use_skinny) {
+    check(kernels::skinny_gemm(plan.skinny, x, w, out, w_dtype, out_dtype, static_cast<float*>(gemm_workspace_), stream_),
+          "skinny_gemm");
+    return;
+  }
   check(cublasLtMatmul(static_cast<cublasLtHandle_t>(cublaslt_), plan.desc, &alpha, w, plan.a, x, plan.b, &beta, out,
                        plan.c, out, plan.c, &plan.algo, gemm_workspace_, gemm_workspace_bytes_, stream_),
         "cublasLtMatmul");

@@ -1,0 +1,227 @@
+// Decode-sized GEMM on tensor cores: y[T, N] = x[T, K] * W^T for 9..128 tokens, W [N, K].
+//
+// At these sizes the weight is the cost (T x K of activations is a few MB at most, read from L2),
+// and a GEMM tiled for throughput leaves most SMs idle: N / 128 tiles of 4096 outputs are 32 CTAs
+// on 132 SMs. Here a CTA owns 64 outputs and a slice of K (split-K, sized so that about two CTAs
+// run per SM), streams its W tile [64 x 64] and the matching x tile [T x 64] through a 4-stage
+// cp.async ring, and multiplies with mma.sync (each warp 16 outputs, all T rows). With one split
+// the CTA writes y; with more, FP32 partials go to a workspace and a second kernel sums them in
+// split order (deterministic) and converts. sm_80 instructions only, so the A100 path is the
+// same code.
+#include <algorithm>
+
+#include "kernels/common.cuh"
+#include "kernels/kernels.h"
+#include "kernels/mma.cuh"
+
+namespace shardserve::kernels {
+namespace {
+
+using namespace mma;
+
+constexpr int kBN = 64;  // outputs per CTA
+constexpr int kBK = 64;  // K per stage
+constexpr int kStages = 4;
+constexpr int kThreads = 128;
+
+constexpr size_t stage_bytes(int bm) { return static_cast<size_t>(bm + kBN) * kBK * 2; }
+
+template <typename T, typename OutT, int BM>
+__global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                               int tokens, int n, int k, int k_per_split,
+                                                               OutT* __restrict__ y, float* __restrict__ partials) {
+  constexpr int kMFrags = BM / 16;
+  constexpr uint32_t kXBytes = BM * kBK * 2;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, mi = lane / 8;
+  const int n0 = blockIdx.x * kBN;
+  const int split = blockIdx.y;
+  const int k_begin = split * k_per_split;
+  const int k_tiles = (min(k, k_begin + k_per_split) - k_begin) / kBK;
+  const uint32_t base = smem_addr(smem);
+
+  auto load_x = [&](int stage, int kt) {
+    const uint32_t xs = base + stage * static_cast<uint32_t>(stage_bytes(BM));
+    const int64_t kk = k_begin + static_cast<int64_t>(kt) * kBK;
+#pragma unroll
+    for (int i = 0; i < BM * 8 / kThreads + (BM * 8 % kThreads != 0); ++i) {
+      const int idx = tid + i * kThreads;
+      if (idx < BM * 8) {
+        const int r = idx / 8, c = idx % 8;
+        const bool valid = r < tokens;
+        cp_async16(xs + swizzle<kBK>(r, c), x + (valid ? r * static_cast<int64_t>(k) + kk + c * 8 : 0), valid);
+      }
+    }
+  };
+  auto load_w = [&](int stage, int kt) {
+    const uint32_t xs = base + stage * static_cast<uint32_t>(stage_bytes(BM));
+    const int64_t kk = k_begin + static_cast<int64_t>(kt) * kBK;
+#pragma unroll
+    for (int i = 0; i < kBN * 8 / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      const int r = idx / 8, c = idx % 8;
+      cp_async16(xs + kXBytes + swizzle<kBK>(r, c), w + (n0 + r) * static_cast<int64_t>(k) + kk + c * 8, true);
+    }
+  };
+
+  // The weight is no kernel's output: its first tiles are in flight before the wait for the
+  // previous kernel (programmatic dependent launch), x's after.
+  pdl_trigger();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_w(s, s);
+  }
+  pdl_wait();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_x(s, s);
+    cp_async_commit();
+  }
+  float acc[kMFrags][2][4];
+#pragma unroll
+  for (int m = 0; m < kMFrags; ++m) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    if (kt + kStages - 1 < k_tiles) {
+      load_w((kt + kStages - 1) % kStages, kt + kStages - 1);
+      load_x((kt + kStages - 1) % kStages, kt + kStages - 1);
+    }
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+    const uint32_t xs = base + (kt % kStages) * static_cast<uint32_t>(stage_bytes(BM));
+    const uint32_t ws = xs + kXBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, ws + swizzle<kBK>(warp * 16 + (mi >> 1) * 8 + (lane & 7), 2 * kk + (mi & 1)));
+#pragma unroll
+      for (int m = 0; m < kMFrags; ++m) {
+        uint32_t a[4];
+        ldmatrix_x4(a, xs + swizzle<kBK>(m * 16 + (mi & 1) * 8 + (lane & 7), 2 * kk + (mi >> 1)));
+        mma_16816<T>(acc[m][0], a, b[0], b[1]);
+        mma_16816<T>(acc[m][1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the stage just read is reloaded next iteration
+  }
+  cp_async_wait<0>();
+
+  // Thread (lane) holds rows m * 16 + lane / 4 (+ 8), columns warp * 16 + j * 8 + (lane % 4) * 2 (+ 1).
+#pragma unroll
+  for (int m = 0; m < kMFrags; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m * 16 + lane / 4 + 8 * h;
+      if (row >= tokens) continue;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int col = n0 + warp * 16 + j * 8 + (lane % 4) * 2;
+        const float v0 = acc[m][j][2 * h], v1 = acc[m][j][2 * h + 1];
+        if (partials != nullptr) {
+          *reinterpret_cast<float2*>(partials + (static_cast<int64_t>(split) * tokens + row) * n + col) =
+              make_float2(v0, v1);
+        } else if constexpr (std::is_same_v<OutT, float>) {
+          *reinterpret_cast<float2*>(y + static_cast<int64_t>(row) * n + col) = make_float2(v0, v1);
+        } else {
+          *reinterpret_cast<uint32_t*>(y + static_cast<int64_t>(row) * n + col) = pack2<OutT>(v0, v1);
+        }
+      }
+    }
+  }
+}
+
+// y = sum over splits of partials [splits][T][N], 4 outputs a thread.
+template <typename OutT>
+__global__ void reduce_splits_kernel(const float* __restrict__ partials, int splits, int64_t count,
+                                     OutT* __restrict__ y) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (i >= count) return;
+  float4 s = *reinterpret_cast<const float4*>(partials + i);
+  for (int p = 1; p < splits; ++p) {
+    const float4 v = *reinterpret_cast<const float4*>(partials + p * count + i);
+    s.x += v.x;
+    s.y += v.y;
+    s.z += v.z;
+    s.w += v.w;
+  }
+  y[i] = from_f32<OutT>(s.x);
+  y[i + 1] = from_f32<OutT>(s.y);
+  y[i + 2] = from_f32<OutT>(s.z);
+  y[i + 3] = from_f32<OutT>(s.w);
+}
+
+template <auto kKernel>
+cudaError_t allow_smem(size_t bytes) {
+  static const cudaError_t e =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return e;
+}
+
+template <typename T, typename OutT, int BM>
+cudaError_t launch(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
+                   cudaStream_t stream) {
+  constexpr auto kernel = skinny_gemm_kernel<T, OutT, BM>;
+  const size_t smem = kStages * stage_bytes(BM);
+  if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>(s.n / kBN), static_cast<unsigned>(s.splits));
+  cudaError_t e = launch_pdl(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(x),
+                             static_cast<const T*>(w), static_cast<int>(s.tokens), static_cast<int>(s.n),
+                             static_cast<int>(s.k), static_cast<int>(s.k_per_split), static_cast<OutT*>(y),
+                             s.splits > 1 ? workspace : nullptr);
+  if (e != cudaSuccess || s.splits == 1) return e;
+  const int64_t count = s.tokens * s.n;
+  const unsigned blocks = static_cast<unsigned>((count / 4 + 255) / 256);
+  return launch_pdl(reduce_splits_kernel<OutT>, dim3(blocks), dim3(256), 0, stream, static_cast<const float*>(workspace),
+                    static_cast<int>(s.splits), count, static_cast<OutT*>(y));
+}
+
+template <typename T, typename OutT>
+cudaError_t launch_rows(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
+                        cudaStream_t stream) {
+  if (s.tokens <= 16) return launch<T, OutT, 16>(s, x, w, y, workspace, stream);
+  if (s.tokens <= 32) return launch<T, OutT, 32>(s, x, w, y, workspace, stream);
+  if (s.tokens <= 64) return launch<T, OutT, 64>(s, x, w, y, workspace, stream);
+  return launch<T, OutT, 128>(s, x, w, y, workspace, stream);
+}
+
+}  // namespace
+
+SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_sms, size_t workspace_bytes) {
+  SkinnyGemmShape s;
+  if (tokens < 1 || tokens > kMaxSkinnyGemmTokens || n % kBN != 0 || k % kBK != 0 || n <= 0 || k <= 0) return s;
+  s.tokens = tokens;
+  s.n = n;
+  s.k = k;
+  const int64_t n_tiles = n / kBN, k_tiles = k / kBK;
+  // About two CTAs per SM, at least 4 K tiles each, partials within the workspace.
+  int64_t splits = std::clamp<int64_t>(2 * num_sms / n_tiles, 1, std::max<int64_t>(1, k_tiles / 4));
+  const auto per_split_bytes = static_cast<size_t>(tokens * n) * sizeof(float);
+  if (splits > 1) splits = std::min<int64_t>(splits, static_cast<int64_t>(workspace_bytes / per_split_bytes));
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t tiles_per_split = (k_tiles + splits - 1) / splits;
+  s.k_per_split = tiles_per_split * kBK;
+  s.splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty splits
+  s.valid = true;
+  return s;
+}
+
+cudaError_t skinny_gemm(const SkinnyGemmShape& s, const void* x, const void* w, void* y, DType dtype, DType out_dtype,
+                        float* workspace, cudaStream_t stream) {
+  if (!s.valid || (dtype != DType::kBF16 && dtype != DType::kF16) || (out_dtype != dtype && out_dtype != DType::kF32) ||
+      (s.splits > 1 && workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype == DType::kBF16) {
+    return out_dtype == DType::kF32 ? launch_rows<__nv_bfloat16, float>(s, x, w, y, workspace, stream)
+                                    : launch_rows<__nv_bfloat16, __nv_bfloat16>(s, x, w, y, workspace, stream);
+  }
+  return out_dtype == DType::kF32 ? launch_rows<__half, float>(s, x, w, y, workspace, stream)
+                                  : launch_rows<__half, __half>(s, x, w, y, workspace, stream);
+}
+
+}  // namespace shardserve::kernels
