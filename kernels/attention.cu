@@ -621,15 +621,6 @@ constexpr int kDecodeStages = 3;
 constexpr size_t prefill_smem(int d) { return size_t{16} * kPrefillWarps * d * 2 + size_t{kPrefillStages} * 2 * kTileN * d * 2; }
 constexpr size_t decode_smem(int d) { return size_t{16} * d * 2 + size_t{kDecodeStages} * 2 * kTileN * d * 2; }
 
-// Raises a kernel's dynamic shared memory limit once per kernel (a host call, allowed during graph
-// capture).
-template <auto kKernel>
-cudaError_t allow_smem(size_t bytes) {
-  static const cudaError_t e =
-      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  return e;
-}
-
 template <typename T, int D, int G>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   if (p.decode_only) {

@@ -155,13 +155,6 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partials, int spl
   y[i + 3] = from_f32<OutT>(s.w);
 }
 
-template <auto kKernel>
-cudaError_t allow_smem(size_t bytes) {
-  static const cudaError_t e =
-      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  return e;
-}
-
 template <typename T, typename OutT, int BM>
 cudaError_t launch(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
                    cudaStream_t stream) {

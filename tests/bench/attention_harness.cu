@@ -21,20 +21,12 @@
 #include <vector>
 
 #include "kernels/attention.cu"
+#include "tests/bench/harness.cuh"
 
 using namespace shardserve;
 using namespace shardserve::kernels;
 
 namespace {
-
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    const cudaError_t e_ = (x);                                                        \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                    \
-    }                                                                                  \
-  } while (0)
 
 int g_failures = 0;
 int g_sms = 0;
@@ -240,7 +232,7 @@ cudaError_t prefill_variant(const AttentionParams& p, cudaStream_t stream) {
   using T = __nv_bfloat16;
   constexpr auto kernel = tc::prefill_mma_kernel<T, 128, 4, kWarps, kStages>;
   const size_t smem = size_t{16} * kWarps * 128 * 2 + size_t{kStages} * 2 * tc::kTileN * 128 * 2;
-  CK(tc::allow_smem<kernel>(smem));
+  CK(allow_smem<kernel>(smem));
   const int64_t tokens = 16 * kWarps / 4;
   const dim3 grid((p.num_tokens + tokens - 1) / tokens + p.num_seqs, p.num_kv_heads);
   kernel<<<grid, kWarps * 32, smem, stream>>>(p);
@@ -251,7 +243,7 @@ cudaError_t decode_variant(const AttentionParams& p, cudaStream_t stream) {
   using T = __nv_bfloat16;
   constexpr auto kernel = tc::decode_mma_kernel<T, 128, 4, kStages, kMinBlocks>;
   const size_t smem = size_t{16} * 128 * 2 + size_t{kStages} * 2 * tc::kTileN * 128 * 2;
-  CK(tc::allow_smem<kernel>(smem));
+  CK(allow_smem<kernel>(smem));
   cudaError_t e = launch_pdl(kernel, dim3(p.num_seqs, p.num_kv_heads, p.num_splits), dim3(128), smem, stream, p);
   if (e == cudaSuccess && p.num_splits > 1) e = launch_pdl(combine_kernel<T>, dim3(p.num_tokens, p.num_q_heads), dim3(128), 0, stream, p);
   return e;
@@ -259,41 +251,9 @@ cudaError_t decode_variant(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename T>
 double time_us(Problem<T>& pr, Launch f, int iters) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) CK(f(pr.params(i % pr.copies), nullptr));
-  CK(cudaEventRecord(a));
-  for (int i = 0; i < iters; ++i) CK(f(pr.params(i % pr.copies), nullptr));
-  CK(cudaEventRecord(b));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return 1e3 * ms / iters;
+  return harness::time_us([&](int i) { CK(f(pr.params(i % pr.copies), nullptr)); }, iters);
 }
 
-double copy_bandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *x, *y;
-  CK(cudaMalloc(&x, bytes));
-  CK(cudaMalloc(&y, bytes));
-  CK(cudaMemset(x, 1, bytes));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  CK(cudaMemcpy(y, x, bytes, cudaMemcpyDeviceToDevice));
-  CK(cudaEventRecord(a));
-  for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice));
-  CK(cudaEventRecord(b));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  cudaFree(x);
-  cudaFree(y);
-  return 2.0 * bytes * 10 / (ms * 1e-3);  // read + write
-}
 
 template <typename T>
 void check_case(const char* name, int hq, int hkv, int d, std::vector<Seq> seqs, std::mt19937& rng) {
@@ -345,7 +305,7 @@ int main(int argc, char** argv) {
   check_case<__half>("decode 5 (splits)", 32, 8, 128, few, rng);
   check_case<__nv_bfloat16>("prefill 1000 + 1000 cached", 32, 8, 128, {{1000, 1000}}, rng);
 
-  const double bw = copy_bandwidth();
+  const double bw = harness::copy_bandwidth();
   std::printf("copy bandwidth %.0f GB/s\n", bw / 1e9);
   using T = __nv_bfloat16;
   std::printf("%-36s %10s %10s %8s %10s %8s %7s\n", "case (Llama-3.1-8B layer)", "cc us", "tc us", "speedup", "TFLOP/s",

@@ -16,20 +16,13 @@
 #include <vector>
 
 #include "kernels/skinny_gemm.cu"
+#include "tests/bench/harness.cuh"
 
 using namespace shardserve;
 using namespace shardserve::kernels;
 
 namespace {
 
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    const cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                             \
-    }                                                                                           \
-  } while (0)
 #define CB(x)                                                                       \
   do {                                                                              \
     const cublasStatus_t s_ = (x);                                                  \
@@ -41,42 +34,7 @@ namespace {
 
 int g_failures = 0;
 
-double copy_bandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *a, *b;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-  CK(cudaEventRecord(e0));
-  for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-  CK(cudaEventRecord(e1));
-  CK(cudaEventSynchronize(e1));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, e0, e1));
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * bytes * 10 / (ms * 1e-3);
-}
 
-template <typename F>
-double time_us(F&& f, int iters = 50) {
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) f(i);
-  CK(cudaEventRecord(e0));
-  for (int i = 0; i < iters; ++i) f(i);
-  CK(cudaEventRecord(e1));
-  CK(cudaEventSynchronize(e1));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, e0, e1));
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  return 1e3 * ms / iters;
-}
 
 struct Lt {
   cublasLtHandle_t h;
@@ -106,10 +64,10 @@ struct Lt {
     const float alpha = 1, beta = 0;
     double best = 1e30;
     for (int i = 0; i < found; ++i) {
-      const double us = time_us([&](int it) {
+      const double us = harness::time_us([&](int it) {
         const void* wi = static_cast<const __nv_bfloat16*>(w) + (it % copies) * w_elems;
         CB(cublasLtMatmul(h, desc, &alpha, wi, a, x, b, &beta, y, c, y, c, &res[i].algo, ws, ws_bytes, nullptr));
-      });
+      }, 50);
       best = std::min(best, us);
     }
     cublasLtMatmulPreferenceDestroy(pref);
@@ -127,7 +85,7 @@ int main() {
   int dev = 0, sms = 0;
   CK(cudaGetDevice(&dev));
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const double bw = copy_bandwidth();
+  const double bw = harness::copy_bandwidth();
   std::printf("%d SMs, copy bandwidth %.0f GB/s\n", sms, bw / 1e9);
   std::mt19937 rng(5);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -204,10 +162,10 @@ int main() {
     CK(cudaMalloc(&dy, 128 * sh.n * 4));
     for (const int64_t t : {9, 16, 32, 64, 128}) {
       const SkinnyGemmShape s = skinny_gemm_shape(t, sh.n, sh.k, sms, ws_bytes);
-      const double ours = time_us([&](int it) {
+      const double ours = harness::time_us([&](int it) {
         CK(skinny_gemm(s, dx, static_cast<__nv_bfloat16*>(dw) + (it % copies) * w_elems, dy, DType::kBF16, DType::kBF16,
                        ws, nullptr));
-      });
+      }, 50);
       const double theirs = lt.time(dw, copies, w_elems, dx, dy, t, sh.n, sh.k);
       const double bytes = w_elems * 2.0;
       std::printf("%-22s %5lld %7lld %10.1f %10.1f %8.3f %8.3f %7.2fx\n", sh.name, (long long)t, (long long)s.splits, ours,
