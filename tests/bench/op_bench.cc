@@ -14,7 +14,7 @@ namespace {
 
 // The median over 9 rounds of the mean time of 20 back-to-back calls: with one call between two
 // events the GPU would wait for each launch, and a 10-20 us op would be timed with its host cost
-// (the op records before 2026-12-04's tensor-core run were timed that way).
+// (the op records up to docs/benchmarks/engine-h200-2026-12-04-tc.jsonl were timed that way).
 double median_ms(CudaBackend& gpu, const std::function<void()>& fn) {
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
