@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "kernels/attention.cu"
-#include "tests/bench/harness.cuh"
+#include "tests/bench/gpu_timing.h"
 
 using namespace shardserve;
 using namespace shardserve::kernels;

@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "tests/bench/gpu_timing.h"
 #include "tests/bench/op_bench.h"
 #include "worker/engine/executor.h"
 #include "worker/model/presets.h"
@@ -32,31 +33,6 @@ namespace {
 using shardserve::Batch;
 using shardserve::ModelConfig;
 using Clock = std::chrono::steady_clock;
-
-double copy_bandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *a = nullptr, *b = nullptr;
-  cudaMalloc(&a, bytes);
-  cudaMalloc(&b, bytes);
-  cudaMemset(a, 1, bytes);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  std::vector<float> ms;
-  for (int i = 0; i < 12; ++i) {
-    cudaEventRecord(start);
-    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float t = 0;
-    cudaEventElapsedTime(&t, start, stop);
-    if (i >= 2) ms.push_back(t);
-  }
-  cudaFree(a);
-  cudaFree(b);
-  std::sort(ms.begin(), ms.end());
-  return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3);
-}
 
 // Bytes of weights one decode step reads: every projection (in its stored format: INT4 words plus
 // an F16 scale and a U8 zero point per group of `group_size`, INT8/FP8 bytes plus an F32 scale per
@@ -162,7 +138,7 @@ int main(int argc, char** argv) {
   app.add_flag("--quant-micro", quant_micro, "time the INT4/INT8/FP8 linear layers against BF16 cuBLASLt per batch");
   CLI11_PARSE(app, argc, argv);
 
-  const double bw = copy_bandwidth();
+  const double bw = shardserve::harness::copy_bandwidth();
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   std::printf("device %s, copy bandwidth %.0f GB/s\n", prop.name, bw / 1e9);

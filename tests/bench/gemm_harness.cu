@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "kernels/skinny_gemm.cu"
-#include "tests/bench/harness.cuh"
+#include "tests/bench/gpu_timing.h"
 
 using namespace shardserve;
 using namespace shardserve::kernels;

@@ -1,12 +1,15 @@
-// What the standalone kernel harnesses (tests/bench/*_harness.cu) share: a CUDA error check that
-// exits, the device-to-device copy bandwidth (the limit the bandwidth fractions are measured
-// against, in the same run), and a timer of back-to-back launches.
+// GPU timing shared by the benchmarks (engine_bench) and the standalone kernel harnesses
+// (tests/bench/*_harness.cu): a CUDA error check that exits, the device-to-device copy bandwidth
+// (the limit bandwidth fractions are measured against, in the same run), and a timer of
+// back-to-back launches. Plain CUDA runtime calls: usable from .cc and .cu files.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #define CK(x)                                                                                   \
   do {                                                                                          \
@@ -19,46 +22,50 @@
 
 namespace shardserve::harness {
 
-// Bytes read + written per second by 1 GiB device-to-device copies.
+// Milliseconds between two events on the default stream around work().
+template <typename F>
+float event_ms(F&& work) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  CK(cudaEventRecord(a));
+  work();
+  CK(cudaEventRecord(b));
+  CK(cudaEventSynchronize(b));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ms;
+}
+
+// Bytes read + written per second by a 1 GiB device-to-device copy: the median of 10, after 2
+// warm-up copies.
 inline double copy_bandwidth() {
   const size_t bytes = size_t{1} << 30;
   void *x, *y;
   CK(cudaMalloc(&x, bytes));
   CK(cudaMalloc(&y, bytes));
   CK(cudaMemset(x, 1, bytes));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  CK(cudaMemcpy(y, x, bytes, cudaMemcpyDeviceToDevice));
-  CK(cudaEventRecord(a));
-  for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice));
-  CK(cudaEventRecord(b));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    const float t = event_ms([&] { CK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice)); });
+    if (i >= 2) ms.push_back(t);
+  }
   cudaFree(x);
   cudaFree(y);
-  return 2.0 * bytes * 10 / (ms * 1e-3);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3);
 }
 
 // Microseconds per call of f(i) over `iters` back-to-back calls after 3 warm-up calls.
 template <typename F>
 double time_us(F&& f, int iters) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
   for (int i = 0; i < 3; ++i) f(i);
-  CK(cudaEventRecord(a));
-  for (int i = 0; i < iters; ++i) f(i);
-  CK(cudaEventRecord(b));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return 1e3 * ms / iters;
+  return 1e3 * event_ms([&] {
+           for (int i = 0; i < iters; ++i) f(i);
+         }) /
+         iters;
 }
 
 }  // namespace shardserve::harness
