@@ -281,9 +281,11 @@ __device__ __forceinline__ void pv(float (&acc)[D / 8][4], const float (&s)[2 * 
 }
 
 // Online softmax update of a warp's two rows per thread (rows lane/4 and lane/4 + 8; the four lanes
-// of a quad share a row) with scores s already in log2 units and masked to -inf. Returns p in s.
-template <int kNB>
-__device__ __forceinline__ void softmax_update(float (&s)[kNB][4], float (&m)[2], float (&l)[2], float (&alpha)[2]) {
+// of a quad share a row) with scores s already in log2 units and masked to -inf: returns p in s
+// and rescales the rows' accumulators acc to the new maximum.
+template <int kNB, int D>
+__device__ __forceinline__ void softmax_update(float (&s)[kNB][4], float (&m)[2], float (&l)[2], float (&acc)[D / 8][4]) {
+  float alpha[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx = -INFINITY;
@@ -303,6 +305,64 @@ __device__ __forceinline__ void softmax_update(float (&s)[kNB][4], float (&m)[2]
     }
     l[h] = l[h] * alpha[h] + sum;  // this thread's columns only: the quad is summed at the end
     m[h] = m_new;
+  }
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    acc[j][0] *= alpha[0];
+    acc[j][1] *= alpha[0];
+    acc[j][2] *= alpha[1];
+    acc[j][3] *= alpha[1];
+  }
+}
+
+// Both kernels' shared memory: `rows` query rows [rows][D], then a ring of `stages` K/V tile pairs
+// ([kTileN][D] each).
+constexpr size_t tc_smem_bytes(int rows, int d, int stages) {
+  return size_t{2} * d * (static_cast<size_t>(rows) + size_t{2} * stages * kTileN);
+}
+// K of the ring stage that holds tile `tile` (V follows it).
+template <int D, int kStages>
+__device__ __forceinline__ uint32_t kv_stage(uint32_t kv_s, int tile) {
+  return kv_s + (tile % kStages) * 2 * (kTileN * D * 2);
+}
+
+// Issues tile `tile` of a CTA's keys (positions first + tile * kTileN ..., zero past `end`) into
+// its ring stage when there is such a tile, and commits a cp.async group either way (the waits
+// count groups).
+template <typename T, int D, int kThreads, int kStages>
+__device__ __forceinline__ void issue_kv_tile(uint32_t kv_s, int tile, int n_tiles, const AttentionParams& p,
+                                              const int32_t* block_table, int kvh, int first, int end, int tid) {
+  if (tile < n_tiles) {
+    const uint32_t k_dst = kv_stage<D, kStages>(kv_s, tile);
+    load_kv_tile<T, D, kThreads>(k_dst, k_dst + kTileN * D * 2, p, block_table, kvh, first + tile * kTileN, end, tid);
+  }
+  cp_async_commit();
+}
+
+// kRows query rows into shared memory: row r is token token0 + r / G (zero-filled from n_tok
+// tokens on), query head kvh * G + r % G; the G heads of a KV head's group are packed side by side.
+template <typename T, int D, int G, int kRows, int kThreads>
+__device__ __forceinline__ void load_q_rows(uint32_t q_s, const AttentionParams& p, int64_t token0, int n_tok, int kvh,
+                                            int tid) {
+  const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
+  const T* qkv = static_cast<const T*>(p.qkv);
+#pragma unroll
+  for (int k = 0; k < kRows * (D / 8) / kThreads; ++k) {
+    const int i = tid + k * kThreads;
+    const int r = i / (D / 8), c = i % (D / 8);
+    const bool valid = r / G < n_tok;
+    const int64_t off = valid ? (token0 + r / G) * stride + static_cast<int64_t>(kvh * G + r % G) * D + c * 8 : 0;
+    cp_async16(q_s + swizzle<D>(r, c), qkv + off, valid);
+  }
+}
+
+// A warp's 16 query rows from row0 as mma A fragments, one per 16 columns of head_dim.
+template <int D>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], uint32_t q_s, int row0, int lane) {
+  const int mi = lane / 8;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldmatrix_x4(qf[kk], q_s + swizzle<D>(row0 + (mi & 1) * 8 + (lane & 7), 2 * kk + (mi >> 1)));
   }
 }
 
@@ -351,7 +411,6 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
   constexpr int kThreads = kWarps * 32;
   constexpr int kRows = 16 * kWarps;
   constexpr int kTokens = kRows / G;
-  constexpr uint32_t kTileBytes = kTileN * D * 2;
   static_assert(16 % G == 0, "a warp's 16 rows hold whole tokens");
   extern __shared__ __align__(128) uint8_t smem[];
 
@@ -370,25 +429,10 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
 
   const uint32_t q_s = smem_addr(smem);
   const uint32_t kv_s = q_s + kRows * D * 2;
-  const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
-  const T* qkv = static_cast<const T*>(p.qkv);
-#pragma unroll
-  for (int k = 0; k < kRows * (D / 8) / kThreads; ++k) {
-    const int i = tid + k * kThreads;
-    const int r = i / (D / 8), c = i % (D / 8);
-    const bool valid = r / G < n_tok;
-    const int64_t off =
-        valid ? static_cast<int64_t>(q0 + first + r / G) * stride + static_cast<int64_t>(kvh * G + r % G) * D + c * 8
-              : 0;
-    cp_async16(q_s + swizzle<D>(r, c), qkv + off, valid);
-  }
+  load_q_rows<T, D, G, kRows, kThreads>(q_s, p, q0 + first, n_tok, kvh, tid);
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < n_tiles) {
-      load_kv_tile<T, D, kThreads>(kv_s + st * 2 * kTileBytes, kv_s + st * 2 * kTileBytes + kTileBytes, p,
-                                   block_table, kvh, st * kTileN, kv_end, tid);
-    }
-    cp_async_commit();
+    issue_kv_tile<T, D, kThreads, kStages>(kv_s, st, n_tiles, p, block_table, kvh, 0, kv_end, tid);
   }
 
   // This thread's rows: warp * 16 + lane / 4 (+ 8); -1 marks rows past the tile's tokens.
@@ -407,24 +451,13 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
   for (int it = 0; it < n_tiles; ++it) {
-    const int next = it + kStages - 1;
-    if (next < n_tiles) {
-      const uint32_t k_dst = kv_s + (next % kStages) * 2 * kTileBytes;
-      load_kv_tile<T, D, kThreads>(k_dst, k_dst + kTileBytes, p, block_table, kvh, next * kTileN, kv_end, tid);
-    }
-    cp_async_commit();
+    issue_kv_tile<T, D, kThreads, kStages>(kv_s, it + kStages - 1, n_tiles, p, block_table, kvh, 0, kv_end, tid);
     cp_async_wait<kStages - 1>();
     __syncthreads();
-    if (it == 0) {
-      const int mi = lane / 8;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        ldmatrix_x4(qf[kk], q_s + swizzle<D>(warp * 16 + (mi & 1) * 8 + (lane & 7), 2 * kk + (mi >> 1)));
-      }
-    }
+    if (it == 0) load_q_fragments<D>(qf, q_s, warp * 16, lane);
     const int start = it * kTileN;
     if (warp_active && start <= warp_last_qp) {
-      const uint32_t k_tile = kv_s + (it % kStages) * 2 * kTileBytes;
+      const uint32_t k_tile = kv_stage<D, kStages>(kv_s, it);
       float sc[kTileN / 8][4];
       qk<T, D, kTileN / 16>(sc, qf, k_tile, 0, lane);
       const bool mask = start + kTileN - 1 > warp_first_qp;
@@ -437,16 +470,8 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
           sc[j][e] = v;
         }
       }
-      float alpha[2];
-      softmax_update<kTileN / 8>(sc, m, l, alpha);
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[j][0] *= alpha[0];
-        acc[j][1] *= alpha[0];
-        acc[j][2] *= alpha[1];
-        acc[j][3] *= alpha[1];
-      }
-      pv<T, D, kTileN / 16>(acc, sc, k_tile + kTileBytes, 0, lane);
+      softmax_update<kTileN / 8, D>(sc, m, l, acc);
+      pv<T, D, kTileN / 16>(acc, sc, k_tile + kTileN * D * 2, 0, lane);
     }
     __syncthreads();  // the stage just read is the next iteration's load target
   }
@@ -476,7 +501,6 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   pdl_wait();  // every input is another kernel's output
   constexpr int kWarps = 4;
   constexpr int kThreads = kWarps * 32;
-  constexpr uint32_t kTileBytes = kTileN * D * 2;
   static_assert(G <= 8, "one row per quad in the merge");
   extern __shared__ __align__(128) uint8_t smem[];
 
@@ -493,23 +517,10 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
 
   const uint32_t q_s = smem_addr(smem);
   const uint32_t kv_s = q_s + 16 * D * 2;
-  const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
-  const T* qkv = static_cast<const T*>(p.qkv);
-#pragma unroll
-  for (int k = 0; k < 16 * (D / 8) / kThreads; ++k) {
-    const int i = tid + k * kThreads;
-    const int r = i / (D / 8), c = i % (D / 8);
-    const bool valid = r < G;
-    const int64_t off = valid ? t * stride + static_cast<int64_t>(kvh * G + r) * D + c * 8 : 0;
-    cp_async16(q_s + swizzle<D>(r, c), qkv + off, valid);
-  }
+  load_q_rows<T, D, G, 16, kThreads>(q_s, p, t, 1, kvh, tid);  // the one token's G heads, rows G..15 zero
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < n_tiles) {
-      load_kv_tile<T, D, kThreads>(kv_s + st * 2 * kTileBytes, kv_s + st * 2 * kTileBytes + kTileBytes, p,
-                                   block_table, kvh, begin + st * kTileN, end, tid);
-    }
-    cp_async_commit();
+    issue_kv_tile<T, D, kThreads, kStages>(kv_s, st, n_tiles, p, block_table, kvh, begin, end, tid);
   }
 
   const float scale = p.scale * kLog2e;
@@ -520,24 +531,13 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
   for (int it = 0; it < n_tiles; ++it) {
-    const int next = it + kStages - 1;
-    if (next < n_tiles) {
-      const uint32_t k_dst = kv_s + (next % kStages) * 2 * kTileBytes;
-      load_kv_tile<T, D, kThreads>(k_dst, k_dst + kTileBytes, p, block_table, kvh, begin + next * kTileN, end, tid);
-    }
-    cp_async_commit();
+    issue_kv_tile<T, D, kThreads, kStages>(kv_s, it + kStages - 1, n_tiles, p, block_table, kvh, begin, end, tid);
     cp_async_wait<kStages - 1>();
     __syncthreads();
-    if (it == 0) {
-      const int mi = lane / 8;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        ldmatrix_x4(qf[kk], q_s + swizzle<D>((mi & 1) * 8 + (lane & 7), 2 * kk + (mi >> 1)));
-      }
-    }
+    if (it == 0) load_q_fragments<D>(qf, q_s, 0, lane);
     const int start = begin + it * kTileN + warp * 16;  // this warp's 16 positions
     if (start < end) {
-      const uint32_t k_tile = kv_s + (it % kStages) * 2 * kTileBytes;
+      const uint32_t k_tile = kv_stage<D, kStages>(kv_s, it);
       float sc[2][4];
       qk<T, D, 1>(sc, qf, k_tile, warp * 16, lane);
 #pragma unroll
@@ -547,16 +547,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
           sc[j][e] = start + j * 8 + (lane % 4) * 2 + (e & 1) < end ? sc[j][e] * scale : -INFINITY;
         }
       }
-      float alpha[2];
-      softmax_update<2>(sc, m, l, alpha);
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[j][0] *= alpha[0];
-        acc[j][1] *= alpha[0];
-        acc[j][2] *= alpha[1];
-        acc[j][3] *= alpha[1];
-      }
-      pv<T, D, 1>(acc, sc, k_tile + kTileBytes, warp * 16, lane);
+      softmax_update<2, D>(sc, m, l, acc);
+      pv<T, D, 1>(acc, sc, k_tile + kTileN * D * 2, warp * 16, lane);
     }
     __syncthreads();
   }
@@ -618,8 +610,8 @@ constexpr int kPrefillWarps = 8;  // 128 rows: measured 264 -> 223 us per layer 
 constexpr int kPrefillStages = 2;
 constexpr int kDecodeStages = 3;
 
-constexpr size_t prefill_smem(int d) { return size_t{16} * kPrefillWarps * d * 2 + size_t{kPrefillStages} * 2 * kTileN * d * 2; }
-constexpr size_t decode_smem(int d) { return size_t{16} * d * 2 + size_t{kDecodeStages} * 2 * kTileN * d * 2; }
+constexpr size_t prefill_smem(int d) { return tc_smem_bytes(16 * kPrefillWarps, d, kPrefillStages); }
+constexpr size_t decode_smem(int d) { return tc_smem_bytes(16, d, kDecodeStages); }
 
 template <typename T, int D, int G>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {

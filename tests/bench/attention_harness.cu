@@ -231,7 +231,7 @@ template <int kWarps, int kStages>
 cudaError_t prefill_variant(const AttentionParams& p, cudaStream_t stream) {
   using T = __nv_bfloat16;
   constexpr auto kernel = tc::prefill_mma_kernel<T, 128, 4, kWarps, kStages>;
-  const size_t smem = size_t{16} * kWarps * 128 * 2 + size_t{kStages} * 2 * tc::kTileN * 128 * 2;
+  const size_t smem = tc::tc_smem_bytes(16 * kWarps, 128, kStages);
   CK(allow_smem<kernel>(smem));
   const int64_t tokens = 16 * kWarps / 4;
   const dim3 grid((p.num_tokens + tokens - 1) / tokens + p.num_seqs, p.num_kv_heads);
@@ -242,7 +242,7 @@ template <int kStages, int kMinBlocks = 1>
 cudaError_t decode_variant(const AttentionParams& p, cudaStream_t stream) {
   using T = __nv_bfloat16;
   constexpr auto kernel = tc::decode_mma_kernel<T, 128, 4, kStages, kMinBlocks>;
-  const size_t smem = size_t{16} * 128 * 2 + size_t{kStages} * 2 * tc::kTileN * 128 * 2;
+  const size_t smem = tc::tc_smem_bytes(16, 128, kStages);
   CK(allow_smem<kernel>(smem));
   cudaError_t e = launch_pdl(kernel, dim3(p.num_seqs, p.num_kv_heads, p.num_splits), dim3(128), smem, stream, p);
   if (e == cudaSuccess && p.num_splits > 1) e = launch_pdl(combine_kernel<T>, dim3(p.num_tokens, p.num_q_heads), dim3(128), 0, stream, p);
