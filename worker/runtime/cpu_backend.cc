@@ -182,8 +182,7 @@ void CpuBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
   float* ys = out.as<float>();
   // W8A8 as on the GPU: x[t] = E4M3(x[t] / s_t) and y[t] = s_t * (E4M3 codes . W).
   std::vector<float> xq, x_scales;
-  const bool w8a8 = emulate_w8a8_ && w.format == WeightFormat::kFp8 && tokens >= kW8A8MinTokens && n % 16 == 0 &&
-                    k % 16 == 0;
+  const bool w8a8 = emulate_w8a8_ && w.format == WeightFormat::kFp8 && fp8_runs_as_w8a8(tokens, n, k);
   if (w8a8) {
     xq.resize(static_cast<size_t>(tokens * k));
     x_scales.resize(static_cast<size_t>(tokens));

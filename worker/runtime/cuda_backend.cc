@@ -3,6 +3,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -54,7 +55,6 @@ struct GemmPlan {
   // Decode-sized 16-bit shapes: the project's split-K tensor-core GEMM (kernels/skinny_gemm.cu),
   // used when the tuning finds it faster than every cuBLASLt candidate.
   kernels::SkinnyGemmShape skinny;
-  DType skinny_dtype = DType::kBF16, out_dtype = DType::kBF16;
   bool use_skinny = false;
   ~GemmPlan() {
     if (c) cublasLtMatrixLayoutDestroy(c);
@@ -261,6 +261,49 @@ void CudaBackend::add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& w
                          stream_), "add_rmsnorm");
 }
 
+// Each of the plan's candidates that can split K, also at 2 to 16 splits (at least 256 of K each),
+// where cuBLASLt accepts the configuration within the workspace; tune_gemm keeps the fastest.
+void CudaBackend::add_split_k_variants(GemmPlan& plan, int64_t k) {
+  const size_t base = plan.candidates.size();
+  for (size_t i = 0; i < base; ++i) {
+    const cublasLtMatmulAlgo_t algo = plan.candidates[i];
+    int32_t support = 0, current = 1;
+    uint32_t schemes = 0;
+    size_t written = 0;
+    if (cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &support, sizeof(support),
+                                          &written) != CUBLAS_STATUS_SUCCESS ||
+        support == 0 ||
+        cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes),
+                                          &written) != CUBLAS_STATUS_SUCCESS) {
+      continue;
+    }
+    cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &current, sizeof(current), &written);
+    uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
+    for (const uint32_t s : {uint32_t{CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE}, uint32_t{CUBLASLT_REDUCTION_SCHEME_INPLACE},
+                             uint32_t{CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE}}) {
+      if ((schemes & s) != 0) {
+        scheme = s;
+        break;
+      }
+    }
+    if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE) continue;
+    for (const int32_t splits : {2, 4, 8, 16}) {
+      if (splits == current || k / splits < 256) continue;
+      cublasLtMatmulAlgo_t v = algo;
+      cublasLtMatmulHeuristicResult_t checked{};
+      if (cublasLtMatmulAlgoConfigSetAttribute(&v, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits)) ==
+              CUBLAS_STATUS_SUCCESS &&
+          cublasLtMatmulAlgoConfigSetAttribute(&v, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) ==
+              CUBLAS_STATUS_SUCCESS &&
+          cublasLtMatmulAlgoCheck(static_cast<cublasLtHandle_t>(cublaslt_), plan.desc, plan.a, plan.b, plan.c, plan.c,
+                                  &v, &checked) == CUBLAS_STATUS_SUCCESS &&
+          checked.workspaceSize <= gemm_workspace_bytes_) {
+        plan.candidates.push_back(v);
+      }
+    }
+  }
+}
+
 GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DType c, bool allow_missing) {
   const std::string key = absl::StrCat(m, "x", n, "x", k, ":", static_cast<int>(ab), ":", static_cast<int>(c));
   auto it = gemm_plans_.find(key);
@@ -296,53 +339,11 @@ GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DTyp
   }
   if ((ab == DType::kBF16 || ab == DType::kF16) && (c == ab || c == DType::kF32)) {
     plan->skinny = kernels::skinny_gemm_shape(n, m, k, num_sms_, gemm_workspace_bytes_);
-    plan->skinny_dtype = ab;
-    plan->out_dtype = c;
   }
   // Decode shapes (a few hundred tokens at most against a large weight): N / tile CTAs do not
   // fill the GPU (4096 outputs in 128-wide tiles are 32 CTAs on 132 SMs), and the heuristic's
-  // answers rarely split K far enough. Each candidate that can split K is also tried at 2 to 16
-  // splits; tune_gemm keeps the fastest.
-  if (n <= 256) {
-    const size_t base = plan->candidates.size();
-    for (size_t i = 0; i < base; ++i) {
-      const cublasLtMatmulAlgo_t algo = plan->candidates[i];
-      int32_t support = 0, current = 1;
-      uint32_t schemes = 0;
-      size_t written = 0;
-      if (cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &support, sizeof(support),
-                                            &written) != CUBLAS_STATUS_SUCCESS ||
-          support == 0 ||
-          cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes),
-                                            &written) != CUBLAS_STATUS_SUCCESS) {
-        continue;
-      }
-      cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &current, sizeof(current), &written);
-      uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
-      for (const uint32_t s : {uint32_t{CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE}, uint32_t{CUBLASLT_REDUCTION_SCHEME_INPLACE},
-                               uint32_t{CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE}}) {
-        if ((schemes & s) != 0) {
-          scheme = s;
-          break;
-        }
-      }
-      if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE) continue;
-      for (const int32_t splits : {2, 4, 8, 16}) {
-        if (splits == current || k / splits < 256) continue;
-        cublasLtMatmulAlgo_t v = algo;
-        cublasLtMatmulHeuristicResult_t checked{};
-        if (cublasLtMatmulAlgoConfigSetAttribute(&v, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits)) ==
-                CUBLAS_STATUS_SUCCESS &&
-            cublasLtMatmulAlgoConfigSetAttribute(&v, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) ==
-                CUBLAS_STATUS_SUCCESS &&
-            cublasLtMatmulAlgoCheck(static_cast<cublasLtHandle_t>(cublaslt_), plan->desc, plan->a, plan->b, plan->c,
-                                    plan->c, &v, &checked) == CUBLAS_STATUS_SUCCESS &&
-            checked.workspaceSize <= gemm_workspace_bytes_) {
-          plan->candidates.push_back(v);
-        }
-      }
-    }
-  }
+  // answers rarely split K far enough.
+  if (n <= 256) add_split_k_variants(*plan, k);
   return *gemm_plans_.emplace(key, std::move(plan)).first->second;
 }
 
@@ -377,7 +378,7 @@ kernels::QuantWeightView quant_view(const LinearWeight& w) {
 // beats every cuBLASLt candidate. Skipped
 // inside a graph capture (the heuristic's first then stays; ModelRunner's first run of a shape is
 // never captured).
-void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out) {
+void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out, DType ab, DType c) {
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   check(cudaStreamIsCapturing(stream_, &capturing), "cudaStreamIsCapturing");
   if (capturing != cudaStreamCaptureStatusNone) return;
@@ -386,47 +387,39 @@ void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* 
   cudaEvent_t start = nullptr, stop = nullptr;
   check(cudaEventCreate(&start), "cudaEventCreate");
   check(cudaEventCreate(&stop), "cudaEventCreate");
-  const float alpha = 1.0f, beta = 0.0f;
-  float best = INFINITY;
-  // Back-to-back calls between the events, so that the GPU time and not the host's per-call cost
-  // (several microseconds, as long as a decode-sized GEMM) is what is compared.
+  // One warm-up call (which must succeed), then back-to-back calls between the events, so that the
+  // GPU time and not the host's per-call cost (several microseconds, as long as a decode-sized
+  // GEMM) is what is compared. INFINITY when a call fails.
   constexpr int kCalls = 8;
-  auto run = [&](const cublasLtMatmulAlgo_t& algo) {
-    return cublasLtMatmul(static_cast<cublasLtHandle_t>(cublaslt_), plan.desc, &alpha, w, plan.a, x, plan.b, &beta, out,
-                          plan.c, out, plan.c, &algo, gemm_workspace_, gemm_workspace_bytes_, stream_) ==
-           CUBLAS_STATUS_SUCCESS;
-  };
-  for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
-    if (!run(algo)) continue;  // warm-up, and the candidate must run at all
+  auto time_calls = [&](const std::function<bool()>& call) {
+    if (!call()) return INFINITY;
     check(cudaEventRecord(start, stream_), "cudaEventRecord");
     bool ok = true;
-    for (int i = 0; i < kCalls && ok; ++i) ok = run(algo);
+    for (int i = 0; i < kCalls && ok; ++i) ok = call();
     check(cudaEventRecord(stop, stream_), "cudaEventRecord");
     check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-    if (!ok) continue;
     float t = 0.0f;
     check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+    return ok ? t : INFINITY;
+  };
+  const float alpha = 1.0f, beta = 0.0f;
+  float best = INFINITY;
+  for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
+    const float t = time_calls([&] {
+      return cublasLtMatmul(static_cast<cublasLtHandle_t>(cublaslt_), plan.desc, &alpha, w, plan.a, x, plan.b, &beta,
+                            out, plan.c, out, plan.c, &algo, gemm_workspace_, gemm_workspace_bytes_, stream_) ==
+             CUBLAS_STATUS_SUCCESS;
+    });
     if (t < best) {
       best = t;
       plan.algo = algo;
     }
   }
   if (plan.skinny.valid) {
-    const DType ab = plan.skinny_dtype, c = plan.out_dtype;
-    auto run_skinny = [&] {
+    plan.use_skinny = time_calls([&] {
       return kernels::skinny_gemm(plan.skinny, x, w, out, ab, c, static_cast<float*>(gemm_workspace_), stream_) ==
              cudaSuccess;
-    };
-    if (run_skinny()) {
-      check(cudaEventRecord(start, stream_), "cudaEventRecord");
-      bool ok = true;
-      for (int i = 0; i < kCalls && ok; ++i) ok = run_skinny();
-      check(cudaEventRecord(stop, stream_), "cudaEventRecord");
-      check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-      float t = 0.0f;
-      check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
-      plan.use_skinny = ok && t < best;
-    }
+    }) < best;
     cudaGetLastError();  // a failed launch above leaves cuBLASLt in charge, not a sticky error
   }
   cudaEventDestroy(start);
@@ -438,7 +431,7 @@ void CudaBackend::gemm(const void* w, DType w_dtype, const void* x, int64_t toke
   GemmPlan& plan = gemm_plan(n, tokens, k, w_dtype, out_dtype);
   const float alpha = 1.0f;
   const float beta = 0.0f;
-  if (!plan.tuned) tune_gemm(plan, w, x, out);
+  if (!plan.tuned) tune_gemm(plan, w, x, out, w_dtype, out_dtype);
   if (plan.use_skinny) {
     check(kernels::skinny_gemm(plan.skinny, x, w, out, w_dtype, out_dtype, static_cast<float*>(gemm_workspace_), stream_),
           "skinny_gemm");
@@ -459,8 +452,8 @@ static_assert(kW8A8MinTokens == kernels::kMaxGemvTokens + 1, "W8A8 takes the ste
 
 void CudaBackend::quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t tokens, Tensor& out) {
   const kernels::QuantWeightView v = quant_view(w);
-  if (w.format == WeightFormat::kFp8 && fp8_tensor_cores_ && x.dtype != DType::kF32 && v.k % 16 == 0 &&
-      v.n % 16 == 0) {
+  if (w.format == WeightFormat::kFp8 && fp8_tensor_cores_ && x.dtype != DType::kF32 &&
+      fp8_runs_as_w8a8(tokens, v.n, v.k)) {
     GemmPlan& plan = gemm_plan(v.n, tokens, v.k, DType::kF8E4M3, DType::kF32, /*allow_missing=*/true);
     if (!plan.missing) {
       const size_t mark = arena_used_;  // temporaries of this call only (see attention)

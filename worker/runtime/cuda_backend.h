@@ -95,7 +95,8 @@ class CudaBackend final : public Backend {
   // out [T, N] = x [T, K] * W^T through cuBLASLt, W [N, K] of w_dtype (x the same, or E4M3 with W).
   void gemm(const void* w, DType w_dtype, const void* x, int64_t tokens, int64_t n, int64_t k, void* out,
             DType out_dtype);
-  void tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out);
+  void tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out, DType ab, DType c);
+  void add_split_k_variants(GemmPlan& plan, int64_t k);
   void quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t tokens, Tensor& out);
 
   int device_ = 0;
