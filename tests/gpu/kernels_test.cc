@@ -135,7 +135,60 @@ TEST_F(KernelsTest, SiluMul) {
 // chunked prefill (20 cached + 5 new), sequence 2 decodes at position 99 — then a decode-only step
 // (flash-decoding splits). RoPE + cache write run first, so attention reads what they wrote.
 struct AttnCase { int64_t hq, hkv, d; };
-class AttentionTest : public KernelsTest, public ::testing::WithParamInterface<AttnCase> {};
+class AttentionTest : public KernelsTest, public ::testing::WithParamInterface<AttnCase> {
+ protected:
+  struct Seq { int32_t cached, fresh; };
+  // One step of these sequences (tokens already cached, new query tokens) over a paged cache of
+  // random K/V values whose blocks are scrambled across the cache, random q: the CUDA backend's
+  // attention against the CPU reference (rel_error).
+  double scrambled_step_error(const std::vector<Seq>& seqs) {
+    const AttnCase c = GetParam();
+    const int64_t block_size = 16;
+    int64_t tokens = 0, width = 0;
+    int32_t max_q = 0, max_len = 0;
+    std::vector<int32_t> lens, qsl{0};
+    for (const Seq& q : seqs) {
+      tokens += q.fresh;
+      qsl.push_back(static_cast<int32_t>(tokens));
+      lens.push_back(q.cached + q.fresh);
+      max_q = std::max(max_q, q.fresh);
+      max_len = std::max(max_len, lens.back());
+      width = std::max<int64_t>(width, (lens.back() + block_size - 1) / block_size);
+    }
+    const auto num_seqs = static_cast<int64_t>(seqs.size());
+    const int64_t num_blocks = num_seqs * width;
+    std::vector<int32_t> perm(static_cast<size_t>(num_blocks));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng_);
+    std::vector<int32_t> bt(static_cast<size_t>(num_blocks), -1);
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) bt[s * width + b] = perm[s * width + b];
+    }
+    const int64_t cache_elems = num_blocks * block_size * c.hkv * c.d;
+    const auto k = random(cache_elems), v = random(cache_elems);
+    const std::vector<int64_t> shape{num_blocks, block_size, c.hkv, c.d};
+    KvLayer c_cache{cpu_f32(k, shape), cpu_f32(v, shape)}, g_cache{gpu_bf16(k, shape), gpu_bf16(v, shape)};
+    const int64_t stride = (c.hq + 2 * c.hkv) * c.d;
+    const auto qkv = random(tokens * stride);
+    Tensor c_qkv = cpu_f32(qkv, {tokens, stride}), g_qkv = gpu_bf16(qkv, {tokens, stride});
+    AttentionMetadata cm, gm;
+    for (auto* m : {&cm, &gm}) {
+      m->num_seqs = static_cast<int>(num_seqs);
+      m->max_query_len = max_q;
+      m->max_seq_len = max_len;
+      m->block_size = static_cast<int>(block_size);
+    }
+    cm.query_start_loc = ints(cpu_, qsl), cm.seq_lens = ints(cpu_, lens), cm.block_tables = ints2(cpu_, bt, num_seqs);
+    gm.query_start_loc = ints(*gpu_, qsl), gm.seq_lens = ints(*gpu_, lens), gm.block_tables = ints2(*gpu_, bt, num_seqs);
+    Tensor c_out = cpu_.empty({tokens, c.hq * c.d}, DType::kF32);
+    Tensor g_out = gpu_bf16(std::vector<float>(static_cast<size_t>(tokens * c.hq * c.d), 1e4f), {tokens, c.hq * c.d});
+    const float scale = 1.0f / std::sqrt(float(c.d));
+    cpu_.attention(c_qkv, c.hq, c_cache, cm, scale, c_out);
+    gpu_->begin_step();
+    gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
+    return rel_error(g_out, c_out);
+  }
+};
 
 TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
   const AttnCase c = GetParam();
@@ -150,7 +203,6 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
   }
   // Each sequence's blocks, scrambled across the cache.
   const std::vector<std::vector<int32_t>> tables = {{7, 2, 19}, {11, 0}, {3, 5, 21, 9, 14, 1, 23}};
-  struct Seq { int32_t cached, new_tokens; };
   const std::vector<Seq> seqs = {{0, 37}, {20, 5}, {99, 1}};
   const int64_t stride = (c.hq + 2 * c.hkv) * c.d;
   const int64_t cache_elems = num_blocks * block_size * c.hkv * c.d;
@@ -164,15 +216,15 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
     std::vector<int32_t> positions, slots, qsl{0}, lens, bt(step.size() * 7, -1);
     int max_q = 0;
     for (size_t s = 0; s < step.size(); ++s) {
-      for (int32_t j = 0; j < step[s].new_tokens; ++j) {
+      for (int32_t j = 0; j < step[s].fresh; ++j) {
         const int32_t pos = step[s].cached + j;
         positions.push_back(pos);
         slots.push_back(tables[s][pos / block_size] * int32_t(block_size) + pos % int32_t(block_size));
       }
       qsl.push_back(int32_t(positions.size()));
-      lens.push_back(step[s].cached + step[s].new_tokens);
+      lens.push_back(step[s].cached + step[s].fresh);
       std::copy(tables[s].begin(), tables[s].end(), bt.begin() + s * 7);
-      max_q = std::max(max_q, step[s].new_tokens);
+      max_q = std::max(max_q, step[s].fresh);
     }
     const int64_t tokens = int64_t(positions.size());
     const auto qkv = random(tokens * stride);
@@ -210,47 +262,13 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
 // position), from a cache filled with random values: the decode kernel, with attention split over
 // CTAs (few sequences) and unsplit (many sequences), against the reference.
 TEST_P(AttentionTest, DecodeOverLongContextsMatchesTheReference) {
-  const AttnCase c = GetParam();
-  const int64_t block_size = 16;
-  for (const int64_t num_seqs : {int64_t{5}, int64_t{40}}) {
-    std::vector<int32_t> lens;
-    for (int64_t s = 0; s < num_seqs; ++s) {
+  for (const int32_t num_seqs : {5, 40}) {
+    std::vector<Seq> seqs;
+    for (int32_t s = 0; s < num_seqs; ++s) {
       const int32_t pick[] = {1, 63, 64, 65, 700, 129, 17, 300};
-      lens.push_back(pick[s % 8] + static_cast<int32_t>(s / 8));
+      seqs.push_back({pick[s % 8] + s / 8 - 1, 1});
     }
-    const int64_t width = (700 + 8 + block_size - 1) / block_size;
-    const int64_t num_blocks = num_seqs * width;
-    std::vector<int32_t> perm(static_cast<size_t>(num_blocks));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng_);
-    std::vector<int32_t> bt(static_cast<size_t>(num_seqs * width), -1), qsl{0};
-    for (int64_t s = 0; s < num_seqs; ++s) {
-      for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) bt[s * width + b] = perm[s * width + b];
-      qsl.push_back(static_cast<int32_t>(s + 1));
-    }
-    const int64_t cache_elems = num_blocks * block_size * c.hkv * c.d;
-    const auto k = random(cache_elems), v = random(cache_elems);
-    const std::vector<int64_t> shape{num_blocks, block_size, c.hkv, c.d};
-    KvLayer c_cache{cpu_f32(k, shape), cpu_f32(v, shape)}, g_cache{gpu_bf16(k, shape), gpu_bf16(v, shape)};
-    const int64_t stride = (c.hq + 2 * c.hkv) * c.d;
-    const auto qkv = random(num_seqs * stride);
-    Tensor c_qkv = cpu_f32(qkv, {num_seqs, stride}), g_qkv = gpu_bf16(qkv, {num_seqs, stride});
-    AttentionMetadata cm, gm;
-    for (auto* m : {&cm, &gm}) {
-      m->num_seqs = static_cast<int>(num_seqs);
-      m->max_query_len = 1;
-      m->max_seq_len = 700 + 8;
-      m->block_size = static_cast<int>(block_size);
-    }
-    cm.query_start_loc = ints(cpu_, qsl), cm.seq_lens = ints(cpu_, lens), cm.block_tables = ints2(cpu_, bt, num_seqs);
-    gm.query_start_loc = ints(*gpu_, qsl), gm.seq_lens = ints(*gpu_, lens), gm.block_tables = ints2(*gpu_, bt, num_seqs);
-    Tensor c_out = cpu_.empty({num_seqs, c.hq * c.d}, DType::kF32);
-    Tensor g_out = gpu_bf16(std::vector<float>(static_cast<size_t>(num_seqs * c.hq * c.d), 1e4f), {num_seqs, c.hq * c.d});
-    const float scale = 1.0f / std::sqrt(float(c.d));
-    cpu_.attention(c_qkv, c.hq, c_cache, cm, scale, c_out);
-    gpu_->begin_step();
-    gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
-    EXPECT_LT(rel_error(g_out, c_out), 2e-2) << num_seqs << " sequences";
+    EXPECT_LT(scrambled_step_error(seqs), 2e-2) << num_seqs << " sequences";
   }
 }
 
@@ -258,50 +276,7 @@ TEST_P(AttentionTest, DecodeOverLongContextsMatchesTheReference) {
 // tiles, prompts after cached prefixes (chunked prefill, prefix-cache hits) that end mid-tile,
 // one-token prompts and decodes in the same step, from a scrambled cache of random values.
 TEST_P(AttentionTest, LongPrefillsWithCachedPrefixesMatchTheReference) {
-  const AttnCase c = GetParam();
-  const int64_t block_size = 16;
-  struct Seq { int32_t cached, fresh; };
-  const std::vector<Seq> seqs = {{0, 300}, {500, 131}, {37, 1}, {0, 1}, {64, 64}, {1, 45}};
-  int64_t tokens = 0, width = 0;
-  std::vector<int32_t> lens, qsl{0};
-  for (const Seq& q : seqs) {
-    tokens += q.fresh;
-    qsl.push_back(static_cast<int32_t>(tokens));
-    lens.push_back(q.cached + q.fresh);
-    width = std::max<int64_t>(width, (lens.back() + block_size - 1) / block_size);
-  }
-  const auto num_seqs = static_cast<int64_t>(seqs.size());
-  const int64_t num_blocks = num_seqs * width;
-  std::vector<int32_t> perm(static_cast<size_t>(num_blocks));
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng_);
-  std::vector<int32_t> bt(static_cast<size_t>(num_blocks), -1);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) bt[s * width + b] = perm[s * width + b];
-  }
-  const int64_t cache_elems = num_blocks * block_size * c.hkv * c.d;
-  const auto k = random(cache_elems), v = random(cache_elems);
-  const std::vector<int64_t> shape{num_blocks, block_size, c.hkv, c.d};
-  KvLayer c_cache{cpu_f32(k, shape), cpu_f32(v, shape)}, g_cache{gpu_bf16(k, shape), gpu_bf16(v, shape)};
-  const int64_t stride = (c.hq + 2 * c.hkv) * c.d;
-  const auto qkv = random(tokens * stride);
-  Tensor c_qkv = cpu_f32(qkv, {tokens, stride}), g_qkv = gpu_bf16(qkv, {tokens, stride});
-  AttentionMetadata cm, gm;
-  for (auto* m : {&cm, &gm}) {
-    m->num_seqs = static_cast<int>(num_seqs);
-    m->max_query_len = 300;
-    m->max_seq_len = 631;
-    m->block_size = static_cast<int>(block_size);
-  }
-  cm.query_start_loc = ints(cpu_, qsl), cm.seq_lens = ints(cpu_, lens), cm.block_tables = ints2(cpu_, bt, num_seqs);
-  gm.query_start_loc = ints(*gpu_, qsl), gm.seq_lens = ints(*gpu_, lens), gm.block_tables = ints2(*gpu_, bt, num_seqs);
-  Tensor c_out = cpu_.empty({tokens, c.hq * c.d}, DType::kF32);
-  Tensor g_out = gpu_bf16(std::vector<float>(static_cast<size_t>(tokens * c.hq * c.d), 1e4f), {tokens, c.hq * c.d});
-  const float scale = 1.0f / std::sqrt(float(c.d));
-  cpu_.attention(c_qkv, c.hq, c_cache, cm, scale, c_out);
-  gpu_->begin_step();
-  gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
-  EXPECT_LT(rel_error(g_out, c_out), 2e-2);
+  EXPECT_LT(scrambled_step_error({{0, 300}, {500, 131}, {37, 1}, {0, 1}, {64, 64}, {1, 45}}), 2e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
