@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels/skinny_gemm.cu"
+#include "tests/bench/cublaslt_timing.h"
 #include "tests/bench/gpu_timing.h"
 
 using namespace shardserve;
@@ -23,61 +24,7 @@ using namespace shardserve::kernels;
 
 namespace {
 
-#define CB(x)                                                                       \
-  do {                                                                              \
-    const cublasStatus_t s_ = (x);                                                  \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                              \
-      std::fprintf(stderr, "%s:%d %s: status %d\n", __FILE__, __LINE__, #x, int(s_)); \
-      std::exit(2);                                                                 \
-    }                                                                               \
-  } while (0)
-
 int g_failures = 0;
-
-
-
-struct Lt {
-  cublasLtHandle_t h;
-  void* ws;
-  size_t ws_bytes = size_t{32} << 20;
-  Lt() {
-    CB(cublasLtCreate(&h));
-    CK(cudaMalloc(&ws, ws_bytes));
-  }
-  // y^T = W x^T in column-major terms, as worker/runtime/cuda_backend.cc sets it up; the fastest
-  // of the heuristic's first 8 answers. Returns microseconds per call.
-  double time(const void* w, int copies, size_t w_elems, const void* x, void* y, int64_t t, int64_t n, int64_t k) {
-    cublasLtMatmulDesc_t desc;
-    CB(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t trans = CUBLAS_OP_T;
-    CB(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)));
-    cublasLtMatrixLayout_t a, b, c;
-    CB(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, k, n, k));
-    CB(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, k, t, k));
-    CB(cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, n, t, n));
-    cublasLtMatmulPreference_t pref;
-    CB(cublasLtMatmulPreferenceCreate(&pref));
-    CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
-    cublasLtMatmulHeuristicResult_t res[8];
-    int found = 0;
-    CB(cublasLtMatmulAlgoGetHeuristic(h, desc, a, b, c, c, pref, 8, res, &found));
-    const float alpha = 1, beta = 0;
-    double best = 1e30;
-    for (int i = 0; i < found; ++i) {
-      const double us = harness::time_us([&](int it) {
-        const void* wi = static_cast<const __nv_bfloat16*>(w) + (it % copies) * w_elems;
-        CB(cublasLtMatmul(h, desc, &alpha, wi, a, x, b, &beta, y, c, y, c, &res[i].algo, ws, ws_bytes, nullptr));
-      }, 50);
-      best = std::min(best, us);
-    }
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(a);
-    cublasLtMatrixLayoutDestroy(b);
-    cublasLtMatrixLayoutDestroy(c);
-    cublasLtMatmulDescDestroy(desc);
-    return best;
-  }
-};
 
 }  // namespace
 
@@ -89,7 +36,7 @@ int main() {
   std::printf("%d SMs, copy bandwidth %.0f GB/s\n", sms, bw / 1e9);
   std::mt19937 rng(5);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  Lt lt;
+  harness::Lt lt;
   float* ws = nullptr;
   const size_t ws_bytes = size_t{32} << 20;
   CK(cudaMalloc(&ws, ws_bytes));

@@ -197,6 +197,79 @@ TEST_F(QuantKernelTest, Fp8GemvAndW8A8MatchTheOracle) {
   }
 }
 
+// The tensor-core INT4 GEMM (kernels/int4_gemm.cu) on its repacked layout, every compiled
+// configuration, against the CPU oracle on the canonical weight: odd token counts up to 128,
+// group 32 and 128, act-order (the permuted layout and the activation gather). Its weights are
+// (q - z) * s with s rounded to BF16 (2^-9 relative) and the product rounded once: the same
+// error budget as the dequantized path, 1e-2.
+TEST_F(QuantKernelTest, Int4TensorCoreGemmMatchesTheOracle) {
+  std::mt19937 rng(4);
+  for (const Shape s : {Shape{64, 64}, Shape{96, 192}, Shape{1024, 4096}, Shape{4096, 1024}}) {
+    for (int64_t group : {int64_t{32}, int64_t{128}}) {
+      if (s.k % group != 0) continue;
+      for (bool act_order : {false, true}) {
+        const HostQuant q = make_int4(s.n, s.k, group, act_order, rng);
+        const LinearWeight w = q.upload(*gpu_);
+        kernels::QuantWeightView v;
+        v.format = kernels::QuantFormat::kInt4;
+        v.weight = w.weight.data;
+        v.scales = w.scales.data;
+        v.scales_f16 = true;
+        v.zeros = static_cast<const uint8_t*>(w.zeros.data);
+        v.g_idx = act_order ? static_cast<const int32_t*>(w.g_idx.data) : nullptr;
+        v.group_size = group;
+        v.num_groups = q.groups;
+        v.n = s.n;
+        v.k = s.k;
+        ASSERT_TRUE(kernels::int4_mma_supported(v, 1, DType::kBF16));
+        Tensor perm;
+        if (act_order) {
+          const auto p = kernels::int4_act_order_permutation(q.g_idx, group);
+          ASSERT_TRUE(p.has_value());
+          perm = gpu_->upload(HostTensor{p->data(), DType::kI32, {s.k}}, DType::kI32);
+        }
+        Tensor packed = gpu_->empty({static_cast<int64_t>(kernels::int4_mma_packed_bytes(s.n, s.k))}, DType::kU8);
+        Tensor scale_zero =
+            gpu_->empty({static_cast<int64_t>(kernels::int4_mma_scale_zero_bytes(s.n, q.groups))}, DType::kU8);
+        ASSERT_EQ(kernels::int4_mma_repack(v, act_order ? perm.as<int32_t>() : nullptr, DType::kBF16, packed.data,
+                                           scale_zero.data, nullptr), cudaSuccess);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the launches here use the default stream
+        const kernels::Int4MmaView mv{packed.data, scale_zero.data, act_order ? perm.as<int32_t>() : nullptr,
+                                      s.n, s.k, group, DType::kBF16};
+        for (int64_t t : {1, 5, 8, 9, 16, 33, 64, 100, 128}) {
+          std::normal_distribution<float> d(0.0f, 1.0f);
+          std::vector<float> x(static_cast<size_t>(t * s.k));
+          for (auto& e : x) e = bf16_to_f32(f32_to_bf16(d(rng)));
+          Tensor c_out = cpu_.empty({t, s.n}, DType::kF32);
+          cpu_.linear(cpu_.upload(HostTensor{x.data(), DType::kF32, {t, s.k}}, DType::kF32), q.upload(cpu_), c_out);
+          const std::vector<float> c = cpu_.download_f32(c_out);
+          const Tensor gx = gpu_->upload(HostTensor{x.data(), DType::kF32, {t, s.k}}, DType::kBF16);
+          Tensor x_perm = gpu_->empty({t, s.k}, DType::kBF16);
+          for (const kernels::Int4MmaConfig& cfg : kernels::int4_mma_configs()) {
+            if (cfg.token_tiles * 8 < t || s.n % (16 * cfg.row_tiles) != 0) continue;
+            for (DType out : {DType::kBF16, DType::kF32}) {
+              Tensor g_out = gpu_->empty({t, s.n}, out);
+              ASSERT_EQ(kernels::int4_mma_gemm(mv, gx.data, t, g_out.data, out, x_perm.data, nullptr, &cfg),
+                        cudaSuccess);
+              ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+              const std::vector<float> g = gpu_->download_f32(g_out);
+              double scale = 1e-3, err = 0.0;
+              for (size_t i = 0; i < c.size(); ++i) {
+                scale = std::max(scale, std::fabs(double(c[i])));
+                err = std::isfinite(g[i]) ? std::max(err, std::fabs(double(g[i]) - c[i])) : INFINITY;
+              }
+              EXPECT_LT(err / scale, 1e-2) << s.n << "x" << s.k << " group " << group << " act-order " << act_order
+                                           << " tokens " << t << " config " << cfg.token_tiles << "/"
+                                           << cfg.row_tiles << "/" << cfg.warps_k << "/" << cfg.depth << " out "
+                                           << dtype_name(out);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Synthetic quantized weights are made on the device: the same bytes as the host definition.
 TEST_F(QuantKernelTest, FillRandomBitsIsTheDefinitionsBits) {
   for (DType d : {DType::kI32, DType::kI8, DType::kF8E4M3}) {
