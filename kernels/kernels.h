@@ -108,45 +108,47 @@ cudaError_t quant_gemv(const QuantWeightView& w, const void* x, int64_t tokens, 
                        cudaStream_t stream);
 // out [N, K] (dtype T) = the dequantized weight, for a 16-bit GEMM at larger batches. K % 8 == 0.
 cudaError_t dequantize(const QuantWeightView& w, void* out, DType dtype, cudaStream_t stream);
-// INT4 weights on tensor cores for 1..kMaxInt4MmaTokens tokens (kernels/int4_gemm.cu says how):
-// the weight repacked once by int4_mma_repack from the canonical view above into `packed`
-// (int4_mma_packed_bytes) and `scale_zero` (int4_mma_scale_zero_bytes) for one activation dtype.
-// Needs N % 16 == 0, K % 64 == 0 and a group size that is a multiple of 16. Act-order: `perm` from
-// int4_act_order_permutation (null when the groups are already contiguous), and the caller's
-// buffer of tokens x K activations for int4_mma_gemm to permute x into.
-constexpr int64_t kMaxInt4MmaTokens = 128;
-struct Int4MmaView {
+// INT4 and INT8 weights on tensor cores for 1..kMaxQuantMmaTokens tokens (kernels/quant_gemm.cu
+// says how): the weight repacked once by quant_mma_repack from the canonical view above into
+// `packed` (quant_mma_packed_bytes) and, for INT4, `scale_zero` (int4_mma_scale_zero_bytes), for
+// one activation dtype. Needs N % 16 == 0 and K % 64 == 0; INT4 a group size that is a multiple of
+// 16. INT4 act-order: `perm` from int4_act_order_permutation (null when the groups are already
+// contiguous), and the caller's buffer of tokens x K activations for quant_mma_gemm to permute x
+// into.
+constexpr int64_t kMaxQuantMmaTokens = 128;
+struct QuantMmaView {
+  QuantFormat format = QuantFormat::kInt4;
   const void* packed = nullptr;
-  const void* scale_zero = nullptr;
+  const void* scales = nullptr;  // INT4: the repacked scale_zero; INT8: the canonical F32 [N]
   const int32_t* perm = nullptr;
   int64_t n = 0;
   int64_t k = 0;
   int64_t group_size = 0;
-  DType dtype = DType::kBF16;  // the activation type the scales were repacked for
+  DType dtype = DType::kBF16;  // the activation type (INT4: the one the scales were repacked for)
 };
 // One compiled variant: token_tiles x 8 tokens at most, row_tiles x 16 rows per CTA, warps_k warps
 // splitting K, depth 64-wide blocks in flight per warp.
-struct Int4MmaConfig {
+struct QuantMmaConfig {
   int token_tiles = 1;
   int row_tiles = 1;
   int warps_k = 8;
   int depth = 4;
 };
-bool int4_mma_supported(const QuantWeightView& w, int64_t tokens, DType x);
-size_t int4_mma_packed_bytes(int64_t n, int64_t k);
+bool quant_mma_supported(const QuantWeightView& w, int64_t tokens, DType x);
+size_t quant_mma_packed_bytes(QuantFormat format, int64_t n, int64_t k);
 size_t int4_mma_scale_zero_bytes(int64_t n, int64_t num_groups);
 // Host: the input order that makes each group's inputs contiguous (a stable sort by g_idx), or
 // nullopt when the groups are not all group_size inputs in that order.
 std::optional<std::vector<int32_t>> int4_act_order_permutation(std::span<const int32_t> g_idx, int64_t group_size);
-cudaError_t int4_mma_repack(const QuantWeightView& w, const int32_t* perm, DType dtype, void* packed,
-                            void* scale_zero, cudaStream_t stream);
+cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DType dtype, void* packed,
+                             void* scale_zero, cudaStream_t stream);
 // y [T, N] (out_dtype: the activation type or F32) = x [T, K] * W^T. config: null for
-// int4_mma_config's choice.
-cudaError_t int4_mma_gemm(const Int4MmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,
-                          void* x_permuted, cudaStream_t stream, const Int4MmaConfig* config = nullptr);
-int int4_token_tiles(int64_t tokens);
-Int4MmaConfig int4_mma_config(int64_t tokens, int64_t n, int64_t k);
-std::vector<Int4MmaConfig> int4_mma_configs();
+// quant_mma_config's choice.
+cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,
+                           void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config = nullptr);
+int quant_mma_token_tiles(int64_t tokens);
+QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k);
+std::vector<QuantMmaConfig> quant_mma_configs();
 
 // FP8 activations for W8A8: per row of x [rows, K] (T), scale = max|x| / 448, or *static_scale when
 // given; q = E4M3(x / scale), saturated to +-448; row_scales[r] = scale.

@@ -9,8 +9,8 @@
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), then the
 # engine benchmark of synthetic llama-3.1-70b over 2 GPUs.
 # quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
-# copied under $OUT/golden/), the quantized GPU tests, the INT4 tensor-core GEMM's harness (if
-# bundled), then the engine benchmark of synthetic llama-3.1-70b in AWQ INT4 and FP8 and the
+# copied under $OUT/golden/), the quantized GPU tests, the INT4/INT8 tensor-core GEMM's harness
+# (if bundled), then the engine benchmark of synthetic llama-3.1-70b in AWQ INT4 and FP8 and the
 # INT4/INT8/FP8 layers against BF16 cuBLASLt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,12 +43,13 @@ if [[ $what == quant ]]; then
   SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL 60 dist/bin/gpu_tests --gtest_brief=1 \
     --gtest_filter='Quant*:TinyQuant/QuantCuda*' 2>&1 | tee "$OUT/gpu_tests_quant.log" | tail -30
   status=${PIPESTATUS[0]}
-  # The INT4 tensor-core GEMM: every configuration against its CPU reference, then 8B/70B shapes
-  # against BF16 cuBLASLt (records on the "record:" lines).
-  if [[ -x dist/bin/int4_harness ]]; then
-    timeout -s KILL "${INT4_SECONDS:-240}" dist/bin/int4_harness >"$OUT/int4_harness.log" 2>&1 || echo "int4_harness failed ($?)"
-    sed -n 's/^record: //p' "$OUT/int4_harness.log" >"$OUT/int4_ops.jsonl"
-    grep -E "^FAIL|^PASS|^[0-9]+B " "$OUT/int4_harness.log" | head -70
+  # The INT4/INT8 tensor-core GEMM: every configuration against its CPU reference, then 8B/70B
+  # shapes against BF16 cuBLASLt (records on the "record:" lines).
+  if [[ -x dist/bin/quant_gemm_harness ]]; then
+    timeout -s KILL "${QUANT_GEMM_SECONDS:-300}" dist/bin/quant_gemm_harness >"$OUT/quant_gemm_harness.log" 2>&1 ||
+      echo "quant_gemm_harness failed ($?)"
+    sed -n 's/^record: //p' "$OUT/quant_gemm_harness.log" >"$OUT/quant_gemm_ops.jsonl"
+    grep -E "^FAIL|^PASS|^int[48] " "$OUT/quant_gemm_harness.log" | head -120
   fi
   for q in awq fp8; do
     timeout -s KILL "${QUANT_BENCH_SECONDS:-70}" stdbuf -oL dist/bin/engine_bench --model llama-3.1-70b --quantization "$q" \

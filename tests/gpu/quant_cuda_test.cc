@@ -197,77 +197,96 @@ TEST_F(QuantKernelTest, Fp8GemvAndW8A8MatchTheOracle) {
   }
 }
 
-// The tensor-core INT4 GEMM (kernels/int4_gemm.cu) on its repacked layout, every compiled
-// configuration, against the CPU oracle on the canonical weight: odd token counts up to 128,
-// group 32 and 128, act-order (the permuted layout and the activation gather). Its weights are
-// (q - z) * s with s rounded to BF16 (2^-9 relative) and the product rounded once: the same
-// error budget as the dequantized path, 1e-2.
-TEST_F(QuantKernelTest, Int4TensorCoreGemmMatchesTheOracle) {
-  std::mt19937 rng(4);
-  for (const Shape s : {Shape{64, 64}, Shape{96, 192}, Shape{1024, 4096}, Shape{4096, 1024}}) {
-    for (int64_t group : {int64_t{32}, int64_t{128}}) {
-      if (s.k % group != 0) continue;
-      for (bool act_order : {false, true}) {
-        const HostQuant q = make_int4(s.n, s.k, group, act_order, rng);
-        const LinearWeight w = q.upload(*gpu_);
-        kernels::QuantWeightView v;
-        v.format = kernels::QuantFormat::kInt4;
-        v.weight = w.weight.data;
-        v.scales = w.scales.data;
-        v.scales_f16 = true;
-        v.zeros = static_cast<const uint8_t*>(w.zeros.data);
-        v.g_idx = act_order ? static_cast<const int32_t*>(w.g_idx.data) : nullptr;
-        v.group_size = group;
-        v.num_groups = q.groups;
-        v.n = s.n;
-        v.k = s.k;
-        ASSERT_TRUE(kernels::int4_mma_supported(v, 1, DType::kBF16));
-        Tensor perm;
-        if (act_order) {
-          const auto p = kernels::int4_act_order_permutation(q.g_idx, group);
-          ASSERT_TRUE(p.has_value());
-          perm = gpu_->upload(HostTensor{p->data(), DType::kI32, {s.k}}, DType::kI32);
-        }
-        Tensor packed = gpu_->empty({static_cast<int64_t>(kernels::int4_mma_packed_bytes(s.n, s.k))}, DType::kU8);
-        Tensor scale_zero =
-            gpu_->empty({static_cast<int64_t>(kernels::int4_mma_scale_zero_bytes(s.n, q.groups))}, DType::kU8);
-        ASSERT_EQ(kernels::int4_mma_repack(v, act_order ? perm.as<int32_t>() : nullptr, DType::kBF16, packed.data,
-                                           scale_zero.data, nullptr), cudaSuccess);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the launches here use the default stream
-        const kernels::Int4MmaView mv{packed.data, scale_zero.data, act_order ? perm.as<int32_t>() : nullptr,
-                                      s.n, s.k, group, DType::kBF16};
-        for (int64_t t : {1, 5, 8, 9, 16, 33, 64, 100, 128}) {
-          std::normal_distribution<float> d(0.0f, 1.0f);
-          std::vector<float> x(static_cast<size_t>(t * s.k));
-          for (auto& e : x) e = bf16_to_f32(f32_to_bf16(d(rng)));
-          Tensor c_out = cpu_.empty({t, s.n}, DType::kF32);
-          cpu_.linear(cpu_.upload(HostTensor{x.data(), DType::kF32, {t, s.k}}, DType::kF32), q.upload(cpu_), c_out);
-          const std::vector<float> c = cpu_.download_f32(c_out);
-          const Tensor gx = gpu_->upload(HostTensor{x.data(), DType::kF32, {t, s.k}}, DType::kBF16);
-          Tensor x_perm = gpu_->empty({t, s.k}, DType::kBF16);
-          for (const kernels::Int4MmaConfig& cfg : kernels::int4_mma_configs()) {
-            if (cfg.token_tiles * 8 < t || s.n % (16 * cfg.row_tiles) != 0) continue;
-            for (DType out : {DType::kBF16, DType::kF32}) {
-              Tensor g_out = gpu_->empty({t, s.n}, out);
-              ASSERT_EQ(kernels::int4_mma_gemm(mv, gx.data, t, g_out.data, out, x_perm.data, nullptr, &cfg),
-                        cudaSuccess);
-              ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-              const std::vector<float> g = gpu_->download_f32(g_out);
-              double scale = 1e-3, err = 0.0;
-              for (size_t i = 0; i < c.size(); ++i) {
-                scale = std::max(scale, std::fabs(double(c[i])));
-                err = std::isfinite(g[i]) ? std::max(err, std::fabs(double(g[i]) - c[i])) : INFINITY;
-              }
-              EXPECT_LT(err / scale, 1e-2) << s.n << "x" << s.k << " group " << group << " act-order " << act_order
-                                           << " tokens " << t << " config " << cfg.token_tiles << "/"
-                                           << cfg.row_tiles << "/" << cfg.warps_k << "/" << cfg.depth << " out "
-                                           << dtype_name(out);
-            }
+// The tensor-core GEMM (kernels/quant_gemm.cu) on its repacked layouts, every compiled
+// configuration, against the CPU oracle on the canonical weight, for odd token counts up to 128.
+// INT4: group 32 and 128, act-order (the permuted layout and the activation gather); its weights
+// are (q - z) * s with s rounded to BF16 (2^-9 relative) and the product rounded once, the error
+// budget of the dequantized path: 1e-2. INT8: exact products, the row scale on the FP32 sum; the
+// BF16 output's rounding: 1e-2 (the F32 output is held to 2e-3, as the GEMV).
+class QuantMmaTest : public QuantKernelTest {
+ protected:
+  kernels::QuantWeightView canonical(const HostQuant& q, const LinearWeight& w) {
+    kernels::QuantWeightView v;
+    v.format = q.format == WeightFormat::kInt4 ? kernels::QuantFormat::kInt4 : kernels::QuantFormat::kInt8;
+    v.weight = w.weight.data;
+    v.scales = w.scales.data;
+    v.scales_f16 = q.format == WeightFormat::kInt4;
+    v.n = q.n;
+    v.k = q.k;
+    if (q.format == WeightFormat::kInt4) {
+      v.zeros = static_cast<const uint8_t*>(w.zeros.data);
+      v.g_idx = q.g_idx.empty() ? nullptr : static_cast<const int32_t*>(w.g_idx.data);
+      v.group_size = q.group_size;
+      v.num_groups = q.groups;
+    }
+    return v;
+  }
+
+  void check(const HostQuant& q) {
+    const LinearWeight w = q.upload(*gpu_);
+    const kernels::QuantWeightView v = canonical(q, w);
+    ASSERT_TRUE(kernels::quant_mma_supported(v, 1, DType::kBF16));
+    Tensor perm;
+    if (!q.g_idx.empty()) {
+      const auto p = kernels::int4_act_order_permutation(q.g_idx, q.group_size);
+      ASSERT_TRUE(p.has_value());
+      perm = gpu_->upload(HostTensor{p->data(), DType::kI32, {q.k}}, DType::kI32);
+    }
+    const auto i64 = [](size_t bytes) { return static_cast<int64_t>(bytes); };
+    Tensor packed = gpu_->empty({i64(kernels::quant_mma_packed_bytes(v.format, q.n, q.k))}, DType::kU8);
+    Tensor scale_zero = gpu_->empty({i64(kernels::int4_mma_scale_zero_bytes(q.n, q.groups))}, DType::kU8);
+    const int32_t* perm_data = perm.data != nullptr ? perm.as<int32_t>() : nullptr;
+    ASSERT_EQ(kernels::quant_mma_repack(v, perm_data, DType::kBF16, packed.data, scale_zero.data, nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the launches here use the default stream
+    const kernels::QuantMmaView mv{v.format, packed.data,
+                                   q.format == WeightFormat::kInt4 ? scale_zero.data : w.scales.data,
+                                   perm_data, q.n, q.k, q.group_size, DType::kBF16};
+    for (int64_t t : {1, 5, 8, 9, 16, 33, 64, 100, 128}) {
+      std::normal_distribution<float> d(0.0f, 1.0f);
+      std::vector<float> x(static_cast<size_t>(t * q.k));
+      for (auto& e : x) e = bf16_to_f32(f32_to_bf16(d(rng_)));
+      Tensor c_out = cpu_.empty({t, q.n}, DType::kF32);
+      cpu_.linear(cpu_.upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kF32), q.upload(cpu_), c_out);
+      const std::vector<float> c = cpu_.download_f32(c_out);
+      const Tensor gx = gpu_->upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kBF16);
+      Tensor x_perm = gpu_->empty({t, q.k}, DType::kBF16);
+      for (const kernels::QuantMmaConfig& cfg : kernels::quant_mma_configs()) {
+        if (cfg.token_tiles * 8 < t || q.n % (16 * cfg.row_tiles) != 0) continue;
+        for (DType out : {DType::kBF16, DType::kF32}) {
+          Tensor g_out = gpu_->empty({t, q.n}, out);
+          ASSERT_EQ(kernels::quant_mma_gemm(mv, gx.data, t, g_out.data, out, x_perm.data, nullptr, &cfg), cudaSuccess);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const std::vector<float> g = gpu_->download_f32(g_out);
+          double scale = 1e-3, err = 0.0;
+          for (size_t i = 0; i < c.size(); ++i) {
+            scale = std::max(scale, std::fabs(double(c[i])));
+            err = std::isfinite(g[i]) ? std::max(err, std::fabs(double(g[i]) - c[i])) : INFINITY;
           }
+          const double tol = q.format == WeightFormat::kInt8 && out == DType::kF32 ? 2e-3 : 1e-2;
+          EXPECT_LT(err / scale, tol) << q.n << "x" << q.k << " group " << q.group_size << " act-order "
+                                      << !q.g_idx.empty() << " tokens " << t << " config " << cfg.token_tiles << "/"
+                                      << cfg.row_tiles << "/" << cfg.warps_k << "/" << cfg.depth << " out "
+                                      << dtype_name(out);
         }
       }
     }
   }
+};
+
+TEST_F(QuantMmaTest, Int4MatchesTheOracle) {
+  std::mt19937 rng(4);
+  for (const Shape s : {Shape{64, 64}, Shape{96, 192}, Shape{1024, 4096}, Shape{4096, 1024}}) {
+    for (int64_t group : {int64_t{32}, int64_t{128}}) {
+      if (s.k % group != 0) continue;
+      for (bool act_order : {false, true}) check(make_int4(s.n, s.k, group, act_order, rng));
+    }
+  }
+}
+
+TEST_F(QuantMmaTest, Int8MatchesTheOracle) {
+  std::mt19937 rng(6);
+  for (const Shape s : {Shape{64, 64}, Shape{1024, 4096}, Shape{4096, 1024}}) check(make_w8(WeightFormat::kInt8, s.n, s.k, rng));
 }
 
 // Synthetic quantized weights are made on the device: the same bytes as the host definition.
