@@ -124,6 +124,7 @@ struct QuantMmaView {
   int64_t n = 0;
   int64_t k = 0;
   int64_t group_size = 0;
+  int64_t num_groups = 0;      // INT4: the canonical view's
   DType dtype = DType::kBF16;  // the activation type (INT4: the one the scales were repacked for)
 };
 // One compiled variant: token_tiles x 8 tokens at most, row_tiles x 16 rows per CTA, warps_k warps

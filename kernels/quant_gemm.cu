@@ -24,12 +24,12 @@
 // the (low, high) pair of fragment register i; OR-ing the exponent of 128 (BF16) or 1024 (F16)
 // turns each nibble q into the 16-bit number bias + q exactly, then (bias + q) - (bias + z) and
 // one multiply by the group scale give the weight: two packed 16-bit operations per two weights.
-// Scales and zero points: per group and row one 32-bit pair (scale, bias + zero) in the activation
-// type, laid out [group][row tile][g] with rows g and g + 8 side by side, so a lane gets both of
-// its rows in one 8-byte load. The weight is therefore (q - z) * s with s rounded to the
-// activation type and one rounding of the product, where the CPU oracle multiplies by the FP32
-// scale: a relative difference of at most 2^-8 per weight (BF16), inside the BF16 tolerance of the
-// tests. Any group size that is a multiple of 16 works (a lane's 16 inputs share a group).
+// Scales and zero points: per group, row tile and g, rows g and g + 8 side by side, the two scales
+// in the activation type (one 32-bit word) and the two zero points (two bytes) in a second array,
+// so a lane gets what its rows need in two small loads and the layout takes the checkpoint's 3
+// bytes per group and row. The weight is therefore (q - z) * s with s rounded to the activation
+// type and one rounding of the product, where the CPU oracle multiplies by the FP32 scale: a
+// relative difference of at most 2^-8 per weight (BF16), inside the BF16 tolerance of the tests. Any group size that is a multiple of 16 works (a lane's 16 inputs share a group).
 // Act-order (GPTQ desc_act): the inputs are permuted at load so that each group's inputs are
 // contiguous (int4_act_order_permutation), and the activations are permuted the same way by one
 // small gather before the product (the caller provides its buffer).
@@ -58,16 +58,14 @@ namespace {
 constexpr int kBlockK = 64;
 
 // The 16-bit number whose low mantissa bits take a nibble exactly: 128 (BF16, 7 mantissa bits) or
-// 1024 (F16, 10), as a pair, and its value.
+// 1024 (F16, 10), as a pair.
 template <typename T>
 struct Int4Bias {
   static constexpr uint32_t kPair = 0x43004300u;
-  static constexpr float kValue = 128.0f;
 };
 template <>
 struct Int4Bias<__half> {
   static constexpr uint32_t kPair = 0x64006400u;
-  static constexpr float kValue = 1024.0f;
 };
 
 template <typename T>
@@ -127,8 +125,9 @@ struct Packing {
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsK, int kDepth>
 __global__ void __launch_bounds__(32 * kWarpsK)
-    quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales, const T* __restrict__ x,
-                     int tokens, int n, int k, int group_size, OutT* __restrict__ y) {
+    quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
+                     const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
+                     int group_size, OutT* __restrict__ y) {
   constexpr bool kInt4 = kFormat == QuantFormat::kInt4;
   constexpr int kVecs = Packing<kFormat>::kVecs;
   // Up to 32 tokens the activations of the blocks in flight fit in registers beside the weights;
@@ -145,7 +144,7 @@ __global__ void __launch_bounds__(32 * kWarpsK)
   const int kb_all = k / kBlockK;
   const int kb_begin = warp * kb_all / kWarpsK;
   const int kb_end = (warp + 1) * kb_all / kWarpsK;
-  const auto* scale_zero = static_cast<const uint2*>(scales);  // INT4
+  const auto* scale_pairs = static_cast<const uint32_t*>(scales);  // INT4; INT8: F32 [N]
 
   uint4 wq[kDepth][kMT][kVecs];
   uint2 sz[kDepth][kMT];
@@ -159,7 +158,8 @@ __global__ void __launch_bounds__(32 * kWarpsK)
       }
       if constexpr (kInt4) {
         const int group = (kb * kBlockK + 16 * c) / group_size;
-        s[mt] = __ldg(scale_zero + (static_cast<size_t>(group) * m_tiles + mt0 + mt) * 8 + g);
+        const size_t at = (static_cast<size_t>(group) * m_tiles + mt0 + mt) * 8 + g;
+        s[mt] = make_uint2(__ldg(scale_pairs + at), __ldg(zero_pairs + at));
       }
     }
   };
@@ -190,8 +190,10 @@ __global__ void __launch_bounds__(32 * kWarpsK)
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
       if constexpr (kInt4) {
-        const uint32_t scale_lo = low_twice<T>(s[mt].x), zero_lo = high_twice<T>(s[mt].x);
-        const uint32_t scale_hi = low_twice<T>(s[mt].y), zero_hi = high_twice<T>(s[mt].y);
+        // (bias + z) in both halves: the zero byte is the low mantissa bits, as for the codes.
+        const uint32_t scale_lo = low_twice<T>(s[mt].x), scale_hi = high_twice<T>(s[mt].x);
+        const uint32_t zero_lo = (s[mt].y & 0xFFu) * 0x00010001u | Int4Bias<T>::kPair;
+        const uint32_t zero_hi = (s[mt].y >> 8) * 0x00010001u | Int4Bias<T>::kPair;
         const uint32_t words[4] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w};
 #pragma unroll
         for (int step = 0; step < 4; ++step) {
@@ -370,23 +372,24 @@ __global__ void int8_repack_kernel(QuantWeightView w, uint32_t* __restrict__ out
   out[i] = *reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(w.weight) + row * w.k + p);
 }
 
-// Entry (group * N/16 + mt) * 8 + g: the (scale, bias + zero) pairs of rows 16mt + g and + 8.
+// Entry (group * N/16 + mt) * 8 + g of each array: rows 16mt + g and + 8, their scales in T
+// (scale_pairs) and their zero points (zero_pairs, low byte first).
 template <typename T>
-__global__ void int4_repack_scales_kernel(QuantWeightView w, uint2* __restrict__ out) {
+__global__ void int4_repack_scales_kernel(QuantWeightView w, uint32_t* __restrict__ scale_pairs,
+                                          uint16_t* __restrict__ zero_pairs) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t m_tiles = w.n / 16;
   if (i >= w.num_groups * m_tiles * 8) return;
   const int64_t g = i % 8;
   const int64_t mt = (i / 8) % m_tiles;
   const int64_t group = i / 8 / m_tiles;
-  auto pair = [&](int64_t row) {
-    const int64_t at = row * w.num_groups + group;
-    const float scale = w.scales_f16 ? __half2float(static_cast<const __half*>(w.scales)[at])
-                                     : static_cast<const float*>(w.scales)[at];
-    const float zero = Int4Bias<T>::kValue + static_cast<float>(w.zeros[at]);
-    return mma::pack2<T>(scale, zero);
+  const int64_t lo = (mt * 16 + g) * w.num_groups + group;
+  const int64_t hi = lo + 8 * w.num_groups;
+  auto scale = [&](int64_t at) {
+    return w.scales_f16 ? __half2float(static_cast<const __half*>(w.scales)[at]) : static_cast<const float*>(w.scales)[at];
   };
-  out[i] = make_uint2(pair(mt * 16 + g), pair(mt * 16 + g + 8));
+  scale_pairs[i] = mma::pack2<T>(scale(lo), scale(hi));
+  zero_pairs[i] = static_cast<uint16_t>(w.zeros[lo] | w.zeros[hi] << 8);
 }
 
 template <typename T>
@@ -405,8 +408,14 @@ unsigned blocks_of(int64_t n, int threads) { return static_cast<unsigned>((n + t
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsK, int kDepth>
 cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(w.n / 16 / kMT));
+  // INT4: the zero-point pairs follow the scale pairs ([G][N/16][8] each).
+  const auto* zero_pairs = kFormat == QuantFormat::kInt4
+                               ? reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(w.scales) +
+                                                                   w.num_groups * w.n / 2)
+                               : nullptr;
   return launch_pdl(quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsK, kDepth>, grid, dim3(32 * kWarpsK), 0, stream,
-                    static_cast<const uint4*>(w.packed), w.scales, static_cast<const T*>(x), static_cast<int>(tokens),
+                    static_cast<const uint4*>(w.packed), w.scales, zero_pairs, static_cast<const T*>(x),
+                    static_cast<int>(tokens),
                     static_cast<int>(w.n), static_cast<int>(w.k), static_cast<int>(w.group_size),
                     static_cast<OutT*>(y));
 }
@@ -492,7 +501,7 @@ bool quant_mma_supported(const QuantWeightView& w, int64_t tokens, DType x) {
 size_t quant_mma_packed_bytes(QuantFormat format, int64_t n, int64_t k) {
   return static_cast<size_t>(format == QuantFormat::kInt4 ? n * k / 2 : n * k);
 }
-size_t int4_mma_scale_zero_bytes(int64_t n, int64_t num_groups) { return static_cast<size_t>(num_groups * n * 4); }
+size_t int4_mma_scale_zero_bytes(int64_t n, int64_t num_groups) { return static_cast<size_t>(num_groups * n * 3); }
 
 std::optional<std::vector<int32_t>> int4_act_order_permutation(std::span<const int32_t> g_idx, int64_t group_size) {
   std::vector<int32_t> perm(g_idx.size());
@@ -514,10 +523,12 @@ cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DTyp
   int4_repack_kernel<<<blocks_of(w.n * w.k / 8, 256), 256, 0, stream>>>(w, perm, static_cast<uint32_t*>(packed));
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   const int64_t entries = w.num_groups * (w.n / 16) * 8;
+  auto* scale_pairs = static_cast<uint32_t*>(scale_zero);
+  auto* zero_pairs = reinterpret_cast<uint16_t*>(scale_pairs + entries);
   if (dtype == DType::kBF16) {
-    int4_repack_scales_kernel<__nv_bfloat16><<<blocks_of(entries, 256), 256, 0, stream>>>(w, static_cast<uint2*>(scale_zero));
+    int4_repack_scales_kernel<__nv_bfloat16><<<blocks_of(entries, 256), 256, 0, stream>>>(w, scale_pairs, zero_pairs);
   } else {
-    int4_repack_scales_kernel<__half><<<blocks_of(entries, 256), 256, 0, stream>>>(w, static_cast<uint2*>(scale_zero));
+    int4_repack_scales_kernel<__half><<<blocks_of(entries, 256), 256, 0, stream>>>(w, scale_pairs, zero_pairs);
   }
   return cudaGetLastError();
 }
@@ -527,6 +538,9 @@ cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens,
   if (tokens < 1 || tokens > kMaxQuantMmaTokens || w.n % 16 != 0 || w.k % kBlockK != 0) return cudaErrorInvalidValue;
   const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_config(tokens, w.n, w.k);
   if (cfg.token_tiles * 8 < tokens || w.n % (16 * cfg.row_tiles) != 0) return cudaErrorInvalidValue;
+  if (w.format == QuantFormat::kInt4 && (w.group_size % 16 != 0 || w.group_size <= 0 || w.num_groups * w.group_size < w.k)) {
+    return cudaErrorInvalidValue;
+  }
   if (w.perm != nullptr) {
     if (x_permuted == nullptr || w.format != QuantFormat::kInt4) return cudaErrorInvalidValue;
     const int64_t total = tokens * w.k;

@@ -68,7 +68,7 @@ struct HostWeight {
   }
   QuantMmaView mma_view(DType dtype) const {
     return QuantMmaView{format, d_packed, format == QuantFormat::kInt4 ? d_scale_zero : d_scales,
-                        static_cast<const int32_t*>(d_perm), n, k, group, dtype};
+                        static_cast<const int32_t*>(d_perm), n, k, group, groups, dtype};
   }
   void free_all() {
     for (void* p : {d_weight, d_scales, d_zeros, d_g_idx, d_packed, d_scale_zero, d_perm}) cudaFree(p);
@@ -264,7 +264,7 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
         return harness::time_us([&](int it) {
           const QuantMmaView v{format, static_cast<uint8_t*>(dp) + (it % copies) * packed,
                                static_cast<uint8_t*>(dsz) + (it % copies) * sz, nullptr, sh.n, sh.k, 128,
-                               DType::kBF16};
+                               sh.k / 128, DType::kBF16};
           CK(quant_mma_gemm(v, dx, t, dy, DType::kBF16, nullptr, nullptr, cfg));
         }, 50);
       };

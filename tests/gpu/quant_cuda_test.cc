@@ -241,7 +241,7 @@ class QuantMmaTest : public QuantKernelTest {
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the launches here use the default stream
     const kernels::QuantMmaView mv{v.format, packed.data,
                                    q.format == WeightFormat::kInt4 ? scale_zero.data : w.scales.data,
-                                   perm_data, q.n, q.k, q.group_size, DType::kBF16};
+                                   perm_data, q.n, q.k, q.group_size, q.groups, DType::kBF16};
     for (int64_t t : {1, 5, 8, 9, 16, 33, 64, 100, 128}) {
       std::normal_distribution<float> d(0.0f, 1.0f);
       std::vector<float> x(static_cast<size_t>(t * q.k));
