@@ -147,6 +147,9 @@ cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DTyp
 // quant_mma_config's choice.
 cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,
                            void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config = nullptr);
+// out [N, K] (w.dtype, the checkpoint's input order) = the weight the kernel multiplies with: for
+// steps of more than kMaxQuantMmaTokens, a 16-bit GEMM.
+cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t stream);
 int quant_mma_token_tiles(int64_t tokens);
 QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k);
 std::vector<QuantMmaConfig> quant_mma_configs();

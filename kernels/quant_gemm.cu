@@ -392,6 +392,56 @@ __global__ void int4_repack_scales_kernel(QuantWeightView w, uint32_t* __restric
   zero_pairs[i] = static_cast<uint16_t>(w.zeros[lo] | w.zeros[hi] << 8);
 }
 
+// The dense weight [N, K] (T, the checkpoint's input order) back from the packed layout, for the
+// steps above kMaxQuantMmaTokens (a 16-bit GEMM): one thread per packed 32-bit word, the same
+// values the tensor-core kernel multiplies with.
+template <QuantFormat kFormat, typename T>
+__global__ void quant_mma_dequantize_kernel(const uint32_t* __restrict__ packed, const void* __restrict__ scales,
+                                            const uint16_t* __restrict__ zero_pairs, const int32_t* __restrict__ perm,
+                                            int64_t n, int64_t k, int64_t group_size, T* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t kb_all = k / kBlockK;
+  if (i >= (kFormat == QuantFormat::kInt4 ? n * k / 8 : n * k / 4)) return;
+  const uint32_t word = packed[i];
+  const int lane = static_cast<int>((i / 4) % 32);
+  const int g = lane / 4;
+  const int c = lane % 4;
+  auto input = [&](int64_t p) { return perm != nullptr ? perm[p] : p; };
+  if constexpr (kFormat == QuantFormat::kInt4) {
+    const int s = static_cast<int>(i % 4);
+    const int64_t kb = (i / 128) % kb_all;
+    const int64_t mt = i / 128 / kb_all;
+    const int64_t p = kb * kBlockK + 16 * c + 4 * s;
+    const int64_t at = ((p / group_size) * (n / 16) + mt) * 8 + g;
+    const uint32_t pair = static_cast<const uint32_t*>(scales)[at];
+    const uint16_t zeros = zero_pairs[at];
+    const T* scale = reinterpret_cast<const T*>(&pair);
+    // Nibble j of the word (int4_repack_kernel): row g + 8 for odd j, input p + kOffset[j].
+    constexpr int kRowHi[8] = {0, 1, 0, 1, 0, 1, 0, 1};
+    constexpr int kOffset[8] = {0, 0, 2, 2, 1, 1, 3, 3};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int hi = kRowHi[j];
+      const int64_t row = mt * 16 + g + 8 * hi;
+      const int q = static_cast<int>((word >> (4 * j)) & 0xFu);
+      const int z = hi ? zeros >> 8 : zeros & 0xFF;
+      out[row * k + input(p + kOffset[j])] = from_f32<T>(static_cast<float>(q - z) * to_f32(scale[hi]));
+    }
+  } else {
+    const int e = static_cast<int>(i % 4);
+    const int v = static_cast<int>((i / 128) % 2);
+    const int64_t kb = (i / 256) % kb_all;
+    const int64_t mt = i / 256 / kb_all;
+    const int64_t row = mt * 16 + g + (e % 2) * 8;
+    const int64_t p = kb * kBlockK + 16 * c + 4 * (2 * v + e / 2);
+    const float scale = static_cast<const float*>(scales)[row];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[row * k + p + j] = from_f32<T>(static_cast<float>(static_cast<int8_t>(word >> (8 * j))) * scale);
+    }
+  }
+}
+
 template <typename T>
 __global__ void permute_columns_kernel(const T* __restrict__ x, int64_t rows, int64_t k,
                                        const int32_t* __restrict__ perm, T* __restrict__ out) {
@@ -531,6 +581,34 @@ cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DTyp
     int4_repack_scales_kernel<__half><<<blocks_of(entries, 256), 256, 0, stream>>>(w, scale_pairs, zero_pairs);
   }
   return cudaGetLastError();
+}
+
+cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t stream) {
+  if (w.n % 16 != 0 || w.k % kBlockK != 0 || (w.dtype != DType::kBF16 && w.dtype != DType::kF16)) {
+    return cudaErrorInvalidValue;
+  }
+  const bool int4 = w.format == QuantFormat::kInt4;
+  if (int4 && (w.group_size % 16 != 0 || w.group_size <= 0 || w.num_groups * w.group_size < w.k)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t words = int4 ? w.n * w.k / 8 : w.n * w.k / 4;
+  const auto* zero_pairs =
+      int4 ? reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(w.scales) + w.num_groups * w.n / 2) : nullptr;
+  const auto* packed = static_cast<const uint32_t*>(w.packed);
+  return dispatch_dtype(w.dtype, [&]<typename T>() {
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      if (int4) {
+        quant_mma_dequantize_kernel<QuantFormat::kInt4, T><<<blocks_of(words, 256), 256, 0, stream>>>(
+            packed, w.scales, zero_pairs, w.perm, w.n, w.k, w.group_size, static_cast<T*>(out));
+      } else {
+        quant_mma_dequantize_kernel<QuantFormat::kInt8, T><<<blocks_of(words, 256), 256, 0, stream>>>(
+            packed, w.scales, zero_pairs, w.perm, w.n, w.k, w.group_size, static_cast<T*>(out));
+      }
+      return cudaGetLastError();
+    }
+  });
 }
 
 cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,

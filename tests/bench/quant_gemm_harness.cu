@@ -169,6 +169,24 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t f = 0; f < k; ++f) dense[r * k + f] = w.at(r, f);
   }
+  {  // the dense weight back from the packed layout (the path of steps above 128 tokens)
+    void* dd = nullptr;
+    CK(cudaMalloc(&dd, n * k * sizeof(T)));
+    CK(quant_mma_dequantize(w.mma_view(dtype), dd, nullptr));
+    std::vector<T> got(n * k);
+    CK(cudaMemcpy(got.data(), dd, got.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    cudaFree(dd);
+    double err = 0, scale = 1e-9;
+    for (int64_t i = 0; i < n * k; ++i) {
+      scale = std::max(scale, std::abs(dense[i]));
+      const double e = std::abs(dense[i] - to_float(got[i]));
+      err = std::isfinite(e) ? std::max(err, e) : INFINITY;
+    }
+    const bool ok = err / scale < 1e-2;
+    g_failures += !ok;
+    std::printf("%-4s %s N=%lld K=%lld dequantized from the packed layout: rel error %.2e\n", ok ? "ok" : "FAIL",
+                format == QuantFormat::kInt4 ? "int4" : "int8", (long long)n, (long long)k, err / scale);
+  }
   const int64_t max_t = kMaxQuantMmaTokens;
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<T> x(max_t * k);
