@@ -79,22 +79,9 @@ __device__ __forceinline__ To bits_as(const From& from) {
   return to;
 }
 
-// (scale, scale) and (bias + zero, bias + zero) from a (scale, bias + zero) pair.
-template <typename T>
-__device__ __forceinline__ uint32_t low_twice(uint32_t pair) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return bits_as<uint32_t>(__low2bfloat162(bits_as<__nv_bfloat162>(pair)));
-  } else {
-    return bits_as<uint32_t>(__low2half2(bits_as<__half2>(pair)));
-  }
-}
-template <typename T>
-__device__ __forceinline__ uint32_t high_twice(uint32_t pair) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return bits_as<uint32_t>(__high2bfloat162(bits_as<__nv_bfloat162>(pair)));
-  } else {
-    return bits_as<uint32_t>(__high2half2(bits_as<__half2>(pair)));
-  }
+// Half `high` of a pair of 16-bit values in both halves.
+__device__ __forceinline__ uint32_t both_halves(uint32_t pair, bool high) {
+  return __byte_perm(pair, 0, high ? 0x3232 : 0x1010);
 }
 
 // The two weights whose nibbles sit at bits 0-3 and 16-19 of `bits`: ((bias + q) - (bias + z)) * s.
@@ -191,7 +178,7 @@ __global__ void __launch_bounds__(32 * kWarpsK)
     for (int mt = 0; mt < kMT; ++mt) {
       if constexpr (kInt4) {
         // (bias + z) in both halves: the zero byte is the low mantissa bits, as for the codes.
-        const uint32_t scale_lo = low_twice<T>(s[mt].x), scale_hi = high_twice<T>(s[mt].x);
+        const uint32_t scale_lo = both_halves(s[mt].x, false), scale_hi = both_halves(s[mt].x, true);
         const uint32_t zero_lo = (s[mt].y & 0xFFu) * 0x00010001u | Int4Bias<T>::kPair;
         const uint32_t zero_hi = (s[mt].y >> 8) * 0x00010001u | Int4Bias<T>::kPair;
         const uint32_t words[4] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w};
