@@ -277,47 +277,33 @@ __global__ void __launch_bounds__(32 * kWarpsK)
       return __ldg(static_cast<const float*>(scales) + row);
     }
   };
-  // Fragment (mt, j): c0, c1 = rows g, tokens 2c, 2c + 1; c2, c3 = row g + 8.
+  // The warps' partial sums meet in shared memory. Fragment (mt, j): c0, c1 = rows g, tokens 2c,
+  // 2c + 1; c2, c3 = row g + 8.
   const int row0 = mt0 * 16;
-  if constexpr (kWarpsK == 1) {
+  constexpr int kRows = kMT * 16;
+  constexpr int kCols = NT * 8 + 1;  // +1: the fragment writes of a warp spread over the banks
+  static_assert(kWarpsK * kRows * kCols * sizeof(float) <= 48 * 1024, "reduction tile beyond static smem");
+  __shared__ float partial[kWarpsK][kRows][kCols];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int token = 8 * j + 2 * c + (i & 1);
-          const int row = row0 + mt * 16 + g + (i >= 2 ? 8 : 0);
-          if (token < tokens) y[static_cast<size_t>(token) * n + row] = from_f32<OutT>(acc[mt][j][i] * row_scale(row));
-        }
+      for (int i = 0; i < 4; ++i) {
+        partial[warp][mt * 16 + g + (i >= 2 ? 8 : 0)][8 * j + 2 * c + (i & 1)] = acc[mt][j][i];
       }
     }
-  } else {
-    constexpr int kRows = kMT * 16;
-    constexpr int kCols = NT * 8 + 1;  // +1: the fragment writes of a warp spread over the banks
-    static_assert(kWarpsK * kRows * kCols * sizeof(float) <= 48 * 1024, "reduction tile beyond static smem");
-    __shared__ float partial[kWarpsK][kRows][kCols];
+  }
+  __syncthreads();
+  // Rows fastest: the stores of one token's outputs are contiguous.
+  for (int i = threadIdx.x; i < kRows * NT * 8; i += blockDim.x) {
+    const int row = i % kRows;
+    const int token = i / kRows;
+    if (token >= tokens) break;
+    float sum = 0.0f;
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          partial[warp][mt * 16 + g + (i >= 2 ? 8 : 0)][8 * j + 2 * c + (i & 1)] = acc[mt][j][i];
-        }
-      }
-    }
-    __syncthreads();
-    // Rows fastest: the stores of one token's outputs are contiguous.
-    for (int i = threadIdx.x; i < kRows * NT * 8; i += blockDim.x) {
-      const int row = i % kRows;
-      const int token = i / kRows;
-      if (token >= tokens) break;
-      float sum = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarpsK; ++w) sum += partial[w][row][token];
-      y[static_cast<size_t>(token) * n + row0 + row] = from_f32<OutT>(sum * row_scale(row0 + row));
-    }
+    for (int w = 0; w < kWarpsK; ++w) sum += partial[w][row][token];
+    y[static_cast<size_t>(token) * n + row0 + row] = from_f32<OutT>(sum * row_scale(row0 + row));
   }
 }
 
