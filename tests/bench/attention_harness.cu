@@ -30,6 +30,7 @@ namespace {
 
 int g_failures = 0;
 int g_sms = 0;
+float* g_partials = nullptr;  // the latest Problem's partials buffer (room for 32 splits), for decode_splits
 
 struct Seq {
   int cached, fresh;
@@ -100,6 +101,7 @@ struct Problem {
     CK(cudaMalloc(&d_lens, lens.size() * 4));
     CK(cudaMalloc(&d_bt, bt.size() * 4));
     CK(cudaMalloc(&d_part, attention_workspace_bytes(tokens, hq, d, 32) + 16));
+    g_partials = d_part;
     CK(cudaMemcpy(d_qkv, qkv.data(), qkv.size() * sizeof(T), cudaMemcpyHostToDevice));
     for (int c = 0; c < copies; ++c) {
       CK(cudaMemcpy(d_k + c * cache_elems, k.data(), cache_elems * sizeof(T), cudaMemcpyHostToDevice));
@@ -249,6 +251,16 @@ cudaError_t decode_variant(const AttentionParams& p, cudaStream_t stream) {
   return e;
 }
 
+// The backend's decode kernel with the context split into a fixed number of CTAs instead of
+// worker/runtime/attention_splits.h's choice (the partials buffer holds up to 32).
+template <int kSplits>
+cudaError_t decode_splits(const AttentionParams& p, cudaStream_t stream) {
+  AttentionParams q = p;
+  q.num_splits = kSplits;
+  q.partials = kSplits > 1 ? g_partials : nullptr;
+  return launch_tensor_core<__nv_bfloat16>(q, stream);
+}
+
 template <typename T>
 double time_us(Problem<T>& pr, Launch f, int iters) {
   return harness::time_us([&](int i) { CK(f(pr.params(i % pr.copies), nullptr)); }, iters);
@@ -346,6 +358,16 @@ int main(int argc, char** argv) {
   variants("decode b32 ctx 512", std::vector<Seq>(32, Seq{511, 1}), df);
   variants("decode b128 ctx 512", std::vector<Seq>(128, Seq{511, 1}), df);
   variants("decode b32 ctx 8192", std::vector<Seq>(32, Seq{8191, 1}), df);
+  // Split counts around attention_splits.h's choice, at 512 and at the 513-522 positions of the
+  // engine benchmark's decode steps after a 512-token prompt (a ninth, nearly empty tile).
+  const std::vector<std::pair<const char*, Launch>> sf = {
+      {"splits1", decode_splits<1>}, {"2", decode_splits<2>}, {"3", decode_splits<3>}, {"4", decode_splits<4>},
+      {"8", decode_splits<8>}};
+  for (int ctx : {512, 520}) {
+    for (int b : {32, 128}) {
+      variants("decode b" + std::to_string(b) + " ctx " + std::to_string(ctx), std::vector<Seq>(b, Seq{ctx - 1, 1}), sf);
+    }
+  }
   std::printf("%s: %d failed checks\n", g_failures ? "FAIL" : "PASS", g_failures);
   return g_failures ? 1 : 0;
 }
