@@ -127,11 +127,13 @@ struct QuantMmaView {
   int64_t num_groups = 0;      // INT4: the canonical view's
   DType dtype = DType::kBF16;  // the activation type (INT4: the one the scales were repacked for)
 };
-// One compiled variant: token_tiles x 8 tokens at most, row_tiles x 16 rows per CTA, warps_k warps
-// splitting K, depth 64-wide blocks in flight per warp.
+// One compiled variant: token_tiles x 8 tokens at most, row_tiles x 16 rows per warp, warps_n
+// warps of different rows and warps_k warps splitting K per CTA, depth 64-wide blocks in flight per
+// warp. N must be a multiple of 16 x row_tiles x warps_n.
 struct QuantMmaConfig {
   int token_tiles = 1;
   int row_tiles = 1;
+  int warps_n = 1;
   int warps_k = 8;
   int depth = 4;
 };

@@ -39,9 +39,11 @@
 // FP32's 2^23 bias and one pack), and the row's scale multiplies the FP32 sum at the end: the
 // products are then exact, closer to the oracle than a dequantized copy.
 //
-// Work split: a CTA owns kMT row tiles and kWarpsK warps that split K between them (each a
-// contiguous run of 64-wide blocks, so its weight stream is one contiguous read per row tile);
-// their FP32 partial sums meet in shared memory. Each warp keeps kDepth blocks of weights (and,
+// Work split: a CTA has kWarpsN x kWarpsK warps; each owns kMT row tiles, the kWarpsK warps of
+// the same rows split K between them (each a contiguous run of 64-wide blocks, so its weight
+// stream is one contiguous read per row tile) and their FP32 partial sums meet in shared memory.
+// The kWarpsN warps of different rows read the same activations at about the same time, so at
+// larger batches the L1 serves most of them (they would otherwise come from L2 once per warp). Each warp keeps kDepth blocks of weights (and,
 // for up to 32 tokens, of activations) in flight in registers; the first ones are requested before
 // the programmatic-dependent-launch wait, as the weights are never written by another kernel.
 #include <algorithm>
@@ -110,8 +112,8 @@ struct Packing {
   static constexpr int kVecs = kFormat == QuantFormat::kInt4 ? 1 : 2;  // 16-byte loads per lane per block
 };
 
-template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsK, int kDepth>
-__global__ void __launch_bounds__(32 * kWarpsK)
+template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth>
+__global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
                      const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
                      int group_size, OutT* __restrict__ y) {
@@ -124,13 +126,15 @@ __global__ void __launch_bounds__(32 * kWarpsK)
   pdl_trigger();
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
+  const int wn = warp / kWarpsK;
+  const int wk = warp % kWarpsK;
   const int g = lane / 4;
   const int c = lane % 4;
   const int m_tiles = n / 16;
-  const int mt0 = blockIdx.x * kMT;
+  const int mt0 = (blockIdx.x * kWarpsN + wn) * kMT;
   const int kb_all = k / kBlockK;
-  const int kb_begin = warp * kb_all / kWarpsK;
-  const int kb_end = (warp + 1) * kb_all / kWarpsK;
+  const int kb_begin = wk * kb_all / kWarpsK;
+  const int kb_end = (wk + 1) * kb_all / kWarpsK;
   const auto* scale_pairs = static_cast<const uint32_t*>(scales);  // INT4; INT8: F32 [N]
 
   uint4 wq[kDepth][kMT][kVecs];
@@ -279,11 +283,10 @@ __global__ void __launch_bounds__(32 * kWarpsK)
   };
   // The warps' partial sums meet in shared memory. Fragment (mt, j): c0, c1 = rows g, tokens 2c,
   // 2c + 1; c2, c3 = row g + 8.
-  const int row0 = mt0 * 16;
   constexpr int kRows = kMT * 16;
   constexpr int kCols = NT * 8 + 1;  // +1: the fragment writes of a warp spread over the banks
-  static_assert(kWarpsK * kRows * kCols * sizeof(float) <= 48 * 1024, "reduction tile beyond static smem");
-  __shared__ float partial[kWarpsK][kRows][kCols];
+  static_assert(kWarpsN * kWarpsK * kRows * kCols * sizeof(float) <= 48 * 1024, "reduction tile beyond static smem");
+  __shared__ float partial[kWarpsN * kWarpsK][kRows][kCols];
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -295,15 +298,18 @@ __global__ void __launch_bounds__(32 * kWarpsK)
     }
   }
   __syncthreads();
-  // Rows fastest: the stores of one token's outputs are contiguous.
-  for (int i = threadIdx.x; i < kRows * NT * 8; i += blockDim.x) {
-    const int row = i % kRows;
-    const int token = i / kRows;
+  // Rows fastest (the CTA's kWarpsN x kRows rows are contiguous): the stores of one token's
+  // outputs are contiguous.
+  const int cta_row0 = blockIdx.x * kWarpsN * kRows;
+  for (int i = threadIdx.x; i < kWarpsN * kRows * NT * 8; i += blockDim.x) {
+    const int r = i % (kWarpsN * kRows);
+    const int token = i / (kWarpsN * kRows);
     if (token >= tokens) break;
+    const int owner = r / kRows;  // the warps_n index whose rows these are
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarpsK; ++w) sum += partial[w][row][token];
-    y[static_cast<size_t>(token) * n + row0 + row] = from_f32<OutT>(sum * row_scale(row0 + row));
+    for (int w = 0; w < kWarpsK; ++w) sum += partial[owner * kWarpsK + w][r % kRows][token];
+    y[static_cast<size_t>(token) * n + cta_row0 + r] = from_f32<OutT>(sum * row_scale(cta_row0 + r));
   }
 }
 
@@ -428,44 +434,50 @@ __global__ void permute_columns_kernel(const T* __restrict__ x, int64_t rows, in
 
 unsigned blocks_of(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
-template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsK, int kDepth>
+template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth>
 cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(w.n / 16 / kMT));
+  const dim3 grid(static_cast<unsigned>(w.n / 16 / kMT / kWarpsN));
   // INT4: the zero-point pairs follow the scale pairs ([G][N/16][8] each).
   const auto* zero_pairs = kFormat == QuantFormat::kInt4
                                ? reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(w.scales) +
                                                                    w.num_groups * w.n / 2)
                                : nullptr;
-  return launch_pdl(quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsK, kDepth>, grid, dim3(32 * kWarpsK), 0, stream,
+  return launch_pdl(quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth>, grid,
+                    dim3(32 * kWarpsN * kWarpsK), 0, stream,
                     static_cast<const uint4*>(w.packed), w.scales, zero_pairs, static_cast<const T*>(x),
                     static_cast<int>(tokens),
                     static_cast<int>(w.n), static_cast<int>(w.k), static_cast<int>(w.group_size),
                     static_cast<OutT*>(y));
 }
 
-// The instantiated configurations: {tokens per CTA / 8, row tiles per CTA, warps splitting K,
-// blocks in flight per warp}. quant_mma_config() picks among them; the harness times them all.
+// The instantiated configurations: {tokens per CTA / 8, row tiles per warp, warps splitting N,
+// warps splitting K, blocks in flight per warp}. quant_mma_config() picks among them; the harness
+// times them all.
 #define SHARDSERVE_QUANT_MMA_CONFIGS(X) \
-  X(1, 1, 8, 4)                         \
-  X(1, 1, 4, 4)                         \
-  X(1, 2, 8, 2)                         \
-  X(2, 1, 8, 4)                         \
-  X(2, 1, 4, 4)                         \
-  X(4, 1, 8, 2)                         \
-  X(4, 1, 4, 2)                         \
-  X(4, 2, 4, 2)                         \
-  X(8, 1, 4, 2)                         \
-  X(8, 2, 4, 2)                         \
-  X(8, 2, 2, 2)                         \
-  X(16, 1, 4, 2)                        \
-  X(16, 1, 2, 2)
+  X(1, 1, 1, 8, 4)                      \
+  X(1, 1, 1, 4, 4)                      \
+  X(1, 2, 1, 8, 2)                      \
+  X(2, 1, 1, 8, 4)                      \
+  X(2, 1, 1, 4, 4)                      \
+  X(4, 1, 1, 8, 2)                      \
+  X(4, 1, 1, 4, 2)                      \
+  X(4, 2, 1, 4, 2)                      \
+  X(4, 1, 4, 2, 2)                      \
+  X(8, 1, 1, 4, 2)                      \
+  X(8, 2, 1, 4, 2)                      \
+  X(8, 1, 8, 1, 2)                      \
+  X(8, 2, 4, 1, 2)                      \
+  X(16, 1, 1, 4, 2)                     \
+  X(16, 1, 1, 2, 2)                     \
+  X(16, 1, 4, 1, 2)
 
 template <QuantFormat kFormat, typename T, typename OutT>
 cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, const void* x, int64_t tokens, void* y,
                           cudaStream_t stream) {
-#define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WK, D)                                                     \
-  if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.warps_k == WK && cfg.depth == D) {        \
-    return launch_mma<kFormat, T, OutT, NT, MT, WK, D>(w, x, tokens, y, stream);                     \
+#define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WN, WK, D)                                                 \
+  if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.warps_n == WN && cfg.warps_k == WK &&      \
+      cfg.depth == D) {                                                                              \
+    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D>(w, x, tokens, y, stream);                 \
   }
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_CASE)
 #undef SHARDSERVE_QUANT_MMA_CASE
@@ -489,7 +501,7 @@ cudaError_t launch_format(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
 
 std::vector<QuantMmaConfig> quant_mma_configs() {
   std::vector<QuantMmaConfig> all;
-#define SHARDSERVE_QUANT_MMA_LIST(NT, MT, WK, D) all.push_back(QuantMmaConfig{NT, MT, WK, D});
+#define SHARDSERVE_QUANT_MMA_LIST(NT, MT, WN, WK, D) all.push_back(QuantMmaConfig{NT, MT, WN, WK, D});
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_LIST)
 #undef SHARDSERVE_QUANT_MMA_LIST
   return all;
@@ -505,7 +517,7 @@ int quant_mma_token_tiles(int64_t tokens) {
 // row tile per CTA (the most CTAs).
 QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k) {
   const int nt = quant_mma_token_tiles(tokens);
-  QuantMmaConfig cfg{nt, 1, 4, nt <= 2 ? 4 : 2};
+  QuantMmaConfig cfg{nt, 1, 1, 4, nt <= 2 ? 4 : 2};
   if (nt <= 4 && k / kBlockK >= 32) cfg.warps_k = 8;
   (void)n;
   return cfg;
@@ -588,7 +600,7 @@ cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens,
                            void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config) {
   if (tokens < 1 || tokens > kMaxQuantMmaTokens || w.n % 16 != 0 || w.k % kBlockK != 0) return cudaErrorInvalidValue;
   const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_config(tokens, w.n, w.k);
-  if (cfg.token_tiles * 8 < tokens || w.n % (16 * cfg.row_tiles) != 0) return cudaErrorInvalidValue;
+  if (cfg.token_tiles * 8 < tokens || w.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) return cudaErrorInvalidValue;
   if (w.format == QuantFormat::kInt4 && (w.group_size % 16 != 0 || w.group_size <= 0 || w.num_groups * w.group_size < w.k)) {
     return cudaErrorInvalidValue;
   }

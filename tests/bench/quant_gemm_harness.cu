@@ -137,8 +137,9 @@ HostWeight make_weight(QuantFormat format, int64_t n, int64_t k, int64_t group, 
 }
 
 std::string config_name(const QuantMmaConfig& c) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%dx8tok/%dx16rows/%dwarpsK/depth%d", c.token_tiles, c.row_tiles, c.warps_k, c.depth);
+  char buf[80];
+  std::snprintf(buf, sizeof buf, "%dx8tok/%dx16rows/%dwarpsN/%dwarpsK/depth%d", c.token_tiles, c.row_tiles, c.warps_n,
+                c.warps_k, c.depth);
   return buf;
 }
 
@@ -215,7 +216,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
       }
     }
     for (const QuantMmaConfig& cfg : quant_mma_configs()) {
-      if (cfg.token_tiles * 8 < t || n % (16 * cfg.row_tiles) != 0) continue;
+      if (cfg.token_tiles * 8 < t || n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
       for (const DType out : {dtype, DType::kF32}) {
         CK(cudaMemset(dy, 0xff, t * n * 4));
         CK(quant_mma_gemm(w.mma_view(dtype), dx, t, dy, out, dxp, nullptr, &cfg));
@@ -238,7 +239,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
         const bool ok = err / scale < 1e-2;
         g_failures += !ok;
         if (!ok || t == 1 || t == 33 || t == 128) {
-          std::printf("%-4s %s T=%-3lld %-36s out %-4s: rel error %.2e\n", ok ? "ok" : "FAIL", desc.c_str(),
+          std::printf("%-4s %s T=%-3lld %-44s out %-4s: rel error %.2e\n", ok ? "ok" : "FAIL", desc.c_str(),
                       (long long)t, config_name(cfg).c_str(), out == DType::kF32 ? "f32" : "16b", err / scale);
         }
       }
@@ -289,7 +290,7 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
       double best = 1e30;
       QuantMmaConfig best_cfg;
       for (const QuantMmaConfig& cfg : quant_mma_configs()) {
-        if (cfg.token_tiles != quant_mma_token_tiles(t) || sh.n % (16 * cfg.row_tiles) != 0) continue;
+        if (cfg.token_tiles != quant_mma_token_tiles(t) || sh.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
         const double us = run(&cfg);
         if (us < best) {
           best = us;

@@ -252,7 +252,7 @@ class QuantMmaTest : public QuantKernelTest {
       const Tensor gx = gpu_->upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kBF16);
       Tensor x_perm = gpu_->empty({t, q.k}, DType::kBF16);
       for (const kernels::QuantMmaConfig& cfg : kernels::quant_mma_configs()) {
-        if (cfg.token_tiles * 8 < t || q.n % (16 * cfg.row_tiles) != 0) continue;
+        if (cfg.token_tiles * 8 < t || q.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
         for (DType out : {DType::kBF16, DType::kF32}) {
           Tensor g_out = gpu_->empty({t, q.n}, out);
           ASSERT_EQ(kernels::quant_mma_gemm(mv, gx.data, t, g_out.data, out, x_perm.data, nullptr, &cfg), cudaSuccess);
@@ -266,7 +266,8 @@ class QuantMmaTest : public QuantKernelTest {
           const double tol = q.format == WeightFormat::kInt8 && out == DType::kF32 ? 2e-3 : 1e-2;
           EXPECT_LT(err / scale, tol) << q.n << "x" << q.k << " group " << q.group_size << " act-order "
                                       << !q.g_idx.empty() << " tokens " << t << " config " << cfg.token_tiles << "/"
-                                      << cfg.row_tiles << "/" << cfg.warps_k << "/" << cfg.depth << " out "
+                                      << cfg.row_tiles << "/" << cfg.warps_n << "/" << cfg.warps_k << "/" << cfg.depth
+                                      << " out "
                                       << dtype_name(out);
         }
       }
