@@ -43,7 +43,10 @@
 // the same rows split K between them (each a contiguous run of 64-wide blocks, so its weight
 // stream is one contiguous read per row tile) and their FP32 partial sums meet in shared memory.
 // The kWarpsN warps of different rows read the same activations at about the same time, so at
-// larger batches the L1 serves most of them (they would otherwise come from L2 once per warp). Each warp keeps kDepth blocks of weights (and,
+// larger batches the L1 serves most of them (they would otherwise come from L2 once per warp); or,
+// kStageX (with kWarpsK = 1), the CTA stages each 64-wide block of the activations in shared
+// memory (cp.async, two buffers, 16-byte chunks XOR-swizzled by row so that a warp's fragment
+// loads hit 32 different banks) and every warp reads its B fragments from there. Each warp keeps kDepth blocks of weights (and,
 // for up to 32 tokens, of activations) in flight in registers; the first ones are requested before
 // the programmatic-dependent-launch wait, as the weights are never written by another kernel.
 #include <algorithm>
@@ -112,7 +115,16 @@ struct Packing {
   static constexpr int kVecs = kFormat == QuantFormat::kInt4 ? 1 : 2;  // 16-byte loads per lane per block
 };
 
-template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth>
+// Dynamic shared memory of a configuration: the staged activations' two buffers, reused after the
+// loop for the warps' partial sums (+1 column: a warp's fragment writes spread over the banks).
+constexpr size_t quant_mma_smem_bytes(int nt, int mt, int warps_n, int warps_k, bool stage_x) {
+  const size_t partial = static_cast<size_t>(warps_n) * warps_k * (mt * 16) * (nt * 8 + 1) * sizeof(float);
+  const size_t staged = stage_x ? 2 * static_cast<size_t>(nt * 8) * kBlockK * 2 : 0;
+  return partial > staged ? partial : staged;
+}
+
+template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
+          bool kStageX>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
                      const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
@@ -121,8 +133,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   constexpr int kVecs = Packing<kFormat>::kVecs;
   // Up to 32 tokens the activations of the blocks in flight fit in registers beside the weights;
   // above, each block's activations are loaded as it is computed (they are L2-resident).
-  constexpr bool kPrefetchX = NT <= 4;
+  static_assert(!kStageX || kWarpsK == 1, "staged activations: every warp walks the same blocks");
+  constexpr bool kPrefetchX = NT <= 4 && !kStageX;
   constexpr int kXSlots = kPrefetchX ? NT : 1;
+  constexpr int kXStageBytes = NT * 8 * kBlockK * 2;
+  extern __shared__ __align__(128) uint8_t smem[];
   pdl_trigger();
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -176,6 +191,18 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     }
   }
 
+  // Staged: block kb's activations in buffer kb % 2, row r's 16-byte chunk ch at ch ^ (r % 8).
+  auto stage_x = [&](int kb) {
+    const uint32_t base = mma::smem_addr(smem) + (kb & 1) * kXStageBytes;
+    for (int i = threadIdx.x; i < NT * 8 * 8; i += blockDim.x) {
+      const int r = i / 8, ch = i % 8;
+      const bool valid = r < tokens && kb < kb_end;
+      const T* src = x + static_cast<size_t>(valid ? r : 0) * k + (valid ? kb : 0) * kBlockK + ch * 8;
+      mma::cp_async16(base + r * 128 + ((ch ^ (r & 7)) * 16), src, valid);
+    }
+    mma::cp_async_commit();
+  };
+
   auto compute = [&](int kb, const uint4 (&w)[kMT][kVecs], const uint2 (&s)[kMT], const uint4 (&xs)[kXSlots][2]) {
     uint32_t a[kMT][4][4];
 #pragma unroll
@@ -214,6 +241,10 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
       if constexpr (kPrefetchX) {
         v[0] = xs[j][0];
         v[1] = xs[j][1];
+      } else if constexpr (kStageX) {
+        const uint8_t* row = smem + (kb & 1) * kXStageBytes + (8 * j + g) * 128;
+        v[0] = *reinterpret_cast<const uint4*>(row + (((2 * c) ^ g) * 16));
+        v[1] = *reinterpret_cast<const uint4*>(row + (((2 * c + 1) ^ g) * 16));
       } else {
         load_x(kb, j, v);
       }
@@ -231,6 +262,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     if (kb_begin + d < kb_end) load_weights(kb_begin + d, wq[d], sz[d]);
   }
   pdl_wait();
+  if constexpr (kStageX) stage_x(kb_begin);
   if constexpr (kPrefetchX) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
@@ -268,7 +300,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
             for (int j = 0; j < NT; ++j) load_x(ahead, j, xq[d][j]);
           }
         }
+        if constexpr (kStageX) {
+          stage_x(kb + d + 1);  // the next block into the other buffer (an empty group past the end)
+          mma::cp_async_wait<1>();
+          __syncthreads();
+        }
         compute(kb + d, w, s, xs);
+        if constexpr (kStageX) __syncthreads();  // this buffer is refilled two blocks on
       }
     }
   }
@@ -284,9 +322,10 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   // The warps' partial sums meet in shared memory. Fragment (mt, j): c0, c1 = rows g, tokens 2c,
   // 2c + 1; c2, c3 = row g + 8.
   constexpr int kRows = kMT * 16;
-  constexpr int kCols = NT * 8 + 1;  // +1: the fragment writes of a warp spread over the banks
-  static_assert(kWarpsN * kWarpsK * kRows * kCols * sizeof(float) <= 48 * 1024, "reduction tile beyond static smem");
-  __shared__ float partial[kWarpsN * kWarpsK][kRows][kCols];
+  constexpr int kCols = NT * 8 + 1;
+  if constexpr (kStageX) mma::cp_async_wait<0>();
+  __syncthreads();  // (staged: the buffers become the partial sums)
+  auto partial = reinterpret_cast<float (*)[kRows][kCols]>(smem);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -434,50 +473,58 @@ __global__ void permute_columns_kernel(const T* __restrict__ x, int64_t rows, in
 
 unsigned blocks_of(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
-template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth>
+template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
+          bool kStageX>
 cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
+  constexpr auto kernel = quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX>;
+  constexpr size_t smem = quant_mma_smem_bytes(NT, kMT, kWarpsN, kWarpsK, kStageX);
+  if constexpr (smem > 48 * 1024) {
+    if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
+  }
   const dim3 grid(static_cast<unsigned>(w.n / 16 / kMT / kWarpsN));
   // INT4: the zero-point pairs follow the scale pairs ([G][N/16][8] each).
   const auto* zero_pairs = kFormat == QuantFormat::kInt4
                                ? reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(w.scales) +
                                                                    w.num_groups * w.n / 2)
                                : nullptr;
-  return launch_pdl(quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth>, grid,
-                    dim3(32 * kWarpsN * kWarpsK), 0, stream,
-                    static_cast<const uint4*>(w.packed), w.scales, zero_pairs, static_cast<const T*>(x),
-                    static_cast<int>(tokens),
-                    static_cast<int>(w.n), static_cast<int>(w.k), static_cast<int>(w.group_size),
-                    static_cast<OutT*>(y));
+  return launch_pdl(kernel, grid, dim3(32 * kWarpsN * kWarpsK), smem, stream, static_cast<const uint4*>(w.packed),
+                    w.scales, zero_pairs, static_cast<const T*>(x), static_cast<int>(tokens), static_cast<int>(w.n),
+                    static_cast<int>(w.k), static_cast<int>(w.group_size), static_cast<OutT*>(y));
 }
 
 // The instantiated configurations: {tokens per CTA / 8, row tiles per warp, warps splitting N,
-// warps splitting K, blocks in flight per warp}. quant_mma_config() picks among them; the harness
-// times them all.
+// warps splitting K, blocks in flight per warp, activations staged in shared memory}.
+// quant_mma_config() picks among them; the harness times them all.
 #define SHARDSERVE_QUANT_MMA_CONFIGS(X) \
-  X(1, 1, 1, 8, 4)                      \
-  X(1, 1, 1, 4, 4)                      \
-  X(1, 2, 1, 8, 2)                      \
-  X(2, 1, 1, 8, 4)                      \
-  X(2, 1, 1, 4, 4)                      \
-  X(4, 1, 1, 8, 2)                      \
-  X(4, 1, 1, 4, 2)                      \
-  X(4, 2, 1, 4, 2)                      \
-  X(4, 1, 4, 2, 2)                      \
-  X(8, 1, 1, 4, 2)                      \
-  X(8, 2, 1, 4, 2)                      \
-  X(8, 1, 8, 1, 2)                      \
-  X(8, 2, 4, 1, 2)                      \
-  X(16, 1, 1, 4, 2)                     \
-  X(16, 1, 1, 2, 2)                     \
-  X(16, 1, 4, 1, 2)
+  X(1, 1, 1, 8, 4, false)               \
+  X(1, 1, 1, 4, 4, false)               \
+  X(1, 2, 1, 8, 2, false)               \
+  X(2, 1, 1, 8, 4, false)               \
+  X(2, 1, 1, 4, 4, false)               \
+  X(4, 1, 1, 8, 2, false)               \
+  X(4, 1, 1, 4, 2, false)               \
+  X(4, 2, 1, 4, 2, false)               \
+  X(4, 1, 4, 2, 2, false)               \
+  X(4, 1, 8, 1, 2, true)                \
+  X(8, 1, 1, 4, 2, false)               \
+  X(8, 2, 1, 4, 2, false)               \
+  X(8, 1, 8, 1, 2, false)               \
+  X(8, 2, 4, 1, 2, false)               \
+  X(8, 1, 8, 1, 2, true)                \
+  X(8, 2, 4, 1, 2, true)                \
+  X(16, 1, 1, 4, 2, false)              \
+  X(16, 1, 1, 2, 2, false)              \
+  X(16, 1, 4, 1, 2, false)              \
+  X(16, 1, 8, 1, 2, true)               \
+  X(16, 1, 4, 1, 2, true)
 
 template <QuantFormat kFormat, typename T, typename OutT>
 cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, const void* x, int64_t tokens, void* y,
                           cudaStream_t stream) {
-#define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WN, WK, D)                                                 \
+#define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WN, WK, D, SX)                                             \
   if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.warps_n == WN && cfg.warps_k == WK &&      \
-      cfg.depth == D) {                                                                              \
-    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D>(w, x, tokens, y, stream);                 \
+      cfg.depth == D && cfg.stage_x == SX) {                                                         \
+    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX>(w, x, tokens, y, stream);             \
   }
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_CASE)
 #undef SHARDSERVE_QUANT_MMA_CASE
@@ -501,7 +548,7 @@ cudaError_t launch_format(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
 
 std::vector<QuantMmaConfig> quant_mma_configs() {
   std::vector<QuantMmaConfig> all;
-#define SHARDSERVE_QUANT_MMA_LIST(NT, MT, WN, WK, D) all.push_back(QuantMmaConfig{NT, MT, WN, WK, D});
+#define SHARDSERVE_QUANT_MMA_LIST(NT, MT, WN, WK, D, SX) all.push_back(QuantMmaConfig{NT, MT, WN, WK, D, SX});
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_LIST)
 #undef SHARDSERVE_QUANT_MMA_LIST
   return all;
@@ -517,7 +564,7 @@ int quant_mma_token_tiles(int64_t tokens) {
 // row tile per CTA (the most CTAs).
 QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k) {
   const int nt = quant_mma_token_tiles(tokens);
-  QuantMmaConfig cfg{nt, 1, 1, 4, nt <= 2 ? 4 : 2};
+  QuantMmaConfig cfg{nt, 1, 1, 4, nt <= 2 ? 4 : 2, false};
   if (nt <= 4 && k / kBlockK >= 32) cfg.warps_k = 8;
   (void)n;
   return cfg;

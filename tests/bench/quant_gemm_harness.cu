@@ -138,8 +138,8 @@ HostWeight make_weight(QuantFormat format, int64_t n, int64_t k, int64_t group, 
 
 std::string config_name(const QuantMmaConfig& c) {
   char buf[80];
-  std::snprintf(buf, sizeof buf, "%dx8tok/%dx16rows/%dwarpsN/%dwarpsK/depth%d", c.token_tiles, c.row_tiles, c.warps_n,
-                c.warps_k, c.depth);
+  std::snprintf(buf, sizeof buf, "%dx8tok/%dx16rows/%dwarpsN/%dwarpsK/depth%d%s", c.token_tiles, c.row_tiles,
+                c.warps_n, c.warps_k, c.depth, c.stage_x ? "/smem-x" : "");
   return buf;
 }
 
@@ -239,7 +239,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
         const bool ok = err / scale < 1e-2;
         g_failures += !ok;
         if (!ok || t == 1 || t == 33 || t == 128) {
-          std::printf("%-4s %s T=%-3lld %-44s out %-4s: rel error %.2e\n", ok ? "ok" : "FAIL", desc.c_str(),
+          std::printf("%-4s %s T=%-3lld %-50s out %-4s: rel error %.2e\n", ok ? "ok" : "FAIL", desc.c_str(),
                       (long long)t, config_name(cfg).c_str(), out == DType::kF32 ? "f32" : "16b", err / scale);
         }
       }

@@ -267,7 +267,7 @@ class QuantMmaTest : public QuantKernelTest {
           EXPECT_LT(err / scale, tol) << q.n << "x" << q.k << " group " << q.group_size << " act-order "
                                       << !q.g_idx.empty() << " tokens " << t << " config " << cfg.token_tiles << "/"
                                       << cfg.row_tiles << "/" << cfg.warps_n << "/" << cfg.warps_k << "/" << cfg.depth
-                                      << " out "
+                                      << (cfg.stage_x ? "/smem-x" : "") << " out "
                                       << dtype_name(out);
         }
       }
