@@ -189,8 +189,8 @@ std::vector<nlohmann::json> run_quant_op_benchmarks(const ModelConfig& c, double
         const double fraction = bytes / (ms * 1e-3) / bw;
         std::printf("  %-5s %-13s T=%-4d %9.1f us (bf16 cublaslt %9.1f us, x%.2f)  %7.1f MB  bw fraction %.3f\n",
                     format, s.name, t, ms * 1e3, dense_ms * 1e3, dense_ms / ms, bytes / 1e6, fraction);
-        records.push_back({{"bench", "quant_op"}, {"op", s.name}, {"device", device}, {"quantization", format},
-                           {"tp_size", 1}, {"batch", t}, {"time_us", ms * 1e3}, {"bf16_cublaslt_us", dense_ms * 1e3},
+        records.push_back({{"bench", "quant_op"}, {"op", s.name}, {"device", device}, {"format", format},
+                           {"quantization", format}, {"tp_size", 1}, {"batch", t}, {"time_us", ms * 1e3}, {"bf16_cublaslt_us", dense_ms * 1e3},
                            {"speedup_vs_bf16", dense_ms / ms}, {"bytes", bytes}, {"bandwidth_fraction", fraction}});
       }
     }
