@@ -40,7 +40,7 @@ if [[ $what == quant ]]; then
   for d in tests/data/tiny-quant/*/dequantized; do
     mkdir -p "$OUT/golden/$d" && cp "$d"/golden* "$OUT/golden/$d/" 2>/dev/null
   done
-  SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL 60 dist/bin/gpu_tests --gtest_brief=1 \
+  SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL "${QUANT_TEST_SECONDS:-240}" dist/bin/gpu_tests --gtest_brief=1 \
     --gtest_filter='Quant*:TinyQuant/QuantCuda*' 2>&1 | tee "$OUT/gpu_tests_quant.log" | tail -30
   status=${PIPESTATUS[0]}
   # The INT4/INT8 tensor-core GEMM: every configuration against its CPU reference, then 8B/70B
