@@ -22,6 +22,7 @@
 
 #include "kernels/attention.cu"
 #include "tests/bench/gpu_timing.h"
+#include "tests/bench/host_16bit.h"
 
 using namespace shardserve;
 using namespace shardserve::kernels;
@@ -36,16 +37,8 @@ struct Seq {
   int cached, fresh;
 };
 
-template <typename T>
-float host_f32(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return __half2float(v);
-}
-template <typename T>
-T host_from(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
-  else return __float2half_rn(v);
-}
+using harness::host_f32;
+using harness::host_from;
 
 // One attention problem: random q/k/v, a scrambled block table, device copies (`copies` caches
 // of the same content for timing without L2 reuse between launches).

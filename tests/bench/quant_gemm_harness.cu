@@ -25,6 +25,7 @@
 #include "kernels/quant_gemm.cu"
 #include "tests/bench/cublaslt_timing.h"
 #include "tests/bench/gpu_timing.h"
+#include "tests/bench/host_16bit.h"
 
 using namespace shardserve;
 using namespace shardserve::kernels;
@@ -144,23 +145,6 @@ std::string config_name(const QuantMmaConfig& c) {
 }
 
 template <typename T>
-float to_float(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat162float(v);
-  } else {
-    return __half2float(v);
-  }
-}
-template <typename T>
-T from_float(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return __float2half_rn(v);
-  }
-}
-
-template <typename T>
 void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool act_order, bool f16_scales,
                  std::mt19937& rng) {
   const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
@@ -180,7 +164,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
     double err = 0, scale = 1e-9;
     for (int64_t i = 0; i < n * k; ++i) {
       scale = std::max(scale, std::abs(dense[i]));
-      const double e = std::abs(dense[i] - to_float(got[i]));
+      const double e = std::abs(dense[i] - harness::host_f32(got[i]));
       err = std::isfinite(e) ? std::max(err, e) : INFINITY;
     }
     const bool ok = err / scale < 1e-2;
@@ -191,7 +175,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
   const int64_t max_t = kMaxQuantMmaTokens;
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<T> x(max_t * k);
-  for (auto& v : x) v = from_float<T>(u(rng));
+  for (auto& v : x) v = harness::host_from<T>(u(rng));
   void* dx = upload(x);
   void *dy = nullptr, *dxp = nullptr;
   CK(cudaMalloc(&dy, max_t * n * 4));
@@ -210,7 +194,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
     for (int64_t i = 0; i < t; ++i) {
       for (int64_t r = 0; r < n; r += row_step) {
         double s = 0;
-        for (int64_t f = 0; f < k; ++f) s += static_cast<double>(to_float(x[i * k + f])) * dense[r * k + f];
+        for (int64_t f = 0; f < k; ++f) s += static_cast<double>(harness::host_f32(x[i * k + f])) * dense[r * k + f];
         ref[i * n + r] = s;
         scale = std::max(scale, std::abs(s));
       }
@@ -227,7 +211,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
         } else {
           std::vector<T> yt(t * n);
           CK(cudaMemcpy(yt.data(), dy, yt.size() * sizeof(T), cudaMemcpyDeviceToHost));
-          for (size_t i = 0; i < y.size(); ++i) y[i] = to_float(yt[i]);
+          for (size_t i = 0; i < y.size(); ++i) y[i] = harness::host_f32(yt[i]);
         }
         double err = 0;
         for (int64_t i = 0; i < t; ++i) {
