@@ -544,6 +544,17 @@ cudaError_t launch_format(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
   return cudaErrorInvalidValue;
 }
 
+// The shapes the packed layout holds (one definition for the repack, the product and the
+// dequantization): whole 16-row tiles and 64-wide blocks, 32-bit word indices, and INT4 groups of a
+// multiple of 16 inputs covering K.
+bool layout_supported(QuantFormat format, int64_t n, int64_t k, int64_t group_size, int64_t num_groups) {
+  if (n % 16 != 0 || k % kBlockK != 0 || n * k / 4 >= (int64_t{1} << 31)) return false;
+  if (format == QuantFormat::kInt8) return true;
+  return format == QuantFormat::kInt4 && group_size > 0 && group_size % 16 == 0 && num_groups * group_size >= k;
+}
+
+bool activations_supported(DType x) { return x == DType::kBF16 || x == DType::kF16; }
+
 }  // namespace
 
 std::vector<QuantMmaConfig> quant_mma_configs() {
@@ -571,13 +582,8 @@ QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k) {
 }
 
 bool quant_mma_supported(const QuantWeightView& w, int64_t tokens, DType x) {
-  if (tokens < 1 || tokens > kMaxQuantMmaTokens || (x != DType::kBF16 && x != DType::kF16) || w.n % 16 != 0 ||
-      w.k % kBlockK != 0 || w.n * w.k / 4 >= (int64_t{1} << 31)) {
-    return false;
-  }
-  if (w.format == QuantFormat::kInt8) return true;
-  return w.format == QuantFormat::kInt4 && w.group_size > 0 && w.group_size % 16 == 0 &&
-         w.num_groups * w.group_size >= w.k;
+  return tokens >= 1 && tokens <= kMaxQuantMmaTokens && activations_supported(x) &&
+         layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups);
 }
 
 size_t quant_mma_packed_bytes(QuantFormat format, int64_t n, int64_t k) {
@@ -616,13 +622,10 @@ cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DTyp
 }
 
 cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t stream) {
-  if (w.n % 16 != 0 || w.k % kBlockK != 0 || (w.dtype != DType::kBF16 && w.dtype != DType::kF16)) {
+  if (!activations_supported(w.dtype) || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups)) {
     return cudaErrorInvalidValue;
   }
   const bool int4 = w.format == QuantFormat::kInt4;
-  if (int4 && (w.group_size % 16 != 0 || w.group_size <= 0 || w.num_groups * w.group_size < w.k)) {
-    return cudaErrorInvalidValue;
-  }
   const int64_t words = int4 ? w.n * w.k / 8 : w.n * w.k / 4;
   const auto* zero_pairs =
       int4 ? reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(w.scales) + w.num_groups * w.n / 2) : nullptr;
@@ -645,12 +648,11 @@ cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t 
 
 cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,
                            void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config) {
-  if (tokens < 1 || tokens > kMaxQuantMmaTokens || w.n % 16 != 0 || w.k % kBlockK != 0) return cudaErrorInvalidValue;
-  const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_config(tokens, w.n, w.k);
-  if (cfg.token_tiles * 8 < tokens || w.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) return cudaErrorInvalidValue;
-  if (w.format == QuantFormat::kInt4 && (w.group_size % 16 != 0 || w.group_size <= 0 || w.num_groups * w.group_size < w.k)) {
+  if (tokens < 1 || tokens > kMaxQuantMmaTokens || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups)) {
     return cudaErrorInvalidValue;
   }
+  const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_config(tokens, w.n, w.k);
+  if (cfg.token_tiles * 8 < tokens || w.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) return cudaErrorInvalidValue;
   if (w.perm != nullptr) {
     if (x_permuted == nullptr || w.format != QuantFormat::kInt4) return cudaErrorInvalidValue;
     const int64_t total = tokens * w.k;
