@@ -175,6 +175,7 @@ std::vector<nlohmann::json> run_quant_op_benchmarks(const ModelConfig& c, double
         gpu.fill_uniform(w.scales, 5, 0.01f);
       }
       gpu.fill_random_bits(w.weight, 2);
+      gpu.prepare_linear(w);  // as a loaded model's layers are
       const double bytes = static_cast<double>(w.weight.nbytes() + w.scales.nbytes() + w.zeros.nbytes());
       for (int t : batches) {
         Tensor x = gpu.empty({t, s.k}, DType::kBF16);

@@ -115,8 +115,9 @@ class QuantKernelTest : public ::testing::Test {
     gpu_ = std::move(*b);
   }
 
-  // max |gpu - cpu| / max(1e-3, max |cpu|) of x [t, k] * W^T, x rounded to BF16 for both.
-  double error(const HostQuant& q, int64_t t, DType out_dtype) {
+  // max |gpu - cpu| / max(1e-3, max |cpu|) of x [t, k] * W^T, x rounded to BF16 for both. With
+  // `prepare`, the GPU's weight is first put in its own layout (prepare_linear, as a loaded model's).
+  double error(const HostQuant& q, int64_t t, DType out_dtype, bool prepare = false) {
     std::normal_distribution<float> d(0.0f, 1.0f);
     std::vector<float> x(static_cast<size_t>(t * q.k));
     for (auto& v : x) v = bf16_to_f32(f32_to_bf16(d(rng_)));
@@ -124,7 +125,13 @@ class QuantKernelTest : public ::testing::Test {
     cpu_.linear(cpu_.upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kF32), q.upload(cpu_), c_out);
     gpu_->begin_step();
     Tensor g_out = gpu_->empty({t, q.n}, out_dtype);
-    gpu_->linear(gpu_->upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kBF16), q.upload(*gpu_), g_out);
+    LinearWeight w = q.upload(*gpu_);
+    if (prepare) {
+      gpu_->prepare_linear(w);
+      // The tensor-core layout takes N % 16 == 0 and K % 64 == 0 (not 1000 x 4096, 3 x 8192, 5 x 48).
+      EXPECT_EQ(w.mma_layout, q.n % 16 == 0 && q.k % 64 == 0) << q.n << "x" << q.k;
+    }
+    gpu_->linear(gpu_->upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kBF16), w, g_out);
     const std::vector<float> g = gpu_->download_f32(g_out);
     const std::vector<float> c = cpu_.download_f32(c_out);
     double scale = 1e-3, err = 0.0;
@@ -159,6 +166,12 @@ TEST_F(QuantKernelTest, Int4GemvAndDequantizedGemmMatchTheOracle) {
                                              << " tokens " << t << " out " << dtype_name(out);
           }
         }
+        // Prepared (the tensor-core layout where the shape allows): the kernel up to 128 tokens,
+        // its dequantized weight and a 16-bit GEMM above. The scale rounded to BF16: 1e-2.
+        for (int64_t t : {1, 9, 40, 160}) {
+          EXPECT_LT(error(q, t, DType::kBF16, true), 1e-2) << s.n << "x" << s.k << " group " << group
+                                                          << " act-order " << act_order << " tokens " << t << " prepared";
+        }
       }
     }
   }
@@ -173,6 +186,9 @@ TEST_F(QuantKernelTest, Int8GemvAndDequantizedGemmMatchTheOracle) {
         const double tol = out == DType::kF32 && t <= kernels::kMaxGemvTokens ? 2e-3 : 1e-2;
         EXPECT_LT(error(q, t, out), tol) << s.n << "x" << s.k << " tokens " << t << " out " << dtype_name(out);
       }
+    }
+    for (int64_t t : {1, 9, 33, 160}) {
+      EXPECT_LT(error(q, t, DType::kBF16, true), 1e-2) << s.n << "x" << s.k << " tokens " << t << " prepared";
     }
   }
 }

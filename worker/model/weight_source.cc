@@ -81,7 +81,9 @@ absl::StatusOr<LinearWeight> CheckpointSource::linear(const std::vector<LinearPa
   }
   auto fused = concat_rows(std::move(shards), names);
   if (!fused.ok()) return fused.status();
-  return upload_linear(*fused, backend);
+  LinearWeight w = upload_linear(*fused, backend);
+  backend.prepare_linear(w);
+  return w;
 }
 
 absl::StatusOr<Tensor> CheckpointSource::vector(const std::string& name, int64_t size, Backend& backend) {
@@ -139,6 +141,7 @@ absl::StatusOr<LinearWeight> SyntheticSource::linear(const std::vector<LinearPar
     w.zeros = backend.upload(HostTensor{zeros.data(), DType::kU8, {rows, groups}}, DType::kU8);
     w.scales = backend.upload(HostTensor{scales.data(), DType::kF16, {rows, groups}}, DType::kF16);
     w.group_size = group;
+    backend.prepare_linear(w);
     return w;
   }
   const bool fp8 = quant_.method == QuantMethod::kFp8;
@@ -152,6 +155,7 @@ absl::StatusOr<LinearWeight> SyntheticSource::linear(const std::vector<LinearPar
   backend.fill_random_bits(w.weight, seed);
   const std::vector<float> scales(static_cast<size_t>(rows), scale_for(mean_square));
   w.scales = backend.upload(HostTensor{scales.data(), DType::kF32, {rows}}, DType::kF32);
+  backend.prepare_linear(w);
   return w;
 }
 

@@ -69,6 +69,13 @@ struct LinearWeight {
   Tensor g_idx;   // kInt4: I32 [K] group of each input feature, or empty: group = k / group_size
   int64_t group_size = 0;  // kInt4: input features per group (K when there is one group)
   Tensor input_scale;      // kFp8: F32 [1] static activation scale, or empty (dynamic per token)
+  // Set by a backend's prepare_linear when it keeps the weight in a layout of its own (the CUDA
+  // backend: kernels/quant_gemm.cu's tensor-core layout for INT4 and INT8). `weight` then holds
+  // that layout (same dtype, shape and bytes), INT4 `scales` its U8 [num_groups, 3 N] scale and
+  // zero-point pairs, `zeros` and `g_idx` are released and `mma_perm` (I32 [K]) is the input order
+  // of an act-order weight. Only that backend reads such a weight.
+  bool mma_layout = false;
+  Tensor mma_perm;
 
   int64_t in_features() const { return format == WeightFormat::kInt4 ? weight.dim(1) * 8 : weight.dim(1); }
   int64_t out_features() const { return weight.dim(0); }
@@ -177,6 +184,9 @@ class Backend {
   // In/out residual: residual += x, then out = rmsnorm(residual).
   virtual void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps,
                            Tensor& out) = 0;
+  // Called once per quantized weight after loading: the backend may rewrite it into the layout its
+  // kernels read (LinearWeight::mma_layout). The values it stands for do not change.
+  virtual void prepare_linear(LinearWeight& w) { (void)w; }
   // out[T, N] = x[T, K] * W^T; `out` may be FP32 even when activations are 16-bit (logits).
   virtual void linear(const Tensor& x, const LinearWeight& w, Tensor& out) = 0;
   // qkv [T, (Hq + 2 * Hkv) * D] is the fused projection: per token Hq query heads, then Hkv key

@@ -368,7 +368,60 @@ kernels::QuantWeightView quant_view(const LinearWeight& w) {
   return v;
 }
 
+kernels::QuantMmaView mma_view(const LinearWeight& w, DType activations) {
+  kernels::QuantMmaView v;
+  v.format = w.format == WeightFormat::kInt4 ? kernels::QuantFormat::kInt4 : kernels::QuantFormat::kInt8;
+  v.packed = w.weight.data;
+  v.scales = w.scales.data;
+  v.perm = w.mma_perm.empty() ? nullptr : w.mma_perm.as<int32_t>();
+  v.n = w.out_features();
+  v.k = w.in_features();
+  v.group_size = w.group_size;
+  v.num_groups = w.format == WeightFormat::kInt4 ? w.scales.dim(0) : 0;
+  v.dtype = activations;
+  return v;
+}
+
 }  // namespace
+
+void CudaBackend::prepare_linear(LinearWeight& w) {
+  if (w.mma_layout || (w.format != WeightFormat::kInt4 && w.format != WeightFormat::kInt8)) return;
+  const DType act = activation_dtype();
+  if (act != DType::kBF16 && act != DType::kF16) return;  // FP32 activations: the canonical kernels
+  const kernels::QuantWeightView v = quant_view(w);
+  if (!kernels::quant_mma_supported(v, 1, act)) return;
+  const bool int4 = w.format == WeightFormat::kInt4;
+  Tensor perm;
+  if (int4 && !w.g_idx.empty()) {
+    std::vector<int32_t> g_idx(static_cast<size_t>(v.k));
+    check(cudaMemcpyAsync(g_idx.data(), w.g_idx.data, g_idx.size() * 4, cudaMemcpyDeviceToHost, stream_),
+          "cudaMemcpy(g_idx)");
+    wait_stream();
+    const auto order = kernels::int4_act_order_permutation(g_idx, w.group_size);
+    if (!order) return;  // groups that are not group_size inputs each: the canonical kernels
+    bool identity = true;
+    for (size_t p = 0; p < order->size() && identity; ++p) identity = (*order)[p] == static_cast<int32_t>(p);
+    if (!identity) perm = upload(HostTensor{order->data(), DType::kI32, {v.k}}, DType::kI32);
+  }
+  Tensor packed = empty(w.weight.shape, w.weight.dtype);
+  Tensor scale_zero;
+  if (int4) scale_zero = empty({v.num_groups, 3 * v.n}, DType::kU8);
+  check(kernels::quant_mma_repack(v, perm.empty() ? nullptr : perm.as<int32_t>(), act, packed.data,
+                                  int4 ? scale_zero.data : nullptr, stream_), "quant_mma_repack");
+  wait_stream();
+  // The canonical tensors are freed with their last reference, here.
+  size_t released = w.weight.nbytes();
+  w.weight = std::move(packed);
+  if (int4) {
+    released += w.scales.nbytes() + w.zeros.nbytes() + w.g_idx.nbytes();
+    w.scales = std::move(scale_zero);
+    w.zeros = Tensor();
+    w.g_idx = Tensor();
+  }
+  persistent_bytes_ -= std::min(released, persistent_bytes_);
+  w.mma_perm = std::move(perm);
+  w.mma_layout = true;
+}
 
 // cuBLASLt's first heuristic answer is often not its fastest kernel for decode shapes (a few
 // tokens against a large weight), where the choice of split-K decides whether the GPU is filled.
@@ -485,7 +538,11 @@ void CudaBackend::quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t
     persistent_bytes_ += bytes - dequant_bytes_;
     dequant_bytes_ = bytes;
   }
-  check(kernels::dequantize(v, dequant_, x.dtype, stream_), "dequantize");
+  if (w.mma_layout) {
+    check(kernels::quant_mma_dequantize(mma_view(w, x.dtype), dequant_, stream_), "quant_mma_dequantize");
+  } else {
+    check(kernels::dequantize(v, dequant_, x.dtype, stream_), "dequantize");
+  }
   gemm(dequant_, x.dtype, x.data, tokens, v.n, v.k, out.data, out.dtype);
 }
 
@@ -494,6 +551,14 @@ void CudaBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
   const int64_t n_out = w.out_features();
   const int64_t tokens = x.numel() / k;
   if (tokens == 0) return;
+  if (w.mma_layout && tokens <= kernels::kMaxQuantMmaTokens) {
+    const kernels::QuantMmaView v = mma_view(w, x.dtype);
+    const size_t mark = arena_used_;  // the permuted activations of an act-order weight, this call only
+    void* x_permuted = v.perm != nullptr ? scratch({tokens, k}, x.dtype).data : nullptr;
+    check(kernels::quant_mma_gemm(v, x.data, tokens, out.data, out.dtype, x_permuted, stream_), "quant_mma_gemm");
+    arena_used_ = mark;
+    return;
+  }
   if (w.format != WeightFormat::kDense) {
     // The quantized GEMV reads 2-4x fewer bytes than a 16-bit one for the same work, so it stays
     // ahead of the dequantize-and-GEMM path up to its largest batch.

@@ -60,6 +60,10 @@ class CudaBackend final : public Backend {
   void embedding(const Tensor& ids, const Tensor& table, int64_t vocab_start, Tensor& out) override;
   void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
   void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor& out) override;
+  // INT4 and INT8 weights whose shapes the tensor-core kernels take (N % 16, K % 64, INT4 groups
+  // of a multiple of 16, act-order whose groups can be made contiguous) are repacked into their
+  // layout (kernels/quant_gemm.cu), in place of the canonical one: no extra memory once loaded.
+  void prepare_linear(LinearWeight& w) override;
   void linear(const Tensor& x, const LinearWeight& w, Tensor& out) override;
   void rope_and_store_kv(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
                          const Tensor& slot_mapping, KvLayer& cache) override;
