@@ -95,26 +95,44 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
-// INT8 or FP8 weights, one scale per row. K % 16 == 0.
+// INT8 or FP8 weights, one scale per row. K % 16 == 0. As the 16-bit GEMV (gemv.cu): the first
+// weights are requested before the programmatic-dependent-launch wait (weights never change), and
+// the loop is unrolled so that a warp keeps several 16-byte vectors in flight.
 template <typename T, typename OutT, int NT, bool kFp8>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     w8_gemv_kernel(const T* __restrict__ x, QuantWeightView w, OutT* __restrict__ y) {
+  pdl_trigger();
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (row >= w.n) return;
   const int64_t k_all = w.k;
-  const auto* vecs = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w.weight) + row * k_all);
+  const auto* vecs = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w.weight) + min(row, w.n - 1) * k_all);
+  const int64_t n_vecs = k_all / 16;
+  constexpr int kPre = 2;
+  uint4 pre[kPre];
+#pragma unroll
+  for (int u = 0; u < kPre; ++u) {
+    if (lane + u * 32 < n_vecs) pre[u] = __ldcs(vecs + lane + u * 32);
+  }
+  pdl_wait();
+  if (row >= w.n) return;
   float acc[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-#pragma unroll 2
-  for (int64_t v = lane; v < k_all / 16; v += 32) {
-    const uint4 packed = __ldcs(vecs + v);
+  auto consume = [&](const uint4& packed, int64_t v) {
     const auto* bytes = reinterpret_cast<const uint8_t*>(&packed);
     float wf[16];
+    if constexpr (kFp8) {
+      const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&packed);
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      wf[j] = kFp8 ? fp8_to_f32(bytes[j]) : static_cast<float>(static_cast<int8_t>(bytes[j]));
+      for (int j = 0; j < 8; ++j) {
+        const __half2 h(__nv_cvt_fp8x2_to_halfraw2(pairs[j], __NV_E4M3));
+        const float2 f = __half22float2(h);
+        wf[2 * j] = f.x;
+        wf[2 * j + 1] = f.y;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) wf[j] = static_cast<float>(static_cast<int8_t>(bytes[j]));
     }
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -126,7 +144,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[t] += wf[8 + j] * xf[j];
     }
+  };
+#pragma unroll
+  for (int u = 0; u < kPre; ++u) {
+    if (lane + u * 32 < n_vecs) consume(pre[u], lane + u * 32);
   }
+#pragma unroll 4
+  for (int64_t v = lane + kPre * 32; v < n_vecs; v += 32) consume(__ldcs(vecs + v), v);
   const float scale = static_cast<const float*>(w.scales)[row];
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
@@ -147,9 +171,9 @@ cudaError_t launch_gemv(const QuantWeightView& w, const void* x, int64_t tokens,
     if (w.format == QuantFormat::kInt4) {                                                                       \
       int4_gemv_kernel<T, OutT, NT><<<grid, block, 0, stream>>>(xs, w, ys);                                      \
     } else if (w.format == QuantFormat::kInt8) {                                                                \
-      w8_gemv_kernel<T, OutT, NT, false><<<grid, block, 0, stream>>>(xs, w, ys);                                 \
+      return launch_pdl(w8_gemv_kernel<T, OutT, NT, false>, grid, block, 0, stream, xs, w, ys);                  \
     } else {                                                                                                     \
-      w8_gemv_kernel<T, OutT, NT, true><<<grid, block, 0, stream>>>(xs, w, ys);                                  \
+      return launch_pdl(w8_gemv_kernel<T, OutT, NT, true>, grid, block, 0, stream, xs, w, ys);                   \
     }                                                                                                            \
     break;
     SHARDSERVE_QGEMV_CASE(1) SHARDSERVE_QGEMV_CASE(2) SHARDSERVE_QGEMV_CASE(3) SHARDSERVE_QGEMV_CASE(4)
