@@ -108,10 +108,11 @@ cudaError_t quant_gemv(const QuantWeightView& w, const void* x, int64_t tokens, 
                        cudaStream_t stream);
 // out [N, K] (dtype T) = the dequantized weight, for a 16-bit GEMM at larger batches. K % 8 == 0.
 cudaError_t dequantize(const QuantWeightView& w, void* out, DType dtype, cudaStream_t stream);
-// INT4 and INT8 weights on tensor cores for 1..kMaxQuantMmaTokens tokens (kernels/quant_gemm.cu
-// says how): the weight repacked once by quant_mma_repack from the canonical view above into
-// `packed` (quant_mma_packed_bytes) and, for INT4, `scale_zero` (int4_mma_scale_zero_bytes), for
-// one activation dtype. Needs N % 16 == 0 and K % 64 == 0; INT4 a group size that is a multiple of
+// INT4, INT8 and FP8 weights on tensor cores for 1..kMaxQuantMmaTokens tokens, activations 16-bit
+// (kernels/quant_gemm.cu says how): INT4/INT8 repacked once by quant_mma_repack from the canonical
+// view above into `packed` (quant_mma_packed_bytes) and, for INT4, `scale_zero`
+// (int4_mma_scale_zero_bytes), for one activation dtype; FP8 read in place (packed = the canonical
+// E4M3 [N, K], scales its F32 [N]). Needs N % 16 == 0 and K % 64 == 0; INT4 a group size that is a multiple of
 // 16. INT4 act-order: `perm` from int4_act_order_permutation (null when the groups are already
 // contiguous), and the caller's buffer of tokens x K activations for quant_mma_gemm to permute x
 // into.
@@ -119,7 +120,7 @@ constexpr int64_t kMaxQuantMmaTokens = 128;
 struct QuantMmaView {
   QuantFormat format = QuantFormat::kInt4;
   const void* packed = nullptr;
-  const void* scales = nullptr;  // INT4: the repacked scale_zero; INT8: the canonical F32 [N]
+  const void* scales = nullptr;  // INT4: the repacked scale_zero; INT8/FP8: the canonical F32 [N]
   const int32_t* perm = nullptr;
   int64_t n = 0;
   int64_t k = 0;
@@ -148,14 +149,22 @@ std::optional<std::vector<int32_t>> int4_act_order_permutation(std::span<const i
 cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DType dtype, void* packed,
                              void* scale_zero, cudaStream_t stream);
 // y [T, N] (out_dtype: the activation type or F32) = x [T, K] * W^T. config: null for
-// quant_mma_config's choice.
+// quant_mma_choice's.
 cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,
                            void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config = nullptr);
 // out [N, K] (w.dtype, the checkpoint's input order) = the weight the kernel multiplies with: for
 // steps of more than kMaxQuantMmaTokens, a 16-bit GEMM.
 cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t stream);
 int quant_mma_token_tiles(int64_t tokens);
+// The configuration measured best on an H200 for this shape (a fallback when not tuned).
 QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k);
+// Times every configuration on this GPU for the weight's shape at 8, 16, 32, 64 and 128 tokens
+// (the weight flushed from the L2 before each run, as in a model's step) and remembers the fastest
+// per GPU, format, activation type and shape, as cuBLASLt's tuning does; once per shape, with its
+// own buffers (a few MB, freed), synchronizing `stream`; does nothing inside a graph capture.
+cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream);
+// The tuned configuration for `tokens` on this shape, else quant_mma_config's.
+QuantMmaConfig quant_mma_choice(const QuantMmaView& w, int64_t tokens);
 std::vector<QuantMmaConfig> quant_mma_configs();
 
 // FP8 activations for W8A8: per row of x [rows, K] (T), scale = max|x| / 448, or *static_scale when

@@ -1,6 +1,11 @@
-// Weight-only quantized linear layers on tensor cores, INT4 (AWQ, GPTQ, act-order included) and
-// INT8 (one scale per output row), for 1 to 128 tokens: y[T, N] = x[T, K] * dequant(W)^T, the
-// weight dequantized in registers, never in memory.
+// Weight-only quantized linear layers on tensor cores, INT4 (AWQ, GPTQ, act-order included), INT8
+// and FP8 E4M3 (one scale per output row), for 1 to 128 tokens: y[T, N] = x[T, K] * dequant(W)^T,
+// the weight dequantized in registers, never in memory.
+//
+// FP8 needs no repack: a lane's 16 bytes of row g and of row g + 8 at inputs kb * 64 + 16c are
+// word for word the INT8 layout's two runs (step s = word s of each row), so the kernel reads the
+// checkpoint's row-major bytes directly (whole 32-byte sectors, four lanes per 64-byte segment)
+// and the same weight serves cuBLASLt's W8A8 at larger batches.
 //
 // Why this shape. At decode batches a quantized layer is a stream of packed weights: the win over
 // 16 bits is 4x (2x) fewer bytes, and it is lost as soon as the dequantization costs more
@@ -30,6 +35,13 @@
 // bytes per group and row. The weight is therefore (q - z) * s with s rounded to the activation
 // type and one rounding of the product, where the CPU oracle multiplies by the FP32 scale: a
 // relative difference of at most 2^-8 per weight (BF16), inside the BF16 tolerance of the tests. Any group size that is a multiple of 16 works (a lane's 16 inputs share a group).
+// INT4 whose groups are whole 64-wide blocks (AWQ/GPTQ's 128), up to 32 tokens (kGroupScaled):
+// the mma multiplies the codes as bias + q as they are, a second mma per k-step with an A of ones
+// sums each token's activations, and when a group ends acc += (sum - (bias + z) * xsum) * scale in
+// FP32: one LOP3 (and a shift) per two weights instead of four operations, which is what bounds
+// INT4 at a few tokens (it ran at INT8's time per block, half of INT8's bandwidth), and the scale
+// stays FP32 after the product. The sums of (bias + q) * x are up to ~10x (BF16; ~70x for F16's
+// bias) the result, so FP32 keeps 17+ bits through the subtraction.
 // Act-order (GPTQ desc_act): the inputs are permuted at load so that each group's inputs are
 // contiguous (int4_act_order_permutation), and the activations are permuted the same way by one
 // small gather before the product (the caller provides its buffer).
@@ -47,10 +59,17 @@
 // kStageX (with kWarpsK = 1), the CTA stages each 64-wide block of the activations in shared
 // memory (cp.async, two buffers, 16-byte chunks XOR-swizzled by row so that a warp's fragment
 // loads hit 32 different banks) and every warp reads its B fragments from there. Each warp keeps kDepth blocks of weights (and,
-// for up to 32 tokens, of activations) in flight in registers; the first ones are requested before
-// the programmatic-dependent-launch wait, as the weights are never written by another kernel.
+// for up to 32 tokens, of activations) in flight in registers, or, for deeper pipelines, in a ring
+// in shared memory that each lane fills with cp.async and reads back itself (INT4 at a few tokens
+// reads half the bytes of INT8 per instruction, so it needs twice the blocks in flight to reach
+// the same bandwidth: measured 0.55 vs 0.92 of the copy bandwidth at equal register depth); the
+// first ones are requested before the programmatic-dependent-launch wait, as the weights are never
+// written by another kernel.
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <numeric>
 
 #include "kernels/common.cuh"
@@ -84,6 +103,13 @@ __device__ __forceinline__ To bits_as(const From& from) {
   return to;
 }
 
+__device__ __forceinline__ void lds128(uint4& v, uint32_t addr) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+}
+
 // Half `high` of a pair of 16-bit values in both halves.
 __device__ __forceinline__ uint32_t both_halves(uint32_t pair, bool high) {
   return __byte_perm(pair, 0, high ? 0x3232 : 0x1010);
@@ -110,32 +136,67 @@ __device__ __forceinline__ uint32_t int8_pair(uint32_t biased, int h) {
   }
 }
 
+// E4M3 bytes 2h, 2h + 1 of `word` as the pair (w0, w1), exactly: the exponent and mantissa bits
+// moved into the 16-bit type's (sign apart), then one multiply by the difference of the exponent
+// biases (2^120 for BF16, 2^8 for F16), which also gets the subnormals right. NaN is not handled
+// (checkpoints do not hold it).
+template <typename T>
+__device__ __forceinline__ uint32_t fp8_pair(uint32_t word, int h) {
+  const uint32_t p = __byte_perm(word, 0, h == 0 ? 0x4140 : 0x4342);  // byte 2h, 0, byte 2h + 1, 0
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const uint32_t bits = ((p & 0x007F007Fu) << (kBf16 ? 4 : 7)) | ((p & 0x00800080u) << 8);
+  const uint32_t bias = kBf16 ? 0x7B807B80u : 0x5C005C00u;
+  return bits_as<uint32_t>(__hmul2(bits_as<Pair<T>>(bits), bits_as<Pair<T>>(bias)));
+}
+
 template <QuantFormat kFormat>
 struct Packing {
   static constexpr int kVecs = kFormat == QuantFormat::kInt4 ? 1 : 2;  // 16-byte loads per lane per block
 };
 
-// Dynamic shared memory of a configuration: the staged activations' two buffers, reused after the
-// loop for the warps' partial sums (+1 column: a warp's fragment writes spread over the banks).
-constexpr size_t quant_mma_smem_bytes(int nt, int mt, int warps_n, int warps_k, bool stage_x) {
+// Above this many blocks in flight per warp, they wait in a shared-memory ring rather than in
+// registers (see the kernel).
+constexpr int kMaxRegisterDepth = 4;
+
+// INT4 with groups of whole 64-wide blocks, up to this many token tiles: the mma multiplies the
+// codes (bias + q) and the zero point and scale are applied to each group's FP32 sums (see the
+// kernel); above, the group accumulators would cost more registers than the saved instructions.
+constexpr int kMaxGroupScaledTiles = 4;
+
+// 16-byte chunks per lane in one slot of a warp's ring: the weights, then two per token tile.
+constexpr int ring_chunks(int nt, int mt, int vecs) { return mt * vecs + 2 * nt; }
+
+// Dynamic shared memory of a configuration: the staged activations' two buffers or the warps'
+// rings, reused after the loop for the warps' partial sums (+1 column: a warp's fragment writes
+// spread over the banks).
+constexpr size_t quant_mma_smem_bytes(int nt, int mt, int warps_n, int warps_k, int depth, bool stage_x, int vecs) {
   const size_t partial = static_cast<size_t>(warps_n) * warps_k * (mt * 16) * (nt * 8 + 1) * sizeof(float);
   const size_t staged = stage_x ? 2 * static_cast<size_t>(nt * 8) * kBlockK * 2 : 0;
-  return partial > staged ? partial : staged;
+  const size_t ring = depth > kMaxRegisterDepth
+                          ? static_cast<size_t>(warps_n) * warps_k * depth * ring_chunks(nt, mt, vecs) * 32 * 16
+                          : 0;
+  return std::max({partial, staged, ring});
 }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX>
+          bool kStageX, bool kGroupScaled>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
                      const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
                      int group_size, OutT* __restrict__ y) {
   constexpr bool kInt4 = kFormat == QuantFormat::kInt4;
+  constexpr bool kFp8 = kFormat == QuantFormat::kFp8;
   constexpr int kVecs = Packing<kFormat>::kVecs;
   // Up to 32 tokens the activations of the blocks in flight fit in registers beside the weights;
   // above, each block's activations are loaded as it is computed (they are L2-resident).
   static_assert(!kStageX || kWarpsK == 1, "staged activations: every warp walks the same blocks");
-  constexpr bool kPrefetchX = NT <= 4 && !kStageX;
-  constexpr int kXSlots = kPrefetchX ? NT : 1;
+  // Deep pipelines: each lane copies its own weight and activation chunks of the blocks ahead into
+  // its warp's ring in shared memory (cp.async, one group per block) and reads back only what it
+  // wrote, so no barrier is needed and the bytes in flight cost no registers.
+  constexpr bool kRing = kDepth > kMaxRegisterDepth;
+  static_assert(!kRing || !kStageX, "the ring carries its own activations");
+  constexpr bool kPrefetchX = NT <= 4 && !kStageX && !kRing;
+  constexpr int kXSlots = kPrefetchX || kRing ? NT : 1;
   constexpr int kXStageBytes = NT * 8 * kBlockK * 2;
   extern __shared__ __align__(128) uint8_t smem[];
   pdl_trigger();
@@ -152,16 +213,26 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   const int kb_end = (wk + 1) * kb_all / kWarpsK;
   const auto* scale_pairs = static_cast<const uint32_t*>(scales);  // INT4; INT8: F32 [N]
 
-  uint4 wq[kDepth][kMT][kVecs];
+  constexpr int kRegDepth = kRing ? 1 : kDepth;
+  uint4 wq[kRegDepth][kMT][kVecs];
   uint2 sz[kDepth][kMT];
-  uint4 xq[kDepth][kXSlots][2];
+  uint4 xq[kRegDepth][kXSlots][2];
+  // The 16 bytes a lane takes of a block: packed (run v of its row tile), or, FP8, the
+  // checkpoint's row-major bytes themselves (v = 0: row g, 1: row g + 8, at inputs kb * 64 + 16c;
+  // four lanes read each 64-byte row segment, whole sectors).
+  auto weight_at = [&](int mt, int kb, int v) -> const uint4* {
+    if constexpr (kFp8) {
+      const size_t row = static_cast<size_t>(mt0 + mt) * 16 + g + 8 * v;
+      return reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(packed) + row * k + kb * kBlockK + 16 * c);
+    } else {
+      return packed + ((static_cast<size_t>(mt0 + mt) * kb_all + kb) * kVecs + v) * 32 + lane;
+    }
+  };
   auto load_weights = [&](int kb, uint4 (&w)[kMT][kVecs], uint2 (&s)[kMT]) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int v = 0; v < kVecs; ++v) {
-        w[mt][v] = __ldcs(packed + ((static_cast<size_t>(mt0 + mt) * kb_all + kb) * kVecs + v) * 32 + lane);
-      }
+      for (int v = 0; v < kVecs; ++v) w[mt][v] = __ldcs(weight_at(mt, kb, v));
       if constexpr (kInt4) {
         const int group = (kb * kBlockK + 16 * c) / group_size;
         const size_t at = (static_cast<size_t>(group) * m_tiles + mt0 + mt) * 8 + g;
@@ -181,7 +252,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     }
   };
 
+  static_assert(!kGroupScaled || kInt4, "group scaling after the product: INT4");
   float acc[kMT][NT][4];
+  // kGroupScaled: this group's sums of (bias + q) * x, and of x per token (an mma with an A of
+  // ones), folded into acc with the zero point and the FP32 scale when the group ends.
+  constexpr int kGMT = kGroupScaled ? kMT : 1, kGNT = kGroupScaled ? NT : 1;
+  float gacc[kGMT][kGNT][4];
+  float xsum[kGNT][4];
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -190,6 +267,41 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
       for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.0f;
     }
   }
+  auto clear_group = [&]() {
+#pragma unroll
+    for (int j = 0; j < kGNT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        xsum[j][i] = 0.0f;
+#pragma unroll
+        for (int mt = 0; mt < kGMT; ++mt) gacc[mt][j][i] = 0.0f;
+      }
+    }
+  };
+  clear_group();
+  // The end of a group (or of this warp's blocks) after block kb: acc += (gacc - (bias + z) *
+  // xsum) * scale, per row (c0, c1: row g; c2, c3: row g + 8).
+  const int group_blocks = kGroupScaled ? group_size / kBlockK : 1;
+  auto end_group = [&](int kb, const uint2 (&s)[kMT]) {
+    if constexpr (kGroupScaled) {
+      if ((kb + 1) % group_blocks != 0 && kb + 1 != kb_end) return;
+      constexpr float kBias = std::is_same_v<T, __half> ? 1024.0f : 128.0f;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const Pair<T> sp = bits_as<Pair<T>>(s[mt].x);
+        const float scale[2] = {__low2float(sp), __high2float(sp)};
+        const float zb[2] = {kBias + static_cast<float>(s[mt].y & 0xFFu), kBias + static_cast<float>(s[mt].y >> 8)};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            acc[mt][j][i] = fmaf(fmaf(-zb[i / 2], xsum[j][i], gacc[mt][j][i]), scale[i / 2], acc[mt][j][i]);
+          }
+        }
+      }
+      clear_group();
+    }
+  };
 
   // Staged: block kb's activations in buffer kb % 2, row r's 16-byte chunk ch at ch ^ (r % 8).
   auto stage_x = [&](int kb) {
@@ -207,7 +319,17 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     uint32_t a[kMT][4][4];
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
-      if constexpr (kInt4) {
+      if constexpr (kGroupScaled) {
+        // bias + q exactly (the zero point and the scale come after the product).
+        const uint32_t words[4] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w};
+#pragma unroll
+        for (int step = 0; step < 4; ++step) {
+          a[mt][step][0] = (words[step] & 0x000F000Fu) | Int4Bias<T>::kPair;
+          a[mt][step][1] = ((words[step] >> 4) & 0x000F000Fu) | Int4Bias<T>::kPair;
+          a[mt][step][2] = ((words[step] >> 8) & 0x000F000Fu) | Int4Bias<T>::kPair;
+          a[mt][step][3] = ((words[step] >> 12) & 0x000F000Fu) | Int4Bias<T>::kPair;
+        }
+      } else if constexpr (kInt4) {
         // (bias + z) in both halves: the zero byte is the low mantissa bits, as for the codes.
         const uint32_t scale_lo = both_halves(s[mt].x, false), scale_hi = both_halves(s[mt].x, true);
         const uint32_t zero_lo = (s[mt].y & 0xFFu) * 0x00010001u | Int4Bias<T>::kPair;
@@ -219,6 +341,17 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
           a[mt][step][1] = dequant2<T>(words[step] >> 4, zero_hi, scale_hi);
           a[mt][step][2] = dequant2<T>(words[step] >> 8, zero_lo, scale_lo);
           a[mt][step][3] = dequant2<T>(words[step] >> 12, zero_hi, scale_hi);
+        }
+      } else if constexpr (kFp8) {
+        // Word s of row g (vector 0) and of row g + 8 (vector 1): step s's 4 bytes of each row.
+        const uint32_t lo[4] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w};
+        const uint32_t hi[4] = {w[mt][1].x, w[mt][1].y, w[mt][1].z, w[mt][1].w};
+#pragma unroll
+        for (int step = 0; step < 4; ++step) {
+          a[mt][step][0] = fp8_pair<T>(lo[step], 0);
+          a[mt][step][1] = fp8_pair<T>(hi[step], 0);
+          a[mt][step][2] = fp8_pair<T>(lo[step], 1);
+          a[mt][step][3] = fp8_pair<T>(hi[step], 1);
         }
       } else {
         // Vector v holds steps 2v and 2v + 1, each as (row g's 4 bytes, row g + 8's 4 bytes).
@@ -238,7 +371,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       uint4 v[2];
-      if constexpr (kPrefetchX) {
+      if constexpr (kPrefetchX || kRing) {
         v[0] = xs[j][0];
         v[1] = xs[j][1];
       } else if constexpr (kStageX) {
@@ -249,14 +382,103 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
         load_x(kb, j, v);
       }
       const uint32_t xw[8] = {v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w};
+      if constexpr (kGroupScaled) {
+        constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;
+        constexpr uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
+        for (int step = 0; step < 4; ++step) mma::mma_16816<T>(xsum[j], ones, xw[2 * step], xw[2 * step + 1]);
 #pragma unroll
-        for (int step = 0; step < 4; ++step) mma::mma_16816<T>(acc[mt][j], a[mt][step], xw[2 * step], xw[2 * step + 1]);
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int step = 0; step < 4; ++step) {
+            mma::mma_16816<T>(gacc[mt][j], a[mt][step], xw[2 * step], xw[2 * step + 1]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int step = 0; step < 4; ++step) mma::mma_16816<T>(acc[mt][j], a[mt][step], xw[2 * step], xw[2 * step + 1]);
+        }
       }
     }
   };
 
+  constexpr int kChunks = ring_chunks(NT, kMT, kVecs);
+  const uint32_t ring = mma::smem_addr(smem) + static_cast<uint32_t>(warp * kDepth * kChunks * 512);
+  // Slot `slot`'s chunk `chunk` of this lane (chunk-major: a warp's 16-byte accesses are contiguous).
+  auto ring_at = [&](int slot, int chunk) { return ring + static_cast<uint32_t>(((slot * kChunks + chunk) * 32 + lane) * 16); };
+  auto ring_weights = [&](int kb, int slot) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int v = 0; v < kVecs; ++v) mma::cp_async16(ring_at(slot, mt * kVecs + v), weight_at(mt, kb, v), true);
+      if constexpr (kInt4) {
+        const int group = (kb * kBlockK + 16 * c) / group_size;
+        const size_t at = (static_cast<size_t>(group) * m_tiles + mt0 + mt) * 8 + g;
+        sz[slot][mt] = make_uint2(__ldg(scale_pairs + at), __ldg(zero_pairs + at));
+      }
+    }
+  };
+  auto ring_x = [&](int kb, int slot) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int token = 8 * j + g;
+      const bool valid = token < tokens;
+      const T* src = x + static_cast<size_t>(valid ? token : 0) * k + kb * kBlockK + 16 * c;
+      mma::cp_async16(ring_at(slot, kMT * kVecs + 2 * j), src, valid);
+      mma::cp_async16(ring_at(slot, kMT * kVecs + 2 * j + 1), src + 8, valid);
+    }
+  };
+  if constexpr (kRing) {
+    // The first blocks' weights before the wait (one group each), their activations after it (one
+    // group); the loop's first wait takes them all.
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      if (kb_begin + d < kb_end) ring_weights(kb_begin + d, d);
+      mma::cp_async_commit();
+    }
+    pdl_wait();
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      if (kb_begin + d < kb_end) ring_x(kb_begin + d, d);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+    for (int kb = kb_begin; kb < kb_end; kb += kDepth) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        if (kb + d < kb_end) {
+          // Block kb + d is complete once at most kDepth - 1 later groups are pending.
+          mma::cp_async_wait<kDepth - 1>();
+          uint4 w[kMT][kVecs];
+          uint2 sc[kMT];
+          uint4 xs[kXSlots][2];
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+            for (int v = 0; v < kVecs; ++v) lds128(w[mt][v], ring_at(d, mt * kVecs + v));
+            sc[mt] = sz[d][mt];
+          }
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            lds128(xs[j][0], ring_at(d, kMT * kVecs + 2 * j));
+            lds128(xs[j][1], ring_at(d, kMT * kVecs + 2 * j + 1));
+          }
+          compute(kb + d, w, sc, xs);
+          end_group(kb + d, sc);
+          // The slot is free once computed with (its values are in registers): refill it.
+          const int ahead = kb + d + kDepth;
+          if (ahead < kb_end) {
+            ring_weights(ahead, d);
+            ring_x(ahead, d);
+          }
+          mma::cp_async_commit();
+        }
+      }
+    }
+    mma::cp_async_wait<0>();
+  } else {
 #pragma unroll
   for (int d = 0; d < kDepth; ++d) {
     if (kb_begin + d < kb_end) load_weights(kb_begin + d, wq[d], sz[d]);
@@ -306,9 +528,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
           __syncthreads();
         }
         compute(kb + d, w, s, xs);
+        end_group(kb + d, s);
         if constexpr (kStageX) __syncthreads();  // this buffer is refilled two blocks on
       }
     }
+  }
   }
 
   // INT8: the row's scale, applied to the FP32 sum.
@@ -474,10 +698,12 @@ __global__ void permute_columns_kernel(const T* __restrict__ x, int64_t rows, in
 unsigned blocks_of(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX>
+          bool kStageX, bool kGroupScaled>
 cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
-  constexpr auto kernel = quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX>;
-  constexpr size_t smem = quant_mma_smem_bytes(NT, kMT, kWarpsN, kWarpsK, kStageX);
+  constexpr auto kernel = quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupScaled>;
+  constexpr size_t smem =
+      quant_mma_smem_bytes(NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, Packing<kFormat>::kVecs);
+  static_assert(smem <= 163 * 1024, "an A100 gives a CTA at most 163 KB of shared memory");
   if constexpr (smem > 48 * 1024) {
     if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
   }
@@ -493,14 +719,26 @@ cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, voi
 }
 
 // The instantiated configurations: {tokens per CTA / 8, row tiles per warp, warps splitting N,
-// warps splitting K, blocks in flight per warp, activations staged in shared memory}.
+// warps splitting K, blocks in flight per warp (above kMaxRegisterDepth in a shared-memory ring),
+// activations staged in shared memory}. Every one fits an A100's 163 KB of shared memory per CTA.
 // quant_mma_config() picks among them; the harness times them all.
 #define SHARDSERVE_QUANT_MMA_CONFIGS(X) \
   X(1, 1, 1, 8, 4, false)               \
   X(1, 1, 1, 4, 4, false)               \
   X(1, 2, 1, 8, 2, false)               \
+  X(1, 2, 1, 8, 4, false)               \
+  X(1, 2, 1, 4, 4, false)               \
+  X(1, 4, 1, 8, 2, false)               \
+  X(1, 4, 1, 4, 2, false)               \
+  X(1, 1, 1, 8, 8, false)               \
+  X(1, 1, 1, 4, 16, false)              \
+  X(1, 2, 1, 4, 8, false)               \
   X(2, 1, 1, 8, 4, false)               \
   X(2, 1, 1, 4, 4, false)               \
+  X(2, 2, 1, 8, 2, false)               \
+  X(2, 2, 1, 4, 2, false)               \
+  X(2, 4, 1, 4, 2, false)               \
+  X(2, 2, 1, 4, 8, false)               \
   X(4, 1, 1, 8, 2, false)               \
   X(4, 1, 1, 4, 2, false)               \
   X(4, 2, 1, 4, 2, false)               \
@@ -521,10 +759,15 @@ cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, voi
 template <QuantFormat kFormat, typename T, typename OutT>
 cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, const void* x, int64_t tokens, void* y,
                           cudaStream_t stream) {
+  // INT4 whose groups are whole 64-wide blocks, up to 32 tokens: scaled after the product.
+  const bool grouped = kFormat == QuantFormat::kInt4 && w.group_size % kBlockK == 0;
 #define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WN, WK, D, SX)                                             \
   if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.warps_n == WN && cfg.warps_k == WK &&      \
       cfg.depth == D && cfg.stage_x == SX) {                                                         \
-    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX>(w, x, tokens, y, stream);             \
+    if constexpr (kFormat == QuantFormat::kInt4 && NT <= kMaxGroupScaledTiles) {                    \
+      if (grouped) return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, true>(w, x, tokens, y, stream); \
+    }                                                                                                \
+    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, false>(w, x, tokens, y, stream);      \
   }
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_CASE)
 #undef SHARDSERVE_QUANT_MMA_CASE
@@ -549,7 +792,7 @@ cudaError_t launch_format(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
 // multiple of 16 inputs covering K.
 bool layout_supported(QuantFormat format, int64_t n, int64_t k, int64_t group_size, int64_t num_groups) {
   if (n % 16 != 0 || k % kBlockK != 0 || n * k / 4 >= (int64_t{1} << 31)) return false;
-  if (format == QuantFormat::kInt8) return true;
+  if (format == QuantFormat::kInt8 || format == QuantFormat::kFp8) return true;
   return format == QuantFormat::kInt4 && group_size > 0 && group_size % 16 == 0 && num_groups * group_size >= k;
 }
 
@@ -571,14 +814,136 @@ int quant_mma_token_tiles(int64_t tokens) {
   return nt;
 }
 
-// Until measured otherwise: as many warps as the K split allows while each keeps >= 4 blocks, one
-// row tile per CTA (the most CTAs).
+namespace {
+
+// quant_mma_tune's choices: per GPU, format, activation type and shape, one configuration per
+// token bucket (1, 2, 4, 8, 16 tiles of 8 tokens).
+struct TuneKey {
+  int device;
+  QuantFormat format;
+  DType dtype;
+  int64_t n, k;
+  auto operator<=>(const TuneKey&) const = default;
+};
+constexpr int kBuckets = 5;
+std::mutex g_tuned_mu;
+std::map<TuneKey, std::array<QuantMmaConfig, kBuckets>>& tuned_configs() {
+  static auto* table = new std::map<TuneKey, std::array<QuantMmaConfig, kBuckets>>;
+  return *table;
+}
+int bucket_of(int nt) {
+  int b = 0;
+  while ((1 << b) < nt) ++b;
+  return b;
+}
+
+}  // namespace
+
+// Without a tuned choice: the fastest configurations measured on an H200 at Llama 8B/70B shapes
+// (tests/bench/quant_gemm_harness.cu): up to 8 tokens, two row tiles per warp where that still
+// gives every SM more than one CTA, else one with twice the blocks in flight; K split 8 ways while
+// each warp keeps >= 4 blocks.
 QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k) {
   const int nt = quant_mma_token_tiles(tokens);
-  QuantMmaConfig cfg{nt, 1, 1, 4, nt <= 2 ? 4 : 2, false};
-  if (nt <= 4 && k / kBlockK >= 32) cfg.warps_k = 8;
-  (void)n;
-  return cfg;
+  const int warps_k = k / kBlockK >= 32 ? 8 : 4;
+  switch (nt) {
+    case 1:
+      return n >= 6144 ? QuantMmaConfig{1, 2, 1, warps_k, 2, false} : QuantMmaConfig{1, 1, 1, warps_k, 4, false};
+    case 2:
+      return QuantMmaConfig{2, 1, 1, n <= 8192 ? warps_k : 4, 4, false};
+    case 4:
+      return n >= 8192 ? QuantMmaConfig{4, 2, 1, 4, 2, false} : QuantMmaConfig{4, 1, 1, 4, 2, false};
+    case 8:
+      return QuantMmaConfig{8, 2, 1, 4, 2, false};
+    default:
+      return QuantMmaConfig{16, 1, 1, 4, 2, false};
+  }
+}
+
+QuantMmaConfig quant_mma_choice(const QuantMmaView& w, int64_t tokens) {
+  const int nt = quant_mma_token_tiles(tokens);
+  int device = 0;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    std::lock_guard lock(g_tuned_mu);
+    const auto& table = tuned_configs();
+    if (const auto it = table.find(TuneKey{device, w.format, w.dtype, w.n, w.k}); it != table.end()) {
+      return it->second[bucket_of(nt)];
+    }
+  }
+  return quant_mma_config(tokens, w.n, w.k);
+}
+
+cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream) {
+  if (!activations_supported(w.dtype) || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups)) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  const TuneKey key{device, w.format, w.dtype, w.n, w.k};
+  {
+    std::lock_guard lock(g_tuned_mu);
+    if (tuned_configs().contains(key)) return cudaSuccess;
+  }
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (const cudaError_t e = cudaStreamIsCapturing(stream, &capturing); e != cudaSuccess) return e;
+  if (capturing != cudaStreamCaptureStatusNone) return cudaSuccess;  // the heuristic stays
+  int l2 = 0;
+  cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+  const size_t x_bytes = static_cast<size_t>(kMaxQuantMmaTokens * w.k) * 2;
+  const size_t y_bytes = static_cast<size_t>(kMaxQuantMmaTokens * w.n) * 2;
+  const size_t flush_bytes = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
+  void *x = nullptr, *y = nullptr, *x_perm = nullptr, *flush = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  std::array<QuantMmaConfig, kBuckets> best{};
+  auto run = [&]() -> cudaError_t {
+    if (cudaError_t e = cudaMalloc(&x, x_bytes); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaMalloc(&y, y_bytes); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaMalloc(&flush, flush_bytes); e != cudaSuccess) return e;
+    if (w.perm != nullptr) {
+      if (cudaError_t e = cudaMalloc(&x_perm, x_bytes); e != cudaSuccess) return e;
+    }
+    if (cudaError_t e = cudaMemsetAsync(x, 0, x_bytes, stream); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaEventCreate(&start); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaEventCreate(&stop); e != cudaSuccess) return e;
+    const std::vector<QuantMmaConfig> all = quant_mma_configs();
+    for (int b = 0; b < kBuckets; ++b) {
+      const int nt = 1 << b;
+      const int64_t tokens = 8 * nt;
+      float best_ms = 1e30f;
+      best[b] = quant_mma_config(tokens, w.n, w.k);
+      for (const QuantMmaConfig& cfg : all) {
+        // Wider token tiles than the bucket needs can still win (more rows share each activation).
+        if (cfg.token_tiles < nt || cfg.token_tiles > 4 * nt || w.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
+        float ms = 1e30f;
+        for (int rep = 0; rep < 4; ++rep) {
+          // The weight leaves the L2 between runs, as it has in a model's step.
+          if (cudaError_t e = cudaMemsetAsync(flush, rep, flush_bytes, stream); e != cudaSuccess) return e;
+          if (cudaError_t e = cudaEventRecord(start, stream); e != cudaSuccess) return e;
+          if (cudaError_t e = quant_mma_gemm(w, x, tokens, y, w.dtype, x_perm, stream, &cfg); e != cudaSuccess) return e;
+          if (cudaError_t e = cudaEventRecord(stop, stream); e != cudaSuccess) return e;
+          if (cudaError_t e = cudaEventSynchronize(stop); e != cudaSuccess) return e;
+          float t = 0.0f;
+          if (cudaError_t e = cudaEventElapsedTime(&t, start, stop); e != cudaSuccess) return e;
+          if (rep > 0) ms = std::min(ms, t);  // the first run pays the module load
+        }
+        if (ms < best_ms) {
+          best_ms = ms;
+          best[b] = cfg;
+        }
+      }
+    }
+    return cudaSuccess;
+  };
+  const cudaError_t e = run();
+  if (start != nullptr) cudaEventDestroy(start);
+  if (stop != nullptr) cudaEventDestroy(stop);
+  for (void* p : {x, y, x_perm, flush}) {
+    if (p != nullptr) cudaFree(p);
+  }
+  if (e != cudaSuccess) return e;
+  std::lock_guard lock(g_tuned_mu);
+  tuned_configs()[key] = best;
+  return cudaSuccess;
 }
 
 bool quant_mma_supported(const QuantWeightView& w, int64_t tokens, DType x) {
@@ -603,7 +968,8 @@ std::optional<std::vector<int32_t>> int4_act_order_permutation(std::span<const i
 
 cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DType dtype, void* packed,
                              void* scale_zero, cudaStream_t stream) {
-  if (!quant_mma_supported(w, 1, dtype)) return cudaErrorInvalidValue;
+  // FP8 is read in the checkpoint's layout (nothing to repack).
+  if (!quant_mma_supported(w, 1, dtype) || w.format == QuantFormat::kFp8) return cudaErrorInvalidValue;
   if (w.format == QuantFormat::kInt8) {
     int8_repack_kernel<<<blocks_of(w.n * w.k / 4, 256), 256, 0, stream>>>(w, static_cast<uint32_t*>(packed));
     return cudaGetLastError();
@@ -622,8 +988,9 @@ cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DTyp
 }
 
 cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t stream) {
-  if (!activations_supported(w.dtype) || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups)) {
-    return cudaErrorInvalidValue;
+  if (!activations_supported(w.dtype) || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups) ||
+      w.format == QuantFormat::kFp8) {
+    return cudaErrorInvalidValue;  // FP8: the canonical dequantize() reads the same bytes
   }
   const bool int4 = w.format == QuantFormat::kInt4;
   const int64_t words = int4 ? w.n * w.k / 8 : w.n * w.k / 4;
@@ -651,7 +1018,7 @@ cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens,
   if (tokens < 1 || tokens > kMaxQuantMmaTokens || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups)) {
     return cudaErrorInvalidValue;
   }
-  const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_config(tokens, w.n, w.k);
+  const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_choice(w, tokens);
   if (cfg.token_tiles * 8 < tokens || w.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) return cudaErrorInvalidValue;
   if (w.perm != nullptr) {
     if (x_permuted == nullptr || w.format != QuantFormat::kInt4) return cudaErrorInvalidValue;
@@ -669,6 +1036,7 @@ cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens,
   }
   if (w.format == QuantFormat::kInt4) return launch_format<QuantFormat::kInt4>(cfg, w, x, tokens, y, out_dtype, stream);
   if (w.format == QuantFormat::kInt8) return launch_format<QuantFormat::kInt8>(cfg, w, x, tokens, y, out_dtype, stream);
+  if (w.format == QuantFormat::kFp8) return launch_format<QuantFormat::kFp8>(cfg, w, x, tokens, y, out_dtype, stream);
   return cudaErrorInvalidValue;
 }
 

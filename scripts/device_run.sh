@@ -9,7 +9,7 @@
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), then the
 # engine benchmark of synthetic llama-3.1-70b over 2 GPUs.
 # quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
-# copied under $OUT/golden/), the quantized GPU tests, the INT4/INT8 tensor-core GEMM's harness
+# packed into $OUT/golden.tgz), the quantized GPU tests, the INT4/INT8 tensor-core GEMM's harness
 # (if bundled), then the engine benchmark of synthetic llama-3.1-70b in AWQ INT4 and FP8 and the
 # INT4/INT8/FP8 layers against BF16 cuBLASLt.
 set -uo pipefail
@@ -37,28 +37,28 @@ fi
 if [[ $what == quant ]]; then
   timeout -s KILL 90 python3 scripts/make_golden.py tests/data/tiny-quant/*/dequantized >"$OUT/make_golden.log" 2>&1 ||
     { echo "make_golden failed:"; tail -20 "$OUT/make_golden.log"; }
-  for d in tests/data/tiny-quant/*/dequantized; do
-    mkdir -p "$OUT/golden/$d" && cp "$d"/golden* "$OUT/golden/$d/" 2>/dev/null
-  done
+  # One archive (few files come back from a GPU machine): unpack over the checkout to commit them.
+  tar czf "$OUT/golden.tgz" tests/data/tiny-quant/*/dequantized/golden* 2>/dev/null
   SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL "${QUANT_TEST_SECONDS:-240}" dist/bin/gpu_tests --gtest_brief=1 \
-    --gtest_filter='Quant*:TinyQuant/QuantCuda*' 2>&1 | tee "$OUT/gpu_tests_quant.log" | tail -30
-  status=${PIPESTATUS[0]}
+    --gtest_filter="${GTEST_FILTER:-Quant*:TinyQuant/QuantCuda*}" >"$OUT/gpu_tests_quant.log" 2>&1
+  status=$?
+  grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure|\[ cuda quant|\[ fp8" "$OUT/gpu_tests_quant.log" | head -40
   # The INT4/INT8 tensor-core GEMM: every configuration against its CPU reference, then 8B/70B
   # shapes against BF16 cuBLASLt (records on the "record:" lines).
   if [[ -x dist/bin/quant_gemm_harness ]]; then
     timeout -s KILL "${QUANT_GEMM_SECONDS:-300}" dist/bin/quant_gemm_harness >"$OUT/quant_gemm_harness.log" 2>&1 ||
       echo "quant_gemm_harness failed ($?)"
-    sed -n 's/^record: //p' "$OUT/quant_gemm_harness.log" >"$OUT/quant_gemm_ops.jsonl"
     grep -E "^FAIL|^PASS|^int[48] " "$OUT/quant_gemm_harness.log" | head -120
   fi
-  for q in awq fp8; do
+  for q in ${QUANT_FORMATS:-awq fp8}; do
     timeout -s KILL "${QUANT_BENCH_SECONDS:-70}" stdbuf -oL dist/bin/engine_bench --model llama-3.1-70b --quantization "$q" \
-      --batches 1,8,32,64 --steps 10 --prefill 1024 --out "$OUT/engine_bench_$q.jsonl" >"$OUT/engine_bench_$q.log" 2>&1
-    tail -8 "$OUT/engine_bench_$q.log"
+      --batches 1,8,32,64 --steps 10 --prefill 1024 --out "$OUT/engine_bench_quant.jsonl" >"$OUT/engine_bench_$q.log" 2>&1
+    echo "== $q" && tail -7 "$OUT/engine_bench_$q.log"
+    cat "$OUT/engine_bench_$q.log" >>"$OUT/engine_bench_quant.log" && rm "$OUT/engine_bench_$q.log"
   done
   if [[ ${QUANT_MICRO:-0} != 0 ]]; then
-    timeout -s KILL 60 stdbuf -oL dist/bin/engine_bench --model llama-3.1-70b --quant-micro --batches 1 --steps 1 \
-      --out "$OUT/quant_micro.jsonl" >"$OUT/quant_micro.log" 2>&1
+    timeout -s KILL "${QUANT_MICRO_SECONDS:-60}" stdbuf -oL dist/bin/engine_bench --model llama-3.1-70b --quant-micro --batches 1 --steps 1 \
+      --out "$OUT/engine_bench_quant.jsonl" >"$OUT/quant_micro.log" 2>&1
     grep -E "int4|int8|fp8" "$OUT/quant_micro.log" | head -80
   fi
 fi

@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
       std::cerr << "error: " << preset.status() << "\n";
       return 1;
     }
-    auto quant = shardserve::run_quant_op_benchmarks(*preset, bw, {1, 8, 16, 32, 64, 128}, prop.name);
+    auto quant = shardserve::run_quant_op_benchmarks(*preset, bw, {1, 2, 4, 8, 16, 32, 64, 128}, prop.name);
     op_records.insert(op_records.end(), quant.begin(), quant.end());
   }
   const int max_batch = *std::max_element(batches.begin(), batches.end());

@@ -1,9 +1,9 @@
 // Standalone harness for the quantized tensor-core GEMM (kernels/quant_gemm.cu, included whole):
-// every compiled configuration, INT4 and INT8, checked against a double-precision CPU reference of
-// the canonical definitions (kernels.h's QuantWeightView: INT4 (q - zero) * scale per group,
-// act-order g_idx included; INT8 q * scale per row), then timed beside cuBLASLt's best BF16 GEMM
-// of the same shape at Llama-3.1 8B and 70B layer shapes (INT4 group 128 with FP16 scales, as AWQ
-// ships them).
+// every compiled configuration, INT4, INT8 and FP8, checked against a double-precision CPU
+// reference of the canonical definitions (kernels.h's QuantWeightView: INT4 (q - zero) * scale per
+// group, act-order g_idx included; INT8 q * scale and FP8 e4m3(q) * scale per row), then timed
+// beside cuBLASLt's best BF16 GEMM of the same shape at Llama-3.1 8B and 70B layer shapes (INT4
+// group 128 with FP16 scales, as AWQ ships them).
 //
 //   nvcc -std=c++20 -O3 -arch=sm_90a -I. --expt-relaxed-constexpr tests/bench/quant_gemm_harness.cu \
 //        -lcublasLt -o quant_gemm_harness && ./quant_gemm_harness [--no-timing]
@@ -11,13 +11,14 @@
 // Prints the first, a middle and the largest token count of each check (relative error = max
 // |error| / max |y|; the tolerance 1e-2 is the BF16 output's rounding plus, for INT4, the scale's
 // rounding to the activation type, see quant_gemm.cu) and every failure; then per format, shape
-// and token count the best configuration's time, the time of the one quant_mma_config() picks,
+// and token count the best configuration's time, the time of the one quant_mma_tune() picks,
 // cuBLASLt's, the speedup and the fraction of the copy bandwidth (measured in the same run) the
 // packed weights and scales are read at; each timing also as a JSON line starting "record:".
 // Exits non-zero when a check fails.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <random>
 #include <string>
 #include <vector>
@@ -34,14 +35,26 @@ namespace {
 
 int g_failures = 0;
 
-// A canonical INT4 or INT8 weight on the host and on the device, and its repacked form.
+// E4M3 (sign, 4 exponent bits of bias 7, 3 mantissa bits; no infinities) as a double.
+double e4m3(uint8_t b) {
+  const int e = (b >> 3) & 0xF, m = b & 7;
+  const double v = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return (b & 0x80) ? -v : v;
+}
+
+const char* format_name(QuantFormat f) {
+  return f == QuantFormat::kInt4 ? "int4" : f == QuantFormat::kInt8 ? "int8" : "fp8";
+}
+
+// A canonical INT4, INT8 or FP8 weight on the host and on the device, and its repacked form (FP8:
+// read in place).
 struct HostWeight {
   QuantFormat format = QuantFormat::kInt4;
   int64_t n = 0, k = 0, group = 0, groups = 0;
   bool act_order = false, f16_scales = true;
   std::vector<uint32_t> words;   // INT4 [N, K/8]
-  std::vector<int8_t> bytes;     // INT8 [N, K]
-  std::vector<float> scales;     // INT4 [N, G] (the values the device holds), INT8 [N]
+  std::vector<int8_t> bytes;     // INT8 / FP8 [N, K]
+  std::vector<float> scales;     // INT4 [N, G] (the values the device holds), INT8 / FP8 [N]
   std::vector<uint8_t> zeros;    // INT4 [N, G]
   std::vector<int32_t> g_idx;    // INT4 [K] when act_order
   void *d_weight = nullptr, *d_scales = nullptr, *d_zeros = nullptr, *d_g_idx = nullptr;
@@ -49,6 +62,7 @@ struct HostWeight {
 
   double at(int64_t r, int64_t f) const {
     if (format == QuantFormat::kInt8) return bytes[r * k + f] * static_cast<double>(scales[r]);
+    if (format == QuantFormat::kFp8) return e4m3(static_cast<uint8_t>(bytes[r * k + f])) * static_cast<double>(scales[r]);
     const int q = static_cast<int>((words[r * (k / 8) + f / 8] >> (4 * (f % 8))) & 0xF);
     const int64_t i = r * groups + (act_order ? g_idx[f] : f / group);
     return (q - zeros[i]) * static_cast<double>(scales[i]);
@@ -68,7 +82,8 @@ struct HostWeight {
     return v;
   }
   QuantMmaView mma_view(DType dtype) const {
-    return QuantMmaView{format, d_packed, format == QuantFormat::kInt4 ? d_scale_zero : d_scales,
+    return QuantMmaView{format, format == QuantFormat::kFp8 ? d_weight : d_packed,
+                        format == QuantFormat::kInt4 ? d_scale_zero : d_scales,
                         static_cast<const int32_t*>(d_perm), n, k, group, groups, dtype};
   }
   void free_all() {
@@ -90,9 +105,12 @@ HostWeight make_weight(QuantFormat format, int64_t n, int64_t k, int64_t group, 
   w.format = format;
   w.n = n;
   w.k = k;
-  if (format == QuantFormat::kInt8) {
+  if (format != QuantFormat::kInt4) {
     w.bytes.resize(n * k);
-    for (auto& v : w.bytes) v = static_cast<int8_t>(rng() % 256 - 128);
+    for (auto& v : w.bytes) {
+      v = static_cast<int8_t>(rng() % 256 - 128);
+      if (format == QuantFormat::kFp8 && (v & 0x7F) == 0x7F) v = 0;  // E4M3's NaN codes
+    }
     std::uniform_real_distribution<float> s(0.0005f, 0.002f);
     for (int64_t r = 0; r < n; ++r) w.scales.push_back(s(rng));
     w.d_weight = upload(w.bytes);
@@ -132,8 +150,10 @@ HostWeight make_weight(QuantFormat format, int64_t n, int64_t k, int64_t group, 
     }
     CK(cudaMalloc(&w.d_scale_zero, int4_mma_scale_zero_bytes(n, w.groups)));
   }
-  CK(cudaMalloc(&w.d_packed, quant_mma_packed_bytes(format, n, k)));
-  CK(quant_mma_repack(w.view(), static_cast<const int32_t*>(w.d_perm), dtype, w.d_packed, w.d_scale_zero, nullptr));
+  if (format != QuantFormat::kFp8) {
+    CK(cudaMalloc(&w.d_packed, quant_mma_packed_bytes(format, n, k)));
+    CK(quant_mma_repack(w.view(), static_cast<const int32_t*>(w.d_perm), dtype, w.d_packed, w.d_scale_zero, nullptr));
+  }
   return w;
 }
 
@@ -154,7 +174,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t f = 0; f < k; ++f) dense[r * k + f] = w.at(r, f);
   }
-  {  // the dense weight back from the packed layout (the path of steps above 128 tokens)
+  if (format != QuantFormat::kFp8) {  // the dense weight back from the packed layout (steps above 128 tokens)
     void* dd = nullptr;
     CK(cudaMalloc(&dd, n * k * sizeof(T)));
     CK(quant_mma_dequantize(w.mma_view(dtype), dd, nullptr));
@@ -170,7 +190,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
     const bool ok = err / scale < 1e-2;
     g_failures += !ok;
     std::printf("%-4s %s N=%lld K=%lld dequantized from the packed layout: rel error %.2e\n", ok ? "ok" : "FAIL",
-                format == QuantFormat::kInt4 ? "int4" : "int8", (long long)n, (long long)k, err / scale);
+                format_name(format), (long long)n, (long long)k, err / scale);
   }
   const int64_t max_t = kMaxQuantMmaTokens;
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -182,7 +202,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
   CK(cudaMalloc(&dxp, max_t * k * sizeof(T)));
   const int64_t row_step = n > 2048 ? 7 : 1;
   char what[128];
-  std::snprintf(what, sizeof what, "%s %s N=%lld K=%lld", format == QuantFormat::kInt4 ? "int4" : "int8",
+  std::snprintf(what, sizeof what, "%s %s N=%lld K=%lld", format_name(format),
                 dtype == DType::kBF16 ? "bf16" : "f16", (long long)n, (long long)k);
   std::string desc = what;
   if (format == QuantFormat::kInt4) {
@@ -241,7 +261,7 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
     const char* name;
     int64_t n, k;
   };
-  const char* fmt = format == QuantFormat::kInt4 ? "int4" : "int8";
+  const char* fmt = format_name(format);
   std::printf("%-5s %-12s %4s %9s %9s %9s %8s %8s  %s\n", "", "shape", "T", "best us", "pick us", "bf16 us", "speedup",
               "bw", "best config");
   for (const Shape sh : {Shape{"8B qkv", 6144, 4096}, Shape{"8B o", 4096, 4096}, Shape{"8B gate_up", 28672, 4096},
@@ -262,6 +282,8 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
     const int copies16 = std::max<int>(1, static_cast<int>((size_t{256} << 20) / (w_elems * 2)) + 1);
     CK(cudaMalloc(&dw16, w_elems * 2 * copies16));
     CK(cudaMemset(dw16, 0, w_elems * 2 * copies16));
+    // What a served model runs: the configurations quant_mma_tune measures best on this GPU.
+    CK(quant_mma_tune(QuantMmaView{format, dp, dsz, nullptr, sh.n, sh.k, 128, sh.k / 128, DType::kBF16}, nullptr));
     for (const int64_t t : {1, 4, 8, 16, 32, 64, 128}) {
       auto run = [&](const QuantMmaConfig* cfg) {
         return harness::time_us([&](int it) {
@@ -274,7 +296,8 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
       double best = 1e30;
       QuantMmaConfig best_cfg;
       for (const QuantMmaConfig& cfg : quant_mma_configs()) {
-        if (cfg.token_tiles != quant_mma_token_tiles(t) || sh.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
+        const int nt = quant_mma_token_tiles(t);
+        if (cfg.token_tiles < nt || cfg.token_tiles > 4 * nt || sh.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
         const double us = run(&cfg);
         if (us < best) {
           best = us;
@@ -286,11 +309,15 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
       const double frac = (packed + sz) / (best * 1e-6) / bw;
       std::printf("%-5s %-12s %4lld %9.1f %9.1f %9.1f %7.2fx %8.3f  %s\n", fmt, sh.name, (long long)t, best, pick, bf16,
                   bf16 / best, frac, config_name(best_cfg).c_str());
-      std::printf("record: {\"bench\":\"quant_op\",\"format\":\"%s\",\"op\":\"%s\",\"batch\":%lld,\"us\":%.2f,"
-                  "\"picked_us\":%.2f,\"bf16_us\":%.2f,\"speedup_vs_bf16\":%.3f,\"bandwidth_fraction\":%.3f,"
-                  "\"config\":\"%s\",\"device\":\"%s\"}\n",
-                  fmt, sh.name, (long long)t, best, pick, bf16, bf16 / best, frac, config_name(best_cfg).c_str(),
-                  device);
+      char date[16];
+      const std::time_t now = std::time(nullptr);
+      std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+      std::printf("record: {\"bench\":\"quant_op\",\"format\":\"%s\",\"quantization\":\"%s\",\"model\":\"%s\","
+                  "\"tp_size\":1,\"op\":\"%s\",\"batch\":%lld,\"time_us\":%.2f,\"picked_us\":%.2f,\"bf16_us\":%.2f,"
+                  "\"speedup_vs_bf16\":%.3f,\"bandwidth_fraction\":%.3f,\"config\":\"%s\",\"device\":\"%s\","
+                  "\"date\":\"%s\"}\n",
+                  fmt, fmt, sh.name[0] == '8' ? "llama-3.1-8b" : "llama-3.1-70b", sh.name, (long long)t, best, pick,
+                  bf16, bf16 / best, frac, config_name(best_cfg).c_str(), device, date);
     }
     for (void* p : {dp, dsz, dx, dy, dw16}) cudaFree(p);
   }
@@ -315,11 +342,16 @@ int main(int argc, char** argv) {
   check_shape<__nv_bfloat16>(int8, 64, 64, 0, false, false, rng);
   check_shape<__nv_bfloat16>(int8, 1024, 4096, 0, false, false, rng);
   check_shape<__half>(int8, 4096, 1024, 0, false, false, rng);
+  const QuantFormat fp8 = QuantFormat::kFp8;
+  check_shape<__nv_bfloat16>(fp8, 64, 64, 0, false, false, rng);
+  check_shape<__nv_bfloat16>(fp8, 1024, 4096, 0, false, false, rng);
+  check_shape<__half>(fp8, 4096, 1024, 0, false, false, rng);
   if (timing) {
     const double bw = harness::copy_bandwidth();
     std::printf("%s, %d SMs, copy bandwidth %.0f GB/s\n", prop.name, prop.multiProcessorCount, bw / 1e9);
     time_shapes(int4, bw, prop.name);
     time_shapes(int8, bw, prop.name);
+    time_shapes(fp8, bw, prop.name);
   }
   std::printf("%s: %d failed checks\n", g_failures ? "FAIL" : "PASS", g_failures);
   return g_failures ? 1 : 0;

@@ -223,7 +223,9 @@ class QuantMmaTest : public QuantKernelTest {
  protected:
   kernels::QuantWeightView canonical(const HostQuant& q, const LinearWeight& w) {
     kernels::QuantWeightView v;
-    v.format = q.format == WeightFormat::kInt4 ? kernels::QuantFormat::kInt4 : kernels::QuantFormat::kInt8;
+    v.format = q.format == WeightFormat::kInt4   ? kernels::QuantFormat::kInt4
+               : q.format == WeightFormat::kInt8 ? kernels::QuantFormat::kInt8
+                                                 : kernels::QuantFormat::kFp8;
     v.weight = w.weight.data;
     v.scales = w.scales.data;
     v.scales_f16 = q.format == WeightFormat::kInt4;
@@ -252,10 +254,13 @@ class QuantMmaTest : public QuantKernelTest {
     Tensor packed = gpu_->empty({i64(kernels::quant_mma_packed_bytes(v.format, q.n, q.k))}, DType::kU8);
     Tensor scale_zero = gpu_->empty({i64(kernels::int4_mma_scale_zero_bytes(q.n, q.groups))}, DType::kU8);
     const int32_t* perm_data = perm.data != nullptr ? perm.as<int32_t>() : nullptr;
-    ASSERT_EQ(kernels::quant_mma_repack(v, perm_data, DType::kBF16, packed.data, scale_zero.data, nullptr),
-              cudaSuccess);
+    const bool in_place = q.format == WeightFormat::kFp8;  // FP8: the row-major bytes, no repack
+    if (!in_place) {
+      ASSERT_EQ(kernels::quant_mma_repack(v, perm_data, DType::kBF16, packed.data, scale_zero.data, nullptr),
+                cudaSuccess);
+    }
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the launches here use the default stream
-    const kernels::QuantMmaView mv{v.format, packed.data,
+    const kernels::QuantMmaView mv{v.format, in_place ? w.weight.data : packed.data,
                                    q.format == WeightFormat::kInt4 ? scale_zero.data : w.scales.data,
                                    perm_data, q.n, q.k, q.group_size, q.groups, DType::kBF16};
     for (int64_t t : {1, 5, 8, 9, 16, 33, 64, 100, 128}) {
@@ -279,7 +284,7 @@ class QuantMmaTest : public QuantKernelTest {
             scale = std::max(scale, std::fabs(double(c[i])));
             err = std::isfinite(g[i]) ? std::max(err, std::fabs(double(g[i]) - c[i])) : INFINITY;
           }
-          const double tol = q.format == WeightFormat::kInt8 && out == DType::kF32 ? 2e-3 : 1e-2;
+          const double tol = q.format != WeightFormat::kInt4 && out == DType::kF32 ? 2e-3 : 1e-2;
           EXPECT_LT(err / scale, tol) << q.n << "x" << q.k << " group " << q.group_size << " act-order "
                                       << !q.g_idx.empty() << " tokens " << t << " config " << cfg.token_tiles << "/"
                                       << cfg.row_tiles << "/" << cfg.warps_n << "/" << cfg.warps_k << "/" << cfg.depth
@@ -304,6 +309,12 @@ TEST_F(QuantMmaTest, Int4MatchesTheOracle) {
 TEST_F(QuantMmaTest, Int8MatchesTheOracle) {
   std::mt19937 rng(6);
   for (const Shape s : {Shape{64, 64}, Shape{1024, 4096}, Shape{4096, 1024}}) check(make_w8(WeightFormat::kInt8, s.n, s.k, rng));
+}
+
+// FP8 read in place (the path of GPUs without FP8 tensor cores), run here on any GPU.
+TEST_F(QuantMmaTest, Fp8MatchesTheOracle) {
+  std::mt19937 rng(7);
+  for (const Shape s : {Shape{64, 64}, Shape{1024, 4096}, Shape{4096, 1024}}) check(make_w8(WeightFormat::kFp8, s.n, s.k, rng));
 }
 
 // Synthetic quantized weights are made on the device: the same bytes as the host definition.

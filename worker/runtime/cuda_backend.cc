@@ -370,7 +370,9 @@ kernels::QuantWeightView quant_view(const LinearWeight& w) {
 
 kernels::QuantMmaView mma_view(const LinearWeight& w, DType activations) {
   kernels::QuantMmaView v;
-  v.format = w.format == WeightFormat::kInt4 ? kernels::QuantFormat::kInt4 : kernels::QuantFormat::kInt8;
+  v.format = w.format == WeightFormat::kInt4   ? kernels::QuantFormat::kInt4
+             : w.format == WeightFormat::kInt8 ? kernels::QuantFormat::kInt8
+                                               : kernels::QuantFormat::kFp8;
   v.packed = w.weight.data;
   v.scales = w.scales.data;
   v.perm = w.mma_perm.empty() ? nullptr : w.mma_perm.as<int32_t>();
@@ -385,9 +387,17 @@ kernels::QuantMmaView mma_view(const LinearWeight& w, DType activations) {
 }  // namespace
 
 void CudaBackend::prepare_linear(LinearWeight& w) {
-  if (w.mma_layout || (w.format != WeightFormat::kInt4 && w.format != WeightFormat::kInt8)) return;
   const DType act = activation_dtype();
   if (act != DType::kBF16 && act != DType::kF16) return;  // FP32 activations: the canonical kernels
+  if (w.format == WeightFormat::kFp8) {
+    // Read in place by the tensor-core kernel (no repack) where it runs: only its configurations
+    // to measure.
+    if (kernels::quant_mma_supported(quant_view(w), 1, act)) {
+      check(kernels::quant_mma_tune(mma_view(w, act), stream_), "quant_mma_tune");
+    }
+    return;
+  }
+  if (w.mma_layout || (w.format != WeightFormat::kInt4 && w.format != WeightFormat::kInt8)) return;
   const kernels::QuantWeightView v = quant_view(w);
   if (!kernels::quant_mma_supported(v, 1, act)) return;
   const bool int4 = w.format == WeightFormat::kInt4;
@@ -421,6 +431,8 @@ void CudaBackend::prepare_linear(LinearWeight& w) {
   persistent_bytes_ -= std::min(released, persistent_bytes_);
   w.mma_perm = std::move(perm);
   w.mma_layout = true;
+  // The fastest configuration per token bucket on this GPU, once per shape (a model has 4-5).
+  check(kernels::quant_mma_tune(mma_view(w, act), stream_), "quant_mma_tune");
 }
 
 // cuBLASLt's first heuristic answer is often not its fastest kernel for decode shapes (a few
@@ -546,12 +558,29 @@ void CudaBackend::quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t
   gemm(dequant_, x.dtype, x.data, tokens, v.n, v.k, out.data, out.dtype);
 }
 
+// The tensor-core kernel of kernels/quant_gemm.cu takes INT4/INT8 layers repacked at load up to
+// kMaxQuantMmaTokens tokens, and FP8 layers (read in place) on GPUs without FP8 tensor cores (A100:
+// otherwise a GEMV and a dequantized copy). With FP8 tensor cores, FP8 takes it from 3 to 8 tokens,
+// between the GEMV and W8A8: on an H200's 70B shapes the GEMV read FP8 at 0.72-0.95 of the copy
+// bandwidth at 1 token (the kernel on the row-major bytes: 0.52-0.72) but re-reads the activations
+// per row, at half of BF16's speed by 8 tokens, where the kernel stays at 1.1-1.4x BF16.
+constexpr int64_t kFp8MmaMinTokens = 3;
+bool CudaBackend::runs_on_quant_mma(const LinearWeight& w, int64_t tokens, DType x) const {
+  if (tokens > kernels::kMaxQuantMmaTokens || (x != DType::kBF16 && x != DType::kF16)) return false;
+  if (w.mma_layout) return true;
+  if (w.format != WeightFormat::kFp8) return false;
+  if (fp8_tensor_cores_ && (tokens < kFp8MmaMinTokens || fp8_runs_as_w8a8(tokens, w.out_features(), w.in_features()))) {
+    return false;
+  }
+  return kernels::quant_mma_supported(quant_view(w), tokens, x);
+}
+
 void CudaBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
   const int64_t k = w.in_features();
   const int64_t n_out = w.out_features();
   const int64_t tokens = x.numel() / k;
   if (tokens == 0) return;
-  if (w.mma_layout && tokens <= kernels::kMaxQuantMmaTokens) {
+  if (runs_on_quant_mma(w, tokens, x.dtype)) {
     const kernels::QuantMmaView v = mma_view(w, x.dtype);
     const size_t mark = arena_used_;  // the permuted activations of an act-order weight, this call only
     void* x_permuted = v.perm != nullptr ? scratch({tokens, k}, x.dtype).data : nullptr;

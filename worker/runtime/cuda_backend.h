@@ -1,8 +1,11 @@
 // CudaBackend: the Backend ops on one NVIDIA GPU. Kernels live in kernels/ (one per op);
 // dense linear layers go through our GEMV at 1-2 tokens and cuBLASLt otherwise (BF16/FP16 in,
-// FP32 accumulation), with the algorithm chosen once per shape and cached. Quantized layers
-// (INT4, INT8, FP8) use kernels/quant_linear.cu's GEMV up to 8 tokens, then FP8 W8A8 on
-// cuBLASLt (GPUs with FP8 tensor cores) or a dequantize-then-GEMM.
+// FP32 accumulation), with the algorithm chosen once per shape and cached. Quantized layers run
+// kernels/quant_gemm.cu's tensor-core kernel on 16-bit activations (INT4/INT8 repacked at load by
+// prepare_linear, up to 128 tokens; FP8 read in place, 3-8 tokens on GPUs with FP8 tensor cores and
+// up to 128 on the others), its configuration per shape measured at load; above, INT4/INT8 are
+// dequantized into one shared buffer for cuBLASLt and FP8 runs W8A8 on cuBLASLt. FP8 at 1-2 tokens,
+// and shapes the kernel does not take, use kernels/quant_linear.cu's GEMV up to 8 tokens.
 //
 // Memory: empty()/upload() are persistent allocations (weights, KV cache), counted in
 // persistent_bytes(). scratch() comes from one arena that begin_step() rewinds, so the same step
@@ -64,6 +67,7 @@ class CudaBackend final : public Backend {
   // of a multiple of 16, act-order whose groups can be made contiguous) are repacked into their
   // layout (kernels/quant_gemm.cu), in place of the canonical one: no extra memory once loaded.
   void prepare_linear(LinearWeight& w) override;
+  bool runs_on_quant_mma(const LinearWeight& w, int64_t tokens, DType x) const;
   void linear(const Tensor& x, const LinearWeight& w, Tensor& out) override;
   void rope_and_store_kv(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
                          const Tensor& slot_mapping, KvLayer& cache) override;
