@@ -223,9 +223,7 @@ class QuantMmaTest : public QuantKernelTest {
  protected:
   kernels::QuantWeightView canonical(const HostQuant& q, const LinearWeight& w) {
     kernels::QuantWeightView v;
-    v.format = q.format == WeightFormat::kInt4   ? kernels::QuantFormat::kInt4
-               : q.format == WeightFormat::kInt8 ? kernels::QuantFormat::kInt8
-                                                 : kernels::QuantFormat::kFp8;
+    v.format = quant_kernel_format(q.format);
     v.weight = w.weight.data;
     v.scales = w.scales.data;
     v.scales_f16 = q.format == WeightFormat::kInt4;

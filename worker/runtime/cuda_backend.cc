@@ -347,13 +347,17 @@ GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DTyp
   return *gemm_plans_.emplace(key, std::move(plan)).first->second;
 }
 
+kernels::QuantFormat quant_kernel_format(WeightFormat f) {
+  return f == WeightFormat::kInt4 ? kernels::QuantFormat::kInt4
+         : f == WeightFormat::kInt8 ? kernels::QuantFormat::kInt8
+                                    : kernels::QuantFormat::kFp8;
+}
+
 namespace {
 
 kernels::QuantWeightView quant_view(const LinearWeight& w) {
   kernels::QuantWeightView v;
-  v.format = w.format == WeightFormat::kInt4   ? kernels::QuantFormat::kInt4
-             : w.format == WeightFormat::kInt8 ? kernels::QuantFormat::kInt8
-                                               : kernels::QuantFormat::kFp8;
+  v.format = quant_kernel_format(w.format);
   v.weight = w.weight.data;
   v.scales = w.scales.data;
   v.scales_f16 = w.scales.dtype == DType::kF16;
@@ -370,9 +374,7 @@ kernels::QuantWeightView quant_view(const LinearWeight& w) {
 
 kernels::QuantMmaView mma_view(const LinearWeight& w, DType activations) {
   kernels::QuantMmaView v;
-  v.format = w.format == WeightFormat::kInt4   ? kernels::QuantFormat::kInt4
-             : w.format == WeightFormat::kInt8 ? kernels::QuantFormat::kInt8
-                                               : kernels::QuantFormat::kFp8;
+  v.format = quant_kernel_format(w.format);
   v.packed = w.weight.data;
   v.scales = w.scales.data;
   v.perm = w.mma_perm.empty() ? nullptr : w.mma_perm.as<int32_t>();

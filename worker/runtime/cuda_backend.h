@@ -28,9 +28,16 @@
 #include "absl/status/statusor.h"
 #include "worker/runtime/backend.h"
 
+namespace shardserve::kernels {
+enum class QuantFormat : uint8_t;  // kernels/kernels.h
+}
+
 namespace shardserve {
 
 struct GemmPlan;
+
+// The kernels' name for a quantized weight format (kInt4, kInt8 or kFp8; not kDense).
+kernels::QuantFormat quant_kernel_format(WeightFormat f);
 
 class CudaBackend final : public Backend {
  public:
