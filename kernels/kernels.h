@@ -166,6 +166,13 @@ cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream);
 // The tuned configuration for `tokens` on this shape, else quant_mma_config's.
 QuantMmaConfig quant_mma_choice(const QuantMmaView& w, int64_t tokens);
 std::vector<QuantMmaConfig> quant_mma_configs();
+// Whether `cfg` computes `tokens` tokens of an N-row weight: its token tiles cover them and its
+// CTAs' rows divide N.
+bool quant_mma_config_fits(const QuantMmaConfig& cfg, int64_t n, int64_t tokens);
+// What quant_mma_tune times for `tokens` (the harness times the same): the configurations that fit
+// with at most 4x the token tiles the tokens need (wider tiles share each activation among more
+// rows and can win).
+std::vector<QuantMmaConfig> quant_mma_candidates(int64_t n, int64_t tokens);
 
 // FP8 activations for W8A8: per row of x [rows, K] (T), scale = max|x| / 448, or *static_scale when
 // given; q = E4M3(x / scale), saturated to +-448; row_scales[r] = scale.

@@ -808,6 +808,19 @@ std::vector<QuantMmaConfig> quant_mma_configs() {
   return all;
 }
 
+bool quant_mma_config_fits(const QuantMmaConfig& cfg, int64_t n, int64_t tokens) {
+  return cfg.token_tiles * 8 >= tokens && n % (16 * cfg.row_tiles * cfg.warps_n) == 0;
+}
+
+std::vector<QuantMmaConfig> quant_mma_candidates(int64_t n, int64_t tokens) {
+  const int nt = quant_mma_token_tiles(tokens);
+  std::vector<QuantMmaConfig> out;
+  for (const QuantMmaConfig& cfg : quant_mma_configs()) {
+    if (quant_mma_config_fits(cfg, n, tokens) && cfg.token_tiles <= 4 * nt) out.push_back(cfg);
+  }
+  return out;
+}
+
 int quant_mma_token_tiles(int64_t tokens) {
   int nt = 1;
   while (nt * 8 < tokens) nt *= 2;
@@ -905,15 +918,12 @@ cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream) {
     if (cudaError_t e = cudaMemsetAsync(x, 0, x_bytes, stream); e != cudaSuccess) return e;
     if (cudaError_t e = cudaEventCreate(&start); e != cudaSuccess) return e;
     if (cudaError_t e = cudaEventCreate(&stop); e != cudaSuccess) return e;
-    const std::vector<QuantMmaConfig> all = quant_mma_configs();
     for (int b = 0; b < kBuckets; ++b) {
       const int nt = 1 << b;
       const int64_t tokens = 8 * nt;
       float best_ms = 1e30f;
       best[b] = quant_mma_config(tokens, w.n, w.k);
-      for (const QuantMmaConfig& cfg : all) {
-        // Wider token tiles than the bucket needs can still win (more rows share each activation).
-        if (cfg.token_tiles < nt || cfg.token_tiles > 4 * nt || w.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
+      for (const QuantMmaConfig& cfg : quant_mma_candidates(w.n, tokens)) {
         float ms = 1e30f;
         for (int rep = 0; rep < 4; ++rep) {
           // The weight leaves the L2 between runs, as it has in a model's step.
@@ -1019,7 +1029,7 @@ cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens,
     return cudaErrorInvalidValue;
   }
   const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_choice(w, tokens);
-  if (cfg.token_tiles * 8 < tokens || w.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) return cudaErrorInvalidValue;
+  if (!quant_mma_config_fits(cfg, w.n, tokens)) return cudaErrorInvalidValue;
   if (w.perm != nullptr) {
     if (x_permuted == nullptr || w.format != QuantFormat::kInt4) return cudaErrorInvalidValue;
     const int64_t total = tokens * w.k;

@@ -220,7 +220,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
       }
     }
     for (const QuantMmaConfig& cfg : quant_mma_configs()) {
-      if (cfg.token_tiles * 8 < t || n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
+      if (!quant_mma_config_fits(cfg, n, t)) continue;
       for (const DType out : {dtype, DType::kF32}) {
         CK(cudaMemset(dy, 0xff, t * n * 4));
         CK(quant_mma_gemm(w.mma_view(dtype), dx, t, dy, out, dxp, nullptr, &cfg));
@@ -295,9 +295,7 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
       };
       double best = 1e30;
       QuantMmaConfig best_cfg;
-      for (const QuantMmaConfig& cfg : quant_mma_configs()) {
-        const int nt = quant_mma_token_tiles(t);
-        if (cfg.token_tiles < nt || cfg.token_tiles > 4 * nt || sh.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
+      for (const QuantMmaConfig& cfg : quant_mma_candidates(sh.n, t)) {
         const double us = run(&cfg);
         if (us < best) {
           best = us;

@@ -271,7 +271,7 @@ class QuantMmaTest : public QuantKernelTest {
       const Tensor gx = gpu_->upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kBF16);
       Tensor x_perm = gpu_->empty({t, q.k}, DType::kBF16);
       for (const kernels::QuantMmaConfig& cfg : kernels::quant_mma_configs()) {
-        if (cfg.token_tiles * 8 < t || q.n % (16 * cfg.row_tiles * cfg.warps_n) != 0) continue;
+        if (!kernels::quant_mma_config_fits(cfg, q.n, t)) continue;
         for (DType out : {DType::kBF16, DType::kF32}) {
           Tensor g_out = gpu_->empty({t, q.n}, out);
           ASSERT_EQ(kernels::quant_mma_gemm(mv, gx.data, t, g_out.data, out, x_perm.data, nullptr, &cfg), cudaSuccess);

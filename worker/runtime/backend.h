@@ -49,8 +49,9 @@ enum class WeightFormat : uint8_t {
 // groups. Fused layers (q|k|v, gate|up) are their parts concatenated along N.
 // On GPUs with FP8 tensor cores, an FP8 layer whose N and K are multiples of 16 runs as W8A8 for
 // steps of at least this many tokens (fewer take the weight-only kernels on 16-bit activations):
-// each token's activations are quantized to E4M3 with scale max|x| / 448 (or input_scale), saturating. The CPU
-// backend reproduces it when asked (CpuBackend::emulate_w8a8), the oracle the GPU's FP8 is held to.
+// each token's activations are quantized to E4M3 with scale max|x| / 448 (or input_scale),
+// saturating. The CPU backend reproduces it when asked (CpuBackend::emulate_w8a8), the oracle the
+// GPU's FP8 is held to.
 constexpr int64_t kW8A8MinTokens = 9;
 inline bool fp8_runs_as_w8a8(int64_t tokens, int64_t n, int64_t k) {
   return tokens >= kW8A8MinTokens && n % 16 == 0 && k % 16 == 0;

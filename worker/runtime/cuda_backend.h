@@ -74,7 +74,6 @@ class CudaBackend final : public Backend {
   // of a multiple of 16, act-order whose groups can be made contiguous) are repacked into their
   // layout (kernels/quant_gemm.cu), in place of the canonical one: no extra memory once loaded.
   void prepare_linear(LinearWeight& w) override;
-  bool runs_on_quant_mma(const LinearWeight& w, int64_t tokens, DType x) const;
   void linear(const Tensor& x, const LinearWeight& w, Tensor& out) override;
   void rope_and_store_kv(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
                          const Tensor& slot_mapping, KvLayer& cache) override;
@@ -104,6 +103,8 @@ class CudaBackend final : public Backend {
 
 
  private:
+  // Whether linear() takes kernels/quant_gemm.cu's tensor-core kernel for this weight and step.
+  bool runs_on_quant_mma(const LinearWeight& w, int64_t tokens, DType x) const;
   CudaBackend() = default;
   void wait_stream();
   GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DType c, bool allow_missing = false);
