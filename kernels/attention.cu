@@ -604,6 +604,44 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
       }
     }
   }
+  if (p.num_splits == 1 || p.split_counters == nullptr) return;
+
+  // The last split of this (sequence, KV head) to finish merges them all (combine_kernel's sums):
+  // each split publishes its partials before it counts itself; the counter goes back to zero for
+  // the next launch once every split has counted.
+  __threadfence();
+  __syncthreads();  // every thread's partials written and fenced; m_w .. o_w free again
+  int* last = reinterpret_cast<int*>(o_w + kWarps * G * D);
+  float* weight = reinterpret_cast<float*>(last + 1);  // [G][32]: exp(m_s - max) / sum
+  if (tid == 0) {
+    int32_t* counter = p.split_counters + static_cast<int64_t>(s) * p.num_kv_heads + kvh;
+    const bool is_last = atomicAdd(counter, 1) == p.num_splits - 1;
+    if (is_last) *counter = 0;
+    *last = is_last;
+  }
+  __syncthreads();
+  if (*last == 0) return;
+  __threadfence();
+  const int S = p.num_splits;  // <= 32: one lane per split
+  for (int gg = warp; gg < G; gg += kWarps) {
+    const int64_t r = ((t * p.num_q_heads) + head0 + gg) * S + lane;
+    const float ms = lane < S ? __ldcg(p.partials + 2 * r) : -FLT_MAX;
+    const float ls = lane < S ? __ldcg(p.partials + 2 * r + 1) : 0.0f;
+    const float mx = warp_max(ms);
+    const float e = lane < S ? __expf(ms - mx) : 0.0f;
+    const float total = warp_sum(e * ls);
+    weight[gg * 32 + lane] = total > 0.0f ? e / total : 0.0f;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + t * p.num_q_heads * D + head0 * D;
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int gg = idx / D, d = idx % D;
+    const float* acc_s = p.partials + 2 * ml_count + ((t * p.num_q_heads) + head0 + gg) * S * D + d;
+    float a = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < S; ++sp) a += weight[gg * 32 + sp] * __ldcg(acc_s + static_cast<int64_t>(sp) * D);
+    out[idx] = from_f32<T>(a);
+  }
 }
 
 constexpr int kPrefillWarps = 8;  // 128 rows: measured 264 -> 223 us per layer at 2048 tokens
@@ -692,7 +730,7 @@ cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t 
   const int64_t g = p.num_q_heads / p.num_kv_heads;
   if (g * p.num_kv_heads != p.num_q_heads || g * p.head_dim > kThreads * kMaxAcc || p.num_splits < 1 ||
       p.head_dim % (dtype == DType::kF32 ? 4 : 8) != 0 ||
-      (p.num_splits > 1 && p.partials == nullptr)) {
+      (p.num_splits > 1 && p.partials == nullptr) || (p.split_counters != nullptr && p.num_splits > 32)) {
     return cudaErrorInvalidValue;
   }
   const size_t smem = smem_bytes(g, p.head_dim);
@@ -700,7 +738,7 @@ cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t 
     // The tensor-core kernels, for the shapes they are built for (prefill only unsplit).
     if (auto* tc_launch = tc::pick<T>(p); tc_launch != nullptr && (p.decode_only || p.num_splits == 1)) {
       cudaError_t e = tc_launch(p, stream);
-      if (e == cudaSuccess && p.num_splits > 1) {
+      if (e == cudaSuccess && p.num_splits > 1 && p.split_counters == nullptr) {
         const dim3 cgrid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_q_heads));
         e = launch_pdl(combine_kernel<T>, cgrid, dim3(128), 0, stream, p);
       }

@@ -22,6 +22,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 
+// kVec elements of T moved as one load or store (kVec * sizeof(T) = 16: one 128-bit access).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T e[kVec];
+};
+
 // Calls fn.template operator()<T>() with T the CUDA type of an activation dtype.
 template <typename Fn>
 cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {

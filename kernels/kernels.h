@@ -55,6 +55,10 @@ struct AttentionParams {
   // combined. partials needs attention_workspace_bytes(...) bytes when num_splits > 1.
   int num_splits = 1;
   float* partials = nullptr;
+  // With splits, the tensor-core decode kernel merges them itself when given one counter per
+  // (sequence, KV head) ([num_seqs * num_kv_heads], zero, and left zero): the last of a pair's
+  // splits to finish combines the partials, no combine kernel runs. Without, a combine kernel does.
+  int32_t* split_counters = nullptr;
   // Every sequence has exactly one query token (num_tokens == num_seqs, query_start_loc[s] = s
   // rows apart by one): the decode kernel may run.
   bool decode_only = false;

@@ -315,6 +315,24 @@ __device__ int fast_sample(const float* row, int V, const SamplingRow& p, float 
   return result;
 }
 
+// This thread's smallest key over the row (the block's minimum is the row's top logit, lowest id
+// first): 16-byte loads, four in flight, when the row allows (one thread walking 250 scalars one
+// load at a time made a batch-1 greedy pick over 128k logits take 26 us).
+__device__ __forceinline__ uint64_t thread_min_key(const float* row, int V) {
+  uint64_t best = ~uint64_t{0};
+  if (V % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+    const float4* r4 = reinterpret_cast<const float4*>(row);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < V / 4; i += kThreads) {
+      const float4 v = r4[i];
+      best = min(best, min(min(key_of(v.x, 4 * i), key_of(v.y, 4 * i + 1)), min(key_of(v.z, 4 * i + 2), key_of(v.w, 4 * i + 3))));
+    }
+    return best;
+  }
+  for (int i = threadIdx.x; i < V; i += kThreads) best = min(best, key_of(row[i], i));
+  return best;
+}
+
 __global__ void __launch_bounds__(kThreads) sample_kernel(float* logits, int64_t vocab, const SamplingRow* params,
                                                           const PenaltyEntry* entries, float* saved_raw,
                                                           int32_t* tokens, float* logprobs, int32_t* top_ids,
@@ -328,9 +346,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(float* logits, int64_t
   // Logprobs come from the raw logits, before penalties and temperature.
   double log_z = 0.0;
   if (p.num_logprobs >= 0) {
-    uint64_t best = ~uint64_t{0};
-    for (int i = threadIdx.x; i < V; i += kThreads) best = min(best, key_of(row[i], i));
-    best = block_min_u64(best, sh);
+    const uint64_t best = block_min_u64(thread_min_key(row, V), sh);
     const float max = row[static_cast<uint32_t>(best)];
     double s = 0.0;
     for (int i = threadIdx.x; i < V; i += kThreads) s += exp(static_cast<double>(row[i]) - static_cast<double>(max));
@@ -374,13 +390,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(float* logits, int64_t
 
   int32_t chosen = 0;
   if (p.temperature == 0.0) {
-    uint64_t best = ~uint64_t{0};
-    for (int i = threadIdx.x; i < V; i += kThreads) best = min(best, key_of(row[i], i));
-    chosen = static_cast<int32_t>(static_cast<uint32_t>(block_min_u64(best, sh)));
+    chosen = static_cast<int32_t>(static_cast<uint32_t>(block_min_u64(thread_min_key(row, V), sh)));
   } else {
-    uint64_t first = ~uint64_t{0};
-    for (int i = threadIdx.x; i < V; i += kThreads) first = min(first, key_of(row[i], i));
-    first = block_min_u64(first, sh);
+    const uint64_t first = block_min_u64(thread_min_key(row, V), sh);
     Row rw{row, V, static_cast<double>(row[static_cast<uint32_t>(first)]) / p.temperature};
     const double T = p.temperature;
     const int fast = fast_sample(row, V, p, row[static_cast<uint32_t>(first)], rw.top, sh);

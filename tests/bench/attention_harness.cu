@@ -32,6 +32,7 @@ namespace {
 int g_failures = 0;
 int g_sms = 0;
 float* g_partials = nullptr;  // the latest Problem's partials buffer (room for 32 splits), for decode_splits
+int32_t* g_counters = nullptr;  // split counters for every (sequence, KV head), zero between launches
 
 struct Seq {
   int cached, fresh;
@@ -136,6 +137,7 @@ struct Problem {
     const int64_t max_q = std::max_element(seqs.begin(), seqs.end(), [](auto& a, auto& b) { return a.fresh < b.fresh; })->fresh;
     if (max_q == 1) p.num_splits = static_cast<int>(std::clamp<int64_t>(2 * g_sms / std::max<int64_t>(tokens * hkv, 1), 1, 32));
     p.partials = p.num_splits > 1 ? d_part : nullptr;
+    p.split_counters = p.num_splits > 1 ? g_counters : nullptr;  // the decode kernel merges its splits
     return p;
   }
   // Causal FLOPs (QK^T and PV) and the KV bytes a decode step must read.
@@ -234,8 +236,10 @@ cudaError_t prefill_variant(const AttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 template <int kStages, int kMinBlocks = 1>
-cudaError_t decode_variant(const AttentionParams& p, cudaStream_t stream) {
+cudaError_t decode_variant(const AttentionParams& in, cudaStream_t stream) {
   using T = __nv_bfloat16;
+  AttentionParams p = in;
+  p.split_counters = nullptr;  // merged by combine_kernel
   constexpr auto kernel = tc::decode_mma_kernel<T, 128, 4, kStages, kMinBlocks>;
   const size_t smem = tc::tc_smem_bytes(16, 128, kStages);
   CK(allow_smem<kernel>(smem));
@@ -254,6 +258,15 @@ cudaError_t decode_splits(const AttentionParams& p, cudaStream_t stream) {
   return launch_tensor_core<__nv_bfloat16>(q, stream);
 }
 
+// The backend's decode kernel with its splits merged by combine_kernel instead of by its own last
+// split of each (sequence, KV head).
+template <typename T>
+cudaError_t decode_combine_kernel(const AttentionParams& p, cudaStream_t stream) {
+  AttentionParams q = p;
+  q.split_counters = nullptr;
+  return launch_tensor_core<T>(q, stream);
+}
+
 template <typename T>
 double time_us(Problem<T>& pr, Launch f, int iters) {
   return harness::time_us([&](int i) { CK(f(pr.params(i % pr.copies), nullptr)); }, iters);
@@ -268,6 +281,12 @@ void check_case(const char* name, int hq, int hkv, int d, std::vector<Seq> seqs,
   CK(launch_tensor_core<T>(pr.params(), nullptr));
   CK(cudaDeviceSynchronize());
   pr.check(std::string("tensor-core ") + name + shape);
+  if (pr.params().split_counters != nullptr) {
+    CK(cudaMemset(pr.d_out, 0, static_cast<size_t>(pr.tokens) * hq * d * sizeof(T)));
+    CK(decode_combine_kernel<T>(pr.params(), nullptr));
+    CK(cudaDeviceSynchronize());
+    pr.check(std::string("tensor-core ") + name + " combine kernel" + shape);
+  }
   if (d == 128 || d == 64) {
     CK(cudaMemset(pr.d_out, 0, static_cast<size_t>(pr.tokens) * hq * d * sizeof(T)));
     CK(launch_cuda_core<T>(pr.params(), nullptr));
@@ -287,6 +306,8 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, dev));
   std::printf("device %s, %d SMs, sm_%d%d\n", prop.name, g_sms, prop.major, prop.minor);
   std::mt19937 rng(1234);
+  CK(cudaMalloc(&g_counters, 65536 * sizeof(int32_t)));
+  CK(cudaMemset(g_counters, 0, 65536 * sizeof(int32_t)));
 
   // Correctness: mixed steps (fresh prompts, cached prefixes with chunks, decodes), decode-only
   // steps over long and odd contexts, GQA 8:1, 4:1, 2:1 and MHA, head_dim 64 and 128.
@@ -351,6 +372,12 @@ int main(int argc, char** argv) {
   variants("decode b32 ctx 512", std::vector<Seq>(32, Seq{511, 1}), df);
   variants("decode b128 ctx 512", std::vector<Seq>(128, Seq{511, 1}), df);
   variants("decode b32 ctx 8192", std::vector<Seq>(32, Seq{8191, 1}), df);
+  // Splits merged by the decode kernel's last split (the backend) or by combine_kernel.
+  const std::vector<std::pair<const char*, Launch>> mf = {{"combine_kernel", decode_combine_kernel<T>},
+                                                          {"merged_in_kernel", launch_tensor_core<T>}};
+  variants("decode b1 ctx 512", std::vector<Seq>(1, Seq{511, 1}), mf);
+  variants("decode b8 ctx 512", std::vector<Seq>(8, Seq{511, 1}), mf);
+  variants("decode b1 ctx 8192", std::vector<Seq>(1, Seq{8191, 1}), mf);
   // Split counts around attention_splits.h's choice, at 512 and at the 513-522 positions of the
   // engine benchmark's decode steps after a 512-token prompt (a ninth, nearly empty tile).
   const std::vector<std::pair<const char*, Launch>> sf = {

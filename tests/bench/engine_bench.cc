@@ -9,6 +9,11 @@
 // Writes one JSON record per measurement (keys shared by every benchmark of the project).
 //   engine_bench [--model llama-3.1-8b] [--batches 1,8,32,128] [--context 512] [--out FILE]
 //                [--quantization none|awq|gptq|int8|fp8] [--quant-micro] [--micro] [--tp-size N]
+//                [--profile-step]
+// --profile-step brackets the first timed decode step of each batch size with cudaProfilerStart /
+// cudaProfilerStop, for a profiler started with collection off (ncu --profile-from-start off): the
+// step's kernels, graph nodes included, without the load, tuning and warm-up around them.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -136,6 +141,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "awq", "gptq", "int8", "fp8"}));
   bool quant_micro = false;
   app.add_flag("--quant-micro", quant_micro, "time the INT4/INT8/FP8 linear layers against BF16 cuBLASLt per batch");
+  bool profile_step = false;
+  app.add_flag("--profile-step", profile_step, "bracket the first timed decode step of each batch for a profiler");
   CLI11_PARSE(app, argc, argv);
 
   const double bw = shardserve::harness::copy_bandwidth();
@@ -293,8 +300,10 @@ int main(int argc, char** argv) {
     std::vector<double> times;
     for (int s = 0; s < steps; ++s) {
       const Batch b = decode_batch(3 + s);
+      if (profile_step && s == 0) cudaProfilerStart();
       const auto t0 = Clock::now();
       exec.execute_and_sample(b, batch_seqs);
+      if (profile_step && s == 0) cudaProfilerStop();
       times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     }
     std::sort(times.begin(), times.end());

@@ -123,6 +123,10 @@ class CudaBackend final : public Backend {
   void* cublaslt_ = nullptr;  // cublasLtHandle_t
   void* gemm_workspace_ = nullptr;
   size_t gemm_workspace_bytes_ = 0;
+  // One per (sequence, KV head) of a split decode attention (kernels.h AttentionParams), kept zero
+  // between launches; in the workspace's allocation, past its end.
+  static constexpr int64_t kSplitCounters = 65536;
+  int32_t* split_counters_ = nullptr;
   std::unordered_map<std::string, std::unique_ptr<GemmPlan>> gemm_plans_;
   size_t persistent_bytes_ = 0;
   // Above 2 tokens the GEMV turns issue-bound (every weight is converted and multiplied per token
