@@ -623,24 +623,50 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   if (*last == 0) return;
   __threadfence();
   const int S = p.num_splits;  // <= 32: one lane per split
+  // Splits past the end of the context wrote empty partials: only the first `used` are read.
+  const int used = min(S, (tiles + tiles_per_split - 1) / tiles_per_split);
   for (int gg = warp; gg < G; gg += kWarps) {
     const int64_t r = ((t * p.num_q_heads) + head0 + gg) * S + lane;
-    const float ms = lane < S ? __ldcg(p.partials + 2 * r) : -FLT_MAX;
-    const float ls = lane < S ? __ldcg(p.partials + 2 * r + 1) : 0.0f;
+    const float ms = lane < used ? __ldcg(p.partials + 2 * r) : -FLT_MAX;
+    const float ls = lane < used ? __ldcg(p.partials + 2 * r + 1) : 0.0f;
     const float mx = warp_max(ms);
-    const float e = lane < S ? __expf(ms - mx) : 0.0f;
+    const float e = lane < used ? __expf(ms - mx) : 0.0f;
     const float total = warp_sum(e * ls);
     weight[gg * 32 + lane] = total > 0.0f ? e / total : 0.0f;
   }
   __syncthreads();
+  // Four outputs a thread, each split's four accumulators one 16-byte load, all of a split's loads
+  // in flight together (the merge is a chain of L2 round trips otherwise).
   T* out = static_cast<T*>(p.out) + t * p.num_q_heads * D + head0 * D;
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    const int gg = idx / D, d = idx % D;
-    const float* acc_s = p.partials + 2 * ml_count + ((t * p.num_q_heads) + head0 + gg) * S * D + d;
-    float a = 0.0f;
+  const float* acc0 = p.partials + 2 * ml_count + ((t * p.num_q_heads) + head0) * S * D;  // [G][S][D]
+  if (reinterpret_cast<uintptr_t>(acc0) % 16 == 0) {
+    for (int base = tid * 4; base < G * D; base += kThreads * 4) {
+      const int gg = base / D, d = base % D;
+      const float4* src = reinterpret_cast<const float4*>(acc0 + static_cast<int64_t>(gg) * S * D + d);
+      float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 8
-    for (int sp = 0; sp < S; ++sp) a += weight[gg * 32 + sp] * __ldcg(acc_s + static_cast<int64_t>(sp) * D);
-    out[idx] = from_f32<T>(a);
+      for (int sp = 0; sp < used; ++sp) {
+        const float4 v = __ldcg(src + sp * (D / 4));
+        const float w = weight[gg * 32 + sp];
+        a.x += w * v.x;
+        a.y += w * v.y;
+        a.z += w * v.z;
+        a.w += w * v.w;
+      }
+      out[base] = from_f32<T>(a.x);
+      out[base + 1] = from_f32<T>(a.y);
+      out[base + 2] = from_f32<T>(a.z);
+      out[base + 3] = from_f32<T>(a.w);
+    }
+  } else {
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+      const int gg = idx / D, d = idx % D;
+      const float* acc_s = acc0 + static_cast<int64_t>(gg) * S * D + d;
+      float a = 0.0f;
+#pragma unroll 8
+      for (int sp = 0; sp < used; ++sp) a += weight[gg * 32 + sp] * __ldcg(acc_s + static_cast<int64_t>(sp) * D);
+      out[idx] = from_f32<T>(a);
+    }
   }
 }
 

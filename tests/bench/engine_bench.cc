@@ -10,7 +10,7 @@
 //   engine_bench [--model llama-3.1-8b] [--batches 1,8,32,128] [--context 512] [--out FILE]
 //                [--quantization none|awq|gptq|int8|fp8] [--quant-micro] [--micro] [--tp-size N]
 //                [--profile-step]
-// --profile-step brackets the first timed decode step of each batch size with cudaProfilerStart /
+// --profile-step brackets the first timed prefill and decode step of each batch size with cudaProfilerStart /
 // cudaProfilerStop, for a profiler started with collection off (ncu --profile-from-start off): the
 // step's kernels, graph nodes included, without the load, tuning and warm-up around them.
 #include <cuda_profiler_api.h>
@@ -142,7 +142,7 @@ int main(int argc, char** argv) {
   bool quant_micro = false;
   app.add_flag("--quant-micro", quant_micro, "time the INT4/INT8/FP8 linear layers against BF16 cuBLASLt per batch");
   bool profile_step = false;
-  app.add_flag("--profile-step", profile_step, "bracket the first timed decode step of each batch for a profiler");
+  app.add_flag("--profile-step", profile_step, "bracket the first timed prefill and decode step of each batch for a profiler");
   CLI11_PARSE(app, argc, argv);
 
   const double bw = shardserve::harness::copy_bandwidth();
@@ -256,7 +256,11 @@ int main(int argc, char** argv) {
     exec.execute_and_sample(b, sampled(1));
     const auto t0 = Clock::now();
     const int reps = 5;
-    for (int r = 0; r < reps; ++r) exec.execute_and_sample(b, sampled(1));
+    for (int r = 0; r < reps; ++r) {
+      if (profile_step && r == 0) cudaProfilerStart();
+      exec.execute_and_sample(b, sampled(1));
+      if (profile_step && r == 0) cudaProfilerStop();
+    }
     const double s = std::chrono::duration<double>(Clock::now() - t0).count() / reps;
     std::printf("prefill %d tokens: %.1f ms, %.0f tokens/s\n", prefill_len, s * 1e3, prefill_len / s);
     record("prefill", 1, prefill_len / s, weights / s / bw, s * 1e3);
