@@ -122,13 +122,16 @@ TEST_F(KernelsTest, LinearGemvAndCublasLt) {
   }
 }
 
+// Rows of 16-byte vectors (f = 1024) and of single elements (f = 3001).
 TEST_F(KernelsTest, SiluMul) {
-  const int64_t rows = 5, f = 3001;
-  const auto gu = random(rows * 2 * f, 2.0f);
-  Tensor c_out = cpu_.empty({rows, f}, DType::kF32), g_out = gpu_->empty({rows, f}, DType::kBF16);
-  cpu_.silu_mul(cpu_f32(gu, {rows, 2 * f}), c_out);
-  gpu_->silu_mul(gpu_bf16(gu, {rows, 2 * f}), g_out);
-  EXPECT_LT(rel_error(g_out, c_out), 1e-2);
+  for (const int64_t f : {3001, 1024}) {
+    const int64_t rows = 5;
+    const auto gu = random(rows * 2 * f, 2.0f);
+    Tensor c_out = cpu_.empty({rows, f}, DType::kF32), g_out = gpu_->empty({rows, f}, DType::kBF16);
+    cpu_.silu_mul(cpu_f32(gu, {rows, 2 * f}), c_out);
+    gpu_->silu_mul(gpu_bf16(gu, {rows, 2 * f}), g_out);
+    EXPECT_LT(rel_error(g_out, c_out), 1e-2) << f;
+  }
 }
 
 // A mixed step on a scrambled paged cache: sequence 0 prefills 37 tokens, sequence 1 continues a

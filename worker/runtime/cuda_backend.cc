@@ -449,9 +449,11 @@ void CudaBackend::prepare_linear(LinearWeight& w) {
 // tokens against a large weight), where the choice of split-K decides whether the GPU is filled.
 // Each candidate runs on the real operands (the output is rewritten by the caller's own call right
 // after), once to warm up and then 8 times back to back, and the fastest is kept for this shape;
-// at decode shapes instead 3 single calls, each after the L2 is flushed, the best of them (run
-// back to back, a weight that fits the L2 (Llama-3.1-8B's qkv and o) was timed from it, and the
-// choice was the fastest from the L2, not from HBM as in the model's step);
+// at decode shapes instead 5 single calls, each after the L2 is flushed, the best of them (back to
+// back, a weight that fits the L2, such as Llama-3.1-8B's qkv and o, is timed from it, not from HBM
+// as in the model's step). Close candidates can still swap between loads: on an H200, 8B gate_up
+// at 32 tokens took the skinny GEMM (66.5 us a call in the step) in one run, cuBLASLt (60.6 us)
+// in another, with 3 calls each;
 // for decode-sized 16-bit shapes the project's skinny GEMM runs the same trial and is kept when it
 // beats every cuBLASLt candidate. Skipped
 // inside a graph capture (the heuristic's first then stays; ModelRunner's first run of a shape is
@@ -484,7 +486,7 @@ void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* 
     if (!call()) return INFINITY;
     if (flush != nullptr) {
       float best_t = INFINITY;
-      for (int rep = 0; rep < 3; ++rep) {
+      for (int rep = 0; rep < 5; ++rep) {
         check(cudaMemsetAsync(flush, rep, flush_bytes, stream_), "cudaMemsetAsync(L2 flush)");
         check(cudaEventRecord(start, stream_), "cudaEventRecord");
         const bool ok = call();
