@@ -12,7 +12,10 @@
 // its causal context [0, pos] in tiles of 32 positions with an online softmax (FP32).
 //
 // Decode: too few (token, KV head) pairs fill the GPU, so the context is split over `num_splits`
-// CTAs (flash-decoding) whose partial (max, sum, accumulator) are merged by combine_kernel. The
+// CTAs (flash-decoding) whose partial (max, sum, accumulator) are merged by the tensor-core decode
+// kernel's last split of each pair when the caller gives it counters (AttentionParams::
+// split_counters; at batch 1 and 512 tokens 14.5 -> 8.6 us a layer on an H200), else by
+// combine_kernel. The
 // split count depends only on the launch shape, not on sequence lengths, so a captured CUDA graph
 // stays valid as sequences grow: splits past the end of a context write empty partials.
 //
