@@ -283,11 +283,21 @@ __device__ __forceinline__ void pv(float (&acc)[D / 8][4], const float (&s)[2 * 
   }
 }
 
+// 2^x in one MUFU instruction (exp2f adds a range fix-up around it): -inf gives 0, and the
+// arguments here are <= 0, where flushing subnormal results to zero changes nothing measurable.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Online softmax update of a warp's two rows per thread (rows lane/4 and lane/4 + 8; the four lanes
-// of a quad share a row) with scores s already in log2 units and masked to -inf: returns p in s
-// and rescales the rows' accumulators acc to the new maximum.
+// of a quad share a row) with raw scores s (masked to -inf) and `scale` the softmax scale in log2
+// units: the maxima m are kept scaled, each p = 2^(s * scale - m) is one FFMA and one MUFU;
+// returns p in s and rescales the rows' accumulators acc to the new maximum.
 template <int kNB, int D>
-__device__ __forceinline__ void softmax_update(float (&s)[kNB][4], float (&m)[2], float (&l)[2], float (&acc)[D / 8][4]) {
+__device__ __forceinline__ void softmax_update(float (&s)[kNB][4], float (&m)[2], float (&l)[2], float (&acc)[D / 8][4],
+                                               float scale) {
   float alpha[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -296,14 +306,14 @@ __device__ __forceinline__ void softmax_update(float (&s)[kNB][4], float (&m)[2]
     for (int j = 0; j < kNB; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-    const float m_new = fmaxf(m[h], mx);
+    const float m_new = fmaxf(m[h], mx * scale);
     const float base = m_new == -INFINITY ? 0.0f : m_new;  // every score so far masked
-    alpha[h] = exp2f(m[h] - base);
+    alpha[h] = exp2_approx(m[h] - base);
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < kNB; ++j) {
-      s[j][2 * h] = exp2f(s[j][2 * h] - base);
-      s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - base);
+      s[j][2 * h] = exp2_approx(fmaf(s[j][2 * h], scale, -base));
+      s[j][2 * h + 1] = exp2_approx(fmaf(s[j][2 * h + 1], scale, -base));
       sum += s[j][2 * h] + s[j][2 * h + 1];
     }
     l[h] = l[h] * alpha[h] + sum;  // this thread's columns only: the quad is summed at the end
@@ -409,12 +419,80 @@ __device__ __forceinline__ bool find_query_tile(const AttentionParams& p, int& s
   return seq >= 0;
 }
 
-template <typename T, int D, int G, int kWarps, int kStages>
+// S[kMW][16 x 16 * kNB2] = Q K^T for a warp's kMW tiles of 16 query rows (from q_row0 of the Q
+// tile) against K tile rows [n0, n0 + 16 * kNB2): each K fragment serves all kMW row tiles, the
+// Q fragments are read from shared memory as they are needed (registers go to the accumulators).
+template <typename T, int D, int kMW, int kNB2>
+__device__ __forceinline__ void qk_rows(float (&s)[kMW][2 * kNB2][4], uint32_t q_s, int q_row0, uint32_t k_tile,
+                                        int n0, int lane) {
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+#pragma unroll
+    for (int j = 0; j < 2 * kNB2; ++j) s[mw][j][0] = s[mw][j][1] = s[mw][j][2] = s[mw][j][3] = 0.0f;
+  }
+  const int mi = lane / 8;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[kMW][4];
+#pragma unroll
+    for (int mw = 0; mw < kMW; ++mw) {
+      ldmatrix_x4(a[mw], q_s + swizzle<D>(q_row0 + mw * 16 + (mi & 1) * 8 + (lane & 7), 2 * kk + (mi >> 1)));
+    }
+#pragma unroll
+    for (int nb = 0; nb < kNB2; ++nb) {
+      uint32_t b[4];
+      ldmatrix_x4(b, k_tile + swizzle<D>(n0 + nb * 16 + (mi >> 1) * 8 + (lane & 7), 2 * kk + (mi & 1)));
+#pragma unroll
+      for (int mw = 0; mw < kMW; ++mw) {
+        mma_16816<T>(s[mw][2 * nb], a[mw], b[0], b[1]);
+        mma_16816<T>(s[mw][2 * nb + 1], a[mw], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[kMW][16 x D] += P V for the kMW row tiles' P in S's registers (16 * kNB2 positions from n0
+// of the V tile); each V fragment serves all kMW row tiles.
+template <typename T, int D, int kMW, int kNB2>
+__device__ __forceinline__ void pv_rows(float (&acc)[kMW][D / 8][4], const float (&s)[kMW][2 * kNB2][4],
+                                        uint32_t v_tile, int n0, int lane) {
+  const int mi = lane / 8;
+#pragma unroll
+  for (int kk = 0; kk < kNB2; ++kk) {
+    uint32_t a[kMW][4];
+#pragma unroll
+    for (int mw = 0; mw < kMW; ++mw) {
+      a[mw][0] = pack2<T>(s[mw][2 * kk][0], s[mw][2 * kk][1]);
+      a[mw][1] = pack2<T>(s[mw][2 * kk][2], s[mw][2 * kk][3]);
+      a[mw][2] = pack2<T>(s[mw][2 * kk + 1][0], s[mw][2 * kk + 1][1]);
+      a[mw][3] = pack2<T>(s[mw][2 * kk + 1][2], s[mw][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, v_tile + swizzle<D>(n0 + kk * 16 + (mi & 1) * 8 + (lane & 7), 2 * dn + (mi >> 1)));
+#pragma unroll
+      for (int mw = 0; mw < kMW; ++mw) {
+        mma_16816<T>(acc[mw][2 * dn], a[mw], b[0], b[1]);
+        mma_16816<T>(acc[mw][2 * dn + 1], a[mw], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// kWarps warps of kMW tiles of 16 query rows each (a CTA's Q tile: 16 * kMW * kWarps rows, G
+// heads per token); each K/V tile of kTileN positions is taken kSubN positions at a time (one
+// online-softmax step). With kMW = 1 a warp keeps its Q fragments in registers; with kMW = 2 the
+// K/V fragments it reads from shared memory serve twice the rows (half the shared-memory traffic
+// per FLOP) and the Q fragments are re-read instead.
+template <typename T, int D, int G, int kWarps, int kStages, int kMW = 1, int kSubN = kTileN>
 __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParams p) {
   constexpr int kThreads = kWarps * 32;
-  constexpr int kRows = 16 * kWarps;
+  constexpr int kWarpRows = 16 * kMW;
+  constexpr int kRows = kWarpRows * kWarps;
   constexpr int kTokens = kRows / G;
   static_assert(16 % G == 0, "a warp's 16 rows hold whole tokens");
+  static_assert(kTileN % kSubN == 0 && kSubN % 16 == 0, "whole sub-tiles of 16 positions");
   extern __shared__ __align__(128) uint8_t smem[];
 
   int s, tile;
@@ -438,43 +516,66 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
     issue_kv_tile<T, D, kThreads, kStages>(kv_s, st, n_tiles, p, block_table, kvh, 0, kv_end, tid);
   }
 
-  // This thread's rows: warp * 16 + lane / 4 (+ 8); -1 marks rows past the tile's tokens.
-  const int row0 = warp * 16 + lane / 4;
-  const int qp[2] = {row0 / G < n_tok ? ctx0 + first + row0 / G : -1,
-                     (row0 + 8) / G < n_tok ? ctx0 + first + (row0 + 8) / G : -1};
-  const bool warp_active = (warp * 16) / G < n_tok;
-  const int warp_first_qp = ctx0 + first + (warp * 16) / G;
-  const int warp_last_qp = ctx0 + first + min(n_tok - 1, (warp * 16 + 15) / G);
+  // This thread's rows: warp * kWarpRows + mw * 16 + lane / 4 (+ 8); -1 marks rows past the
+  // tile's tokens.
+  const int warp_row0 = warp * kWarpRows;
+  int qp[kMW][2];
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
+      qp[mw][h] = r / G < n_tok ? ctx0 + first + r / G : -1;
+    }
+  }
+  const bool warp_active = warp_row0 / G < n_tok;
+  const int warp_first_qp = ctx0 + first + warp_row0 / G;
+  const int warp_last_qp = ctx0 + first + min(n_tok - 1, (warp_row0 + kWarpRows - 1) / G);
   const float scale = p.scale * kLog2e;
 
-  uint32_t qf[D / 16][4];
-  float acc[D / 8][4];
+  uint32_t qf[kMW == 1 ? D / 16 : 1][4];  // kMW = 1: the warp's Q fragments, held
+  float acc[kMW][D / 8][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int mw = 0; mw < kMW; ++mw) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) acc[mw][j][0] = acc[mw][j][1] = acc[mw][j][2] = acc[mw][j][3] = 0.0f;
+  }
+  float m[kMW][2], l[kMW][2];
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) m[mw][0] = m[mw][1] = -INFINITY, l[mw][0] = l[mw][1] = 0.0f;
 
   for (int it = 0; it < n_tiles; ++it) {
     issue_kv_tile<T, D, kThreads, kStages>(kv_s, it + kStages - 1, n_tiles, p, block_table, kvh, 0, kv_end, tid);
     cp_async_wait<kStages - 1>();
     __syncthreads();
-    if (it == 0) load_q_fragments<D>(qf, q_s, warp * 16, lane);
-    const int start = it * kTileN;
-    if (warp_active && start <= warp_last_qp) {
-      const uint32_t k_tile = kv_stage<D, kStages>(kv_s, it);
-      float sc[kTileN / 8][4];
-      qk<T, D, kTileN / 16>(sc, qf, k_tile, 0, lane);
-      const bool mask = start + kTileN - 1 > warp_first_qp;
+    if constexpr (kMW == 1) {
+      if (it == 0) load_q_fragments<D>(qf, q_s, warp_row0, lane);
+    }
+    const uint32_t k_tile = kv_stage<D, kStages>(kv_s, it);
 #pragma unroll
-      for (int j = 0; j < kTileN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = sc[j][e] * scale;
-          if (mask && start + j * 8 + (lane % 4) * 2 + (e & 1) > qp[e / 2]) v = -INFINITY;
-          sc[j][e] = v;
+    for (int n0 = 0; n0 < kTileN; n0 += kSubN) {
+      const int start = it * kTileN + n0;
+      if (warp_active && start <= warp_last_qp) {
+        float sc[kMW][kSubN / 8][4];
+        if constexpr (kMW == 1) {
+          qk<T, D, kSubN / 16>(sc[0], qf, k_tile, n0, lane);
+        } else {
+          qk_rows<T, D, kMW, kSubN / 16>(sc, q_s, warp_row0, k_tile, n0, lane);
         }
+        const bool mask = start + kSubN - 1 > warp_first_qp;
+#pragma unroll
+        for (int mw = 0; mw < kMW; ++mw) {
+#pragma unroll
+          for (int j = 0; j < kSubN / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (mask && start + j * 8 + (lane % 4) * 2 + (e & 1) > qp[mw][e / 2]) sc[mw][j][e] = -INFINITY;
+            }
+          }
+          softmax_update<kSubN / 8, D>(sc[mw], m[mw], l[mw], acc[mw], scale);
+        }
+        pv_rows<T, D, kMW, kSubN / 16>(acc, sc, k_tile + kTileN * D * 2, n0, lane);
       }
-      softmax_update<kTileN / 8, D>(sc, m, l, acc);
-      pv<T, D, kTileN / 16>(acc, sc, k_tile + kTileN * D * 2, 0, lane);
     }
     __syncthreads();  // the stage just read is the next iteration's load target
   }
@@ -482,18 +583,21 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
 
   T* out = static_cast<T*>(p.out);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = l[h];
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    sum += __shfl_xor_sync(0xffffffff, sum, 2);
-    if (qp[h] < 0) continue;
-    const int r = row0 + 8 * h;
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    T* o = out + static_cast<int64_t>(q0 + first + r / G) * p.num_q_heads * D + static_cast<int64_t>(kvh * G + r % G) * D +
-           (lane % 4) * 2;
+  for (int mw = 0; mw < kMW; ++mw) {
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(o + j * 8) = pack2<T>(acc[j][2 * h] * inv, acc[j][2 * h + 1] * inv);
+    for (int h = 0; h < 2; ++h) {
+      float sum = l[mw][h];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      if (qp[mw][h] < 0) continue;
+      const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      T* o = out + static_cast<int64_t>(q0 + first + r / G) * p.num_q_heads * D +
+             static_cast<int64_t>(kvh * G + r % G) * D + (lane % 4) * 2;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(o + j * 8) = pack2<T>(acc[mw][j][2 * h] * inv, acc[mw][j][2 * h + 1] * inv);
+      }
     }
   }
 }
@@ -547,10 +651,10 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          sc[j][e] = start + j * 8 + (lane % 4) * 2 + (e & 1) < end ? sc[j][e] * scale : -INFINITY;
+          if (start + j * 8 + (lane % 4) * 2 + (e & 1) >= end) sc[j][e] = -INFINITY;
         }
       }
-      softmax_update<2, D>(sc, m, l, acc);
+      softmax_update<2, D>(sc, m, l, acc, scale);
       pv<T, D, 1>(acc, sc, k_tile + kTileN * D * 2, warp * 16, lane);
     }
     __syncthreads();

@@ -65,6 +65,15 @@
 // the same bandwidth: measured 0.55 vs 0.92 of the copy bandwidth at equal register depth); the
 // first ones are requested before the programmatic-dependent-launch wait, as the weights are never
 // written by another kernel.
+//
+// Instruction count (Nsight Compute on an H200, 70B gate_up, one token): every 16 x 64 INT4
+// block cost ~113 warp instructions, ~5 of them mma, at 12-16 warps an SM, so the kernel is
+// bound by issue and latency, not by the dequantization (with the dequantization removed, an
+// experiment, one token ran at 0.65 of the copy bandwidth against 0.63). So the loops add 32-bit
+// offsets to bases computed once, groups are found by a shift (power-of-two group sizes; a
+// division otherwise), and INT4 at one token tile with groups of 128 takes two blocks a pipeline
+// slot (kSub): gate_up 98.4 -> 89.2 us, down 54.3 -> 44.4, o 17.3 -> 14.7 (0.59 -> 0.65 of the
+// copy bandwidth); what remains is per-block work to be found in the SASS.
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -162,6 +171,10 @@ constexpr int kMaxRegisterDepth = 4;
 // codes (bias + q) and the zero point and scale are applied to each group's FP32 sums (see the
 // kernel); above, the group accumulators would cost more registers than the saved instructions.
 constexpr int kMaxGroupScaledTiles = 4;
+// How INT4 applies zero points and scales: to every weight before the mma (kGroupNone), or per
+// group to the FP32 sums of the codes, with the activations' sums for the zero points
+// (kGroupCodes).
+constexpr int kGroupNone = 0, kGroupCodes = 1;
 
 // 16-byte chunks per lane in one slot of a warp's ring: the weights, then two per token tile.
 constexpr int ring_chunks(int nt, int mt, int vecs) { return mt * vecs + 2 * nt; }
@@ -179,11 +192,11 @@ constexpr size_t quant_mma_smem_bytes(int nt, int mt, int warps_n, int warps_k, 
 }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX, bool kGroupScaled>
+          bool kStageX, int kGroupMode, int kSub = 1>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
                      const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
-                     int group_size, OutT* __restrict__ y) {
+                     int group_size, int group_shift, OutT* __restrict__ y) {
   constexpr bool kInt4 = kFormat == QuantFormat::kInt4;
   constexpr bool kFp8 = kFormat == QuantFormat::kFp8;
   constexpr int kVecs = Packing<kFormat>::kVecs;
@@ -195,6 +208,9 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   // wrote, so no barrier is needed and the bytes in flight cost no registers.
   constexpr bool kRing = kDepth > kMaxRegisterDepth;
   static_assert(!kRing || !kStageX, "the ring carries its own activations");
+  // kSub consecutive 64-wide blocks per pipeline slot (one group of 128 for INT4): the per-slot
+  // work (copies, addresses, scale loads, the group's end) is paid once for kSub blocks.
+  static_assert(kSub == 1 || (!kRing && !kStageX), "whole slots of blocks: the register pipeline");
   constexpr bool kPrefetchX = NT <= 4 && !kStageX && !kRing;
   constexpr int kXSlots = kPrefetchX || kRing ? NT : 1;
   constexpr int kXStageBytes = NT * 8 * kBlockK * 2;
@@ -209,56 +225,79 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   const int m_tiles = n / 16;
   const int mt0 = (blockIdx.x * kWarpsN + wn) * kMT;
   const int kb_all = k / kBlockK;
-  const int kb_begin = wk * kb_all / kWarpsK;
-  const int kb_end = (wk + 1) * kb_all / kWarpsK;
+  const int kb_begin = wk * (kb_all / kSub) / kWarpsK * kSub;
+  const int kb_end = (wk + 1) * (kb_all / kSub) / kWarpsK * kSub;
   const auto* scale_pairs = static_cast<const uint32_t*>(scales);  // INT4; INT8: F32 [N]
 
   constexpr int kRegDepth = kRing ? 1 : kDepth;
-  uint4 wq[kRegDepth][kMT][kVecs];
+  uint4 wq[kRegDepth][kMT][kVecs * kSub];
   uint2 sz[kDepth][kMT];
-  uint4 xq[kRegDepth][kXSlots][2];
+  uint4 xq[kRegDepth][kXSlots][2 * kSub];
+  // The 16 bytes a lane takes of a block: packed (run v of its row tile), or, FP8, the
+  // checkpoint's row-major bytes themselves (v = 0: row g, 1: row g + 8, at inputs kb * 64 + 16c;
+  // four lanes read each 64-byte row segment, whole sectors).
+  // Loop-invariant bases (the loops add 32-bit offsets only): this lane's weight stream of row
+  // tile mt0, its scale and zero-point pairs of rows 16 * mt0 + g (+ 8), its activations of token g.
+  const uint4* w_base =
+      kFp8 ? reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(packed) +
+                                            (static_cast<size_t>(mt0) * 16 + g) * k + 16 * c)
+           : packed + static_cast<size_t>(mt0) * kb_all * kVecs * 32 + lane;
+  const int w_mt_stride = kb_all * kVecs * 32;  // uint4s between row tiles (packed)
+  const uint32_t* s_base = scale_pairs + mt0 * 8 + g;
+  const uint16_t* z_base = kInt4 ? zero_pairs + mt0 * 8 + g : nullptr;
+  const T* x_base = x + static_cast<size_t>(g) * k + 16 * c;
+  // The group of a lane's 16 inputs of block kb: a shift for the power-of-two group sizes every
+  // checkpoint ships (a division costs more instructions than the rest of a block's work).
+  auto group_of = [&](int kb) {
+    const int f = kb * kBlockK + 16 * c;
+    return group_shift >= 0 ? f >> group_shift : f / group_size;
+  };
   // The 16 bytes a lane takes of a block: packed (run v of its row tile), or, FP8, the
   // checkpoint's row-major bytes themselves (v = 0: row g, 1: row g + 8, at inputs kb * 64 + 16c;
   // four lanes read each 64-byte row segment, whole sectors).
   auto weight_at = [&](int mt, int kb, int v) -> const uint4* {
     if constexpr (kFp8) {
-      const size_t row = static_cast<size_t>(mt0 + mt) * 16 + g + 8 * v;
-      return reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(packed) + row * k + kb * kBlockK + 16 * c);
+      return reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(w_base) + (mt * 16 + 8 * v) * k +
+                                            kb * kBlockK);
     } else {
-      return packed + ((static_cast<size_t>(mt0 + mt) * kb_all + kb) * kVecs + v) * 32 + lane;
+      return w_base + (mt * w_mt_stride + (kb * kVecs + v) * 32);
     }
   };
-  auto load_weights = [&](int kb, uint4 (&w)[kMT][kVecs], uint2 (&s)[kMT]) {
+  auto load_weights = [&](int kb, uint4 (&w)[kMT][kVecs * kSub], uint2 (&s)[kMT]) {
+    [[maybe_unused]] const int group_at = kInt4 ? group_of(kb) * (m_tiles * 8) : 0;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int v = 0; v < kVecs; ++v) w[mt][v] = __ldcs(weight_at(mt, kb, v));
-      if constexpr (kInt4) {
-        const int group = (kb * kBlockK + 16 * c) / group_size;
-        const size_t at = (static_cast<size_t>(group) * m_tiles + mt0 + mt) * 8 + g;
-        s[mt] = make_uint2(__ldg(scale_pairs + at), __ldg(zero_pairs + at));
+      for (int sub = 0; sub < kSub; ++sub) {
+#pragma unroll
+        for (int v = 0; v < kVecs; ++v) w[mt][sub * kVecs + v] = __ldcs(weight_at(mt, kb + sub, v));
       }
+      if constexpr (kInt4) s[mt] = make_uint2(__ldg(s_base + group_at + mt * 8), __ldg(z_base + group_at + mt * 8));
     }
   };
   // Token 8j + g's 16 inputs at kb * 64 + 16c; zeros past the last token.
-  auto load_x = [&](int kb, int j, uint4 (&v)[2]) {
-    const int token = 8 * j + g;
-    if (token < tokens) {
-      const auto* p = reinterpret_cast<const uint4*>(x + static_cast<size_t>(token) * k + kb * kBlockK + 16 * c);
-      v[0] = __ldg(p);
-      v[1] = __ldg(p + 1);
-    } else {
-      v[0] = v[1] = make_uint4(0, 0, 0, 0);
+  auto load_x = [&](int kb, int j, uint4* v) {
+#pragma unroll
+    for (int sub = 0; sub < kSub; ++sub) {
+      if (8 * j + g < tokens) {
+        const auto* p = reinterpret_cast<const uint4*>(x_base + (8 * j * k + (kb + sub) * kBlockK));
+        v[2 * sub] = __ldg(p);
+        v[2 * sub + 1] = __ldg(p + 1);
+      } else {
+        v[2 * sub] = v[2 * sub + 1] = make_uint4(0, 0, 0, 0);
+      }
     }
   };
 
+  constexpr bool kGroupScaled = kGroupMode != kGroupNone;
+  constexpr bool kGroupXsum = kGroupMode == kGroupCodes;
   static_assert(!kGroupScaled || kInt4, "group scaling after the product: INT4");
   float acc[kMT][NT][4];
   // kGroupScaled: this group's sums of (bias + q) * x, and of x per token (an mma with an A of
   // ones), folded into acc with the zero point and the FP32 scale when the group ends.
-  constexpr int kGMT = kGroupScaled ? kMT : 1, kGNT = kGroupScaled ? NT : 1;
+  constexpr int kGMT = kGroupScaled ? kMT : 1, kGNT = kGroupScaled ? NT : 1, kXNT = kGroupXsum ? NT : 1;
   float gacc[kGMT][kGNT][4];
-  float xsum[kGNT][4];
+  float xsum[kXNT][4];
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -272,7 +311,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     for (int j = 0; j < kGNT; ++j) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        xsum[j][i] = 0.0f;
+        if constexpr (kGroupXsum) xsum[j][i] = 0.0f;
 #pragma unroll
         for (int mt = 0; mt < kGMT; ++mt) gacc[mt][j][i] = 0.0f;
       }
@@ -281,10 +320,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   clear_group();
   // The end of a group (or of this warp's blocks) after block kb: acc += (gacc - (bias + z) *
   // xsum) * scale, per row (c0, c1: row g; c2, c3: row g + 8).
-  const int group_blocks = kGroupScaled ? group_size / kBlockK : 1;
   auto end_group = [&](int kb, const uint2 (&s)[kMT]) {
     if constexpr (kGroupScaled) {
-      if ((kb + 1) % group_blocks != 0 && kb + 1 != kb_end) return;
+      const int next = (kb + 1) * kBlockK;
+      const bool group_ends = group_shift >= 0 ? (next & (group_size - 1)) == 0 : next % group_size == 0;
+      if (!group_ends && kb + 1 != kb_end) return;
       constexpr float kBias = std::is_same_v<T, __half> ? 1024.0f : 128.0f;
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
@@ -295,7 +335,11 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            acc[mt][j][i] = fmaf(fmaf(-zb[i / 2], xsum[j][i], gacc[mt][j][i]), scale[i / 2], acc[mt][j][i]);
+            if constexpr (kGroupXsum) {
+              acc[mt][j][i] = fmaf(fmaf(-zb[i / 2], xsum[j][i], gacc[mt][j][i]), scale[i / 2], acc[mt][j][i]);
+            } else {
+              acc[mt][j][i] = fmaf(gacc[mt][j][i], scale[i / 2], acc[mt][j][i]);
+            }
           }
         }
       }
@@ -315,91 +359,118 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     mma::cp_async_commit();
   };
 
-  auto compute = [&](int kb, const uint4 (&w)[kMT][kVecs], const uint2 (&s)[kMT], const uint4 (&xs)[kXSlots][2]) {
-    uint32_t a[kMT][4][4];
+  // Row tile mt's A fragments of a block (four k-steps of four registers) from its packed words.
+  auto dequant = [&](const uint4* wm, const uint2& sm, uint32_t (&a)[4][4]) {
+    if constexpr (kGroupMode == kGroupCodes) {
+      // bias + q exactly (the zero point and the scale come after the product).
+      const uint32_t words[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-      if constexpr (kGroupScaled) {
-        // bias + q exactly (the zero point and the scale come after the product).
-        const uint32_t words[4] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w};
+      for (int step = 0; step < 4; ++step) {
+        a[step][0] = (words[step] & 0x000F000Fu) | Int4Bias<T>::kPair;
+        a[step][1] = ((words[step] >> 4) & 0x000F000Fu) | Int4Bias<T>::kPair;
+        a[step][2] = ((words[step] >> 8) & 0x000F000Fu) | Int4Bias<T>::kPair;
+        a[step][3] = ((words[step] >> 12) & 0x000F000Fu) | Int4Bias<T>::kPair;
+      }
+    } else if constexpr (kInt4) {
+      // (bias + z) in both halves: the zero byte is the low mantissa bits, as for the codes.
+      const uint32_t scale_lo = both_halves(sm.x, false), scale_hi = both_halves(sm.x, true);
+      const uint32_t zero_lo = (sm.y & 0xFFu) * 0x00010001u | Int4Bias<T>::kPair;
+      const uint32_t zero_hi = (sm.y >> 8) * 0x00010001u | Int4Bias<T>::kPair;
+      const uint32_t words[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
 #pragma unroll
-        for (int step = 0; step < 4; ++step) {
-          a[mt][step][0] = (words[step] & 0x000F000Fu) | Int4Bias<T>::kPair;
-          a[mt][step][1] = ((words[step] >> 4) & 0x000F000Fu) | Int4Bias<T>::kPair;
-          a[mt][step][2] = ((words[step] >> 8) & 0x000F000Fu) | Int4Bias<T>::kPair;
-          a[mt][step][3] = ((words[step] >> 12) & 0x000F000Fu) | Int4Bias<T>::kPair;
-        }
-      } else if constexpr (kInt4) {
-        // (bias + z) in both halves: the zero byte is the low mantissa bits, as for the codes.
-        const uint32_t scale_lo = both_halves(s[mt].x, false), scale_hi = both_halves(s[mt].x, true);
-        const uint32_t zero_lo = (s[mt].y & 0xFFu) * 0x00010001u | Int4Bias<T>::kPair;
-        const uint32_t zero_hi = (s[mt].y >> 8) * 0x00010001u | Int4Bias<T>::kPair;
-        const uint32_t words[4] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w};
+      for (int step = 0; step < 4; ++step) {
+        a[step][0] = dequant2<T>(words[step], zero_lo, scale_lo);
+        a[step][1] = dequant2<T>(words[step] >> 4, zero_hi, scale_hi);
+        a[step][2] = dequant2<T>(words[step] >> 8, zero_lo, scale_lo);
+        a[step][3] = dequant2<T>(words[step] >> 12, zero_hi, scale_hi);
+      }
+    } else if constexpr (kFp8) {
+      // Word s of row g (vector 0) and of row g + 8 (vector 1): step s's 4 bytes of each row.
+      const uint32_t lo[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
+      const uint32_t hi[4] = {wm[1].x, wm[1].y, wm[1].z, wm[1].w};
 #pragma unroll
-        for (int step = 0; step < 4; ++step) {
-          a[mt][step][0] = dequant2<T>(words[step], zero_lo, scale_lo);
-          a[mt][step][1] = dequant2<T>(words[step] >> 4, zero_hi, scale_hi);
-          a[mt][step][2] = dequant2<T>(words[step] >> 8, zero_lo, scale_lo);
-          a[mt][step][3] = dequant2<T>(words[step] >> 12, zero_hi, scale_hi);
-        }
-      } else if constexpr (kFp8) {
-        // Word s of row g (vector 0) and of row g + 8 (vector 1): step s's 4 bytes of each row.
-        const uint32_t lo[4] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w};
-        const uint32_t hi[4] = {w[mt][1].x, w[mt][1].y, w[mt][1].z, w[mt][1].w};
+      for (int step = 0; step < 4; ++step) {
+        a[step][0] = fp8_pair<T>(lo[step], 0);
+        a[step][1] = fp8_pair<T>(hi[step], 0);
+        a[step][2] = fp8_pair<T>(lo[step], 1);
+        a[step][3] = fp8_pair<T>(hi[step], 1);
+      }
+    } else {
+      // Vector v holds steps 2v and 2v + 1, each as (row g's 4 bytes, row g + 8's 4 bytes).
+      const uint32_t words[8] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w,
+                                 wm[1].x, wm[1].y, wm[1].z, wm[1].w};
 #pragma unroll
-        for (int step = 0; step < 4; ++step) {
-          a[mt][step][0] = fp8_pair<T>(lo[step], 0);
-          a[mt][step][1] = fp8_pair<T>(hi[step], 0);
-          a[mt][step][2] = fp8_pair<T>(lo[step], 1);
-          a[mt][step][3] = fp8_pair<T>(hi[step], 1);
-        }
-      } else {
-        // Vector v holds steps 2v and 2v + 1, each as (row g's 4 bytes, row g + 8's 4 bytes).
-        const uint32_t words[8] = {w[mt][0].x, w[mt][0].y, w[mt][0].z, w[mt][0].w,
-                                   w[mt][1].x, w[mt][1].y, w[mt][1].z, w[mt][1].w};
-#pragma unroll
-        for (int step = 0; step < 4; ++step) {
-          const uint32_t row_lo = words[2 * step] ^ 0x80808080u;
-          const uint32_t row_hi = words[2 * step + 1] ^ 0x80808080u;
-          a[mt][step][0] = int8_pair<T>(row_lo, 0);
-          a[mt][step][1] = int8_pair<T>(row_hi, 0);
-          a[mt][step][2] = int8_pair<T>(row_lo, 1);
-          a[mt][step][3] = int8_pair<T>(row_hi, 1);
-        }
+      for (int step = 0; step < 4; ++step) {
+        const uint32_t row_lo = words[2 * step] ^ 0x80808080u;
+        const uint32_t row_hi = words[2 * step + 1] ^ 0x80808080u;
+        a[step][0] = int8_pair<T>(row_lo, 0);
+        a[step][1] = int8_pair<T>(row_hi, 0);
+        a[step][2] = int8_pair<T>(row_lo, 1);
+        a[step][3] = int8_pair<T>(row_hi, 1);
       }
     }
+  };
+  // Token tile j's B fragments of block kb (four k-steps of two registers).
+  auto x_fragments = [&](int kb, int j, int sub, const uint4 (&xs)[kXSlots][2 * kSub], uint32_t (&xw)[8]) {
+    uint4 v[2];
+    if constexpr (kPrefetchX || kRing) {
+      v[0] = xs[j][2 * sub];
+      v[1] = xs[j][2 * sub + 1];
+    } else if constexpr (kStageX) {
+      const uint8_t* row = smem + (kb & 1) * kXStageBytes + (8 * j + g) * 128;
+      v[0] = *reinterpret_cast<const uint4*>(row + (((2 * c) ^ g) * 16));
+      v[1] = *reinterpret_cast<const uint4*>(row + (((2 * c + 1) ^ g) * 16));
+    } else {
+      load_x(kb, j, v);
+    }
+    xw[0] = v[0].x, xw[1] = v[0].y, xw[2] = v[0].z, xw[3] = v[0].w;
+    xw[4] = v[1].x, xw[5] = v[1].y, xw[6] = v[1].z, xw[7] = v[1].w;
+    if constexpr (kGroupXsum) {
+      constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;
+      constexpr uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      uint4 v[2];
-      if constexpr (kPrefetchX || kRing) {
-        v[0] = xs[j][0];
-        v[1] = xs[j][1];
-      } else if constexpr (kStageX) {
-        const uint8_t* row = smem + (kb & 1) * kXStageBytes + (8 * j + g) * 128;
-        v[0] = *reinterpret_cast<const uint4*>(row + (((2 * c) ^ g) * 16));
-        v[1] = *reinterpret_cast<const uint4*>(row + (((2 * c + 1) ^ g) * 16));
-      } else {
-        load_x(kb, j, v);
-      }
-      const uint32_t xw[8] = {v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w};
+      for (int step = 0; step < 4; ++step) mma::mma_16816<T>(xsum[j], ones, xw[2 * step], xw[2 * step + 1]);
+    }
+  };
+  auto multiply = [&](int mt, int j, const uint32_t (&a)[4][4], const uint32_t (&xw)[8]) {
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
       if constexpr (kGroupScaled) {
-        constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;
-        constexpr uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
-#pragma unroll
-        for (int step = 0; step < 4; ++step) mma::mma_16816<T>(xsum[j], ones, xw[2 * step], xw[2 * step + 1]);
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-          for (int step = 0; step < 4; ++step) {
-            mma::mma_16816<T>(gacc[mt][j], a[mt][step], xw[2 * step], xw[2 * step + 1]);
-          }
-        }
+        mma::mma_16816<T>(gacc[mt][j], a[step], xw[2 * step], xw[2 * step + 1]);
       } else {
+        mma::mma_16816<T>(acc[mt][j], a[step], xw[2 * step], xw[2 * step + 1]);
+      }
+    }
+  };
+  // Up to 16 tokens, row tile by row tile (one tile's fragments live at a time, the activations'
+  // stay); above, token tile by token tile (every row tile's fragments live).
+  auto compute = [&](int kb, const uint4 (&w)[kMT][kVecs * kSub], const uint2 (&s)[kMT],
+                     const uint4 (&xs)[kXSlots][2 * kSub]) {
+    if constexpr (NT <= 2) {
+#pragma unroll
+      for (int sub = 0; sub < kSub; ++sub) {
+        uint32_t xw[NT][8];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) x_fragments(kb + sub, j, sub, xs, xw[j]);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
+          uint32_t a[4][4];
+          dequant(&w[mt][sub * kVecs], s[mt], a);
 #pragma unroll
-          for (int step = 0; step < 4; ++step) mma::mma_16816<T>(acc[mt][j], a[mt][step], xw[2 * step], xw[2 * step + 1]);
+          for (int j = 0; j < NT; ++j) multiply(mt, j, a, xw[j]);
         }
+      }
+    } else {
+      static_assert(kSub == 1, "one block a slot from 24 tokens");
+      uint32_t a[kMT][4][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) dequant(w[mt], s[mt], a[mt]);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t xw[8];
+        x_fragments(kb, j, 0, xs, xw);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) multiply(mt, j, a[mt], xw);
       }
     }
   };
@@ -414,9 +485,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) mma::cp_async16(ring_at(slot, mt * kVecs + v), weight_at(mt, kb, v), true);
       if constexpr (kInt4) {
-        const int group = (kb * kBlockK + 16 * c) / group_size;
-        const size_t at = (static_cast<size_t>(group) * m_tiles + mt0 + mt) * 8 + g;
-        sz[slot][mt] = make_uint2(__ldg(scale_pairs + at), __ldg(zero_pairs + at));
+        const int at = group_of(kb) * (m_tiles * 8) + mt * 8;
+        sz[slot][mt] = make_uint2(__ldg(s_base + at), __ldg(z_base + at));
       }
     }
   };
@@ -425,7 +495,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     for (int j = 0; j < NT; ++j) {
       const int token = 8 * j + g;
       const bool valid = token < tokens;
-      const T* src = x + static_cast<size_t>(valid ? token : 0) * k + kb * kBlockK + 16 * c;
+      const T* src = valid ? x_base + (8 * j * k + kb * kBlockK) : x;
       mma::cp_async16(ring_at(slot, kMT * kVecs + 2 * j), src, valid);
       mma::cp_async16(ring_at(slot, kMT * kVecs + 2 * j + 1), src + 8, valid);
     }
@@ -481,40 +551,41 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   } else {
 #pragma unroll
   for (int d = 0; d < kDepth; ++d) {
-    if (kb_begin + d < kb_end) load_weights(kb_begin + d, wq[d], sz[d]);
+    if (kb_begin + d * kSub < kb_end) load_weights(kb_begin + d * kSub, wq[d], sz[d]);
   }
   pdl_wait();
   if constexpr (kStageX) stage_x(kb_begin);
   if constexpr (kPrefetchX) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
-      if (kb_begin + d < kb_end) {
+      if (kb_begin + d * kSub < kb_end) {
 #pragma unroll
-        for (int j = 0; j < NT; ++j) load_x(kb_begin + d, j, xq[d][j]);
+        for (int j = 0; j < NT; ++j) load_x(kb_begin + d * kSub, j, xq[d][j]);
       }
     }
   }
-  for (int kb = kb_begin; kb < kb_end; kb += kDepth) {
+  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += kDepth * kSub) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
-      if (kb + d < kb_end) {
-        // Take slot d, refill it with the block kDepth ahead, then compute: kDepth blocks stay in
-        // flight while this one is multiplied.
-        uint4 w[kMT][kVecs];
+      const int kb = kb0 + d * kSub;
+      if (kb < kb_end) {
+        // Take slot d, refill it with the blocks kDepth slots ahead, then compute: kDepth slots
+        // stay in flight while this one is multiplied.
+        uint4 w[kMT][kVecs * kSub];
         uint2 s[kMT];
-        uint4 xs[kXSlots][2];
+        uint4 xs[kXSlots][2 * kSub];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-          for (int v = 0; v < kVecs; ++v) w[mt][v] = wq[d][mt][v];
+          for (int v = 0; v < kVecs * kSub; ++v) w[mt][v] = wq[d][mt][v];
           s[mt] = sz[d][mt];
         }
 #pragma unroll
         for (int j = 0; j < kXSlots; ++j) {
-          xs[j][0] = xq[d][j][0];
-          xs[j][1] = xq[d][j][1];
+#pragma unroll
+          for (int v = 0; v < 2 * kSub; ++v) xs[j][v] = xq[d][j][v];
         }
-        const int ahead = kb + d + kDepth;
+        const int ahead = kb + kDepth * kSub;
         if (ahead < kb_end) {
           load_weights(ahead, wq[d], sz[d]);
           if constexpr (kPrefetchX) {
@@ -523,12 +594,12 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
           }
         }
         if constexpr (kStageX) {
-          stage_x(kb + d + 1);  // the next block into the other buffer (an empty group past the end)
+          stage_x(kb + 1);  // the next block into the other buffer (an empty group past the end)
           mma::cp_async_wait<1>();
           __syncthreads();
         }
-        compute(kb + d, w, s, xs);
-        end_group(kb + d, s);
+        compute(kb, w, s, xs);
+        end_group(kb + kSub - 1, s);
         if constexpr (kStageX) __syncthreads();  // this buffer is refilled two blocks on
       }
     }
@@ -695,12 +766,21 @@ __global__ void permute_columns_kernel(const T* __restrict__ x, int64_t rows, in
   out[i] = x[r * k + perm[i % k]];
 }
 
+// log2 of a power-of-two group size, else -1 (the kernel then divides).
+int group_shift(int64_t group_size) {
+  if (group_size <= 0 || (group_size & (group_size - 1)) != 0) return -1;
+  int shift = 0;
+  while ((int64_t{1} << shift) < group_size) ++shift;
+  return shift;
+}
+
 unsigned blocks_of(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX, bool kGroupScaled>
+          bool kStageX, int kGroupMode, int kSub = 1>
 cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
-  constexpr auto kernel = quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupScaled>;
+  constexpr auto kernel =
+      quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupMode, kSub>;
   constexpr size_t smem =
       quant_mma_smem_bytes(NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, Packing<kFormat>::kVecs);
   static_assert(smem <= 163 * 1024, "an A100 gives a CTA at most 163 KB of shared memory");
@@ -715,7 +795,8 @@ cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, voi
                                : nullptr;
   return launch_pdl(kernel, grid, dim3(32 * kWarpsN * kWarpsK), smem, stream, static_cast<const uint4*>(w.packed),
                     w.scales, zero_pairs, static_cast<const T*>(x), static_cast<int>(tokens), static_cast<int>(w.n),
-                    static_cast<int>(w.k), static_cast<int>(w.group_size), static_cast<OutT*>(y));
+                    static_cast<int>(w.k), static_cast<int>(w.group_size), group_shift(w.group_size),
+                    static_cast<OutT*>(y));
 }
 
 // The instantiated configurations: {tokens per CTA / 8, row tiles per warp, warps splitting N,
@@ -756,6 +837,22 @@ cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, voi
   X(16, 1, 8, 1, 2, true)               \
   X(16, 1, 4, 1, 2, true)
 
+// INT4 scaled per group after the product. One token tile with groups of 128 (AWQ's and GPTQ's)
+// takes two 64-wide blocks a pipeline slot (measured on an H200 at 70B shapes, one token: o
+// 16.5 -> 14.7 us, gate_up 92.2 -> 89.2, down 51.7 -> 44.4, qkv unchanged; at 9-16 tokens it lost
+// on gate_up, so one block a slot there).
+template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
+          bool kStageX>
+cudaError_t launch_grouped(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
+  if constexpr (NT == 1 && kDepth <= kMaxRegisterDepth && !kStageX) {
+    if (w.group_size % (2 * kBlockK) == 0 && w.k % (2 * kBlockK) == 0) {
+      return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupCodes, 2>(w, x, tokens, y,
+                                                                                                     stream);
+    }
+  }
+  return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupCodes>(w, x, tokens, y, stream);
+}
+
 template <QuantFormat kFormat, typename T, typename OutT>
 cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, const void* x, int64_t tokens, void* y,
                           cudaStream_t stream) {
@@ -765,9 +862,9 @@ cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
   if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.warps_n == WN && cfg.warps_k == WK &&      \
       cfg.depth == D && cfg.stage_x == SX) {                                                         \
     if constexpr (kFormat == QuantFormat::kInt4 && NT <= kMaxGroupScaledTiles) {                    \
-      if (grouped) return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, true>(w, x, tokens, y, stream); \
+      if (grouped) return launch_grouped<kFormat, T, OutT, NT, MT, WN, WK, D, SX>(w, x, tokens, y, stream); \
     }                                                                                                \
-    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, false>(w, x, tokens, y, stream);      \
+    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, kGroupNone>(w, x, tokens, y, stream); \
   }
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_CASE)
 #undef SHARDSERVE_QUANT_MMA_CASE

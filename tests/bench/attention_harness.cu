@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda_profiler_api.h>
+
 #include "kernels/attention.cu"
 #include "tests/bench/gpu_timing.h"
 #include "tests/bench/host_16bit.h"
@@ -223,14 +225,15 @@ cudaError_t launch_tensor_core(const AttentionParams& p, cudaStream_t stream) {
   return paged_attention(p, std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16, stream);
 }
 
-// Tuning variants of the tensor-core kernels (warps per prefill CTA, pipeline stages).
-template <int kWarps, int kStages>
+// Tuning variants of the tensor-core kernels (warps per prefill CTA, pipeline stages, 16-row
+// tiles per warp, positions per softmax step).
+template <int kWarps, int kStages, int kMW = 1, int kSubN = tc::kTileN>
 cudaError_t prefill_variant(const AttentionParams& p, cudaStream_t stream) {
   using T = __nv_bfloat16;
-  constexpr auto kernel = tc::prefill_mma_kernel<T, 128, 4, kWarps, kStages>;
-  const size_t smem = tc::tc_smem_bytes(16 * kWarps, 128, kStages);
+  constexpr auto kernel = tc::prefill_mma_kernel<T, 128, 4, kWarps, kStages, kMW, kSubN>;
+  const size_t smem = tc::tc_smem_bytes(16 * kWarps * kMW, 128, kStages);
   CK(allow_smem<kernel>(smem));
-  const int64_t tokens = 16 * kWarps / 4;
+  const int64_t tokens = 16 * kWarps * kMW / 4;
   const dim3 grid((p.num_tokens + tokens - 1) / tokens + p.num_seqs, p.num_kv_heads);
   kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
@@ -299,6 +302,9 @@ void check_case(const char* name, int hq, int hkv, int d, std::vector<Seq> seqs,
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  // --profile-prefill: one 2,048-token prefill launch between cudaProfilerStart/Stop, for Nsight
+  // Compute (--profile-from-start off), and nothing else.
+  const bool profile_prefill = argc > 1 && std::strcmp(argv[1], "--profile-prefill") == 0;
   int dev = 0;
   CK(cudaGetDevice(&dev));
   CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev));
@@ -308,6 +314,15 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1234);
   CK(cudaMalloc(&g_counters, 65536 * sizeof(int32_t)));
   CK(cudaMemset(g_counters, 0, 65536 * sizeof(int32_t)));
+  if (profile_prefill) {
+    Problem<__nv_bfloat16> pr(32, 8, 128, {{0, 2048}}, rng, false);
+    CK(cudaDeviceSynchronize());
+    CK(cudaProfilerStart());
+    CK(launch_tensor_core<__nv_bfloat16>(pr.params(), nullptr));
+    CK(cudaDeviceSynchronize());
+    CK(cudaProfilerStop());
+    return 0;
+  }
 
   // Correctness: mixed steps (fresh prompts, cached prefixes with chunks, decodes), decode-only
   // steps over long and odd contexts, GQA 8:1, 4:1, 2:1 and MHA, head_dim 64 and 128.
@@ -363,7 +378,18 @@ int main(int argc, char** argv) {
     std::printf("\n");
   };
   const std::vector<std::pair<const char*, Launch>> pf = {
-      {"w4s2", prefill_variant<4, 2>}, {"w8s2", prefill_variant<8, 2>}, {"w8s3", prefill_variant<8, 3>}};
+      {"w8s2", prefill_variant<8, 2>},           {"w8s3", prefill_variant<8, 3>},
+      {"w4s2m2", prefill_variant<4, 2, 2>},      {"w4s3m2", prefill_variant<4, 3, 2>},
+      {"w4s2m2n32", prefill_variant<4, 2, 2, 32>}, {"w8s2m2", prefill_variant<8, 2, 2>},
+      {"w8s2m2n32", prefill_variant<8, 2, 2, 32>}};
+  for (const auto& [label, f] : pf) {  // each variant against the reference first
+    for (const std::vector<Seq>& seqs : {mixed, std::vector<Seq>{{1000, 1000}}, std::vector<Seq>{{0, 333}, {17, 1}}}) {
+      Problem<T> pr(32, 8, 128, seqs, rng);
+      CK(f(pr.params(), nullptr));
+      CK(cudaDeviceSynchronize());
+      pr.check(std::string("prefill variant ") + label);
+    }
+  }
   const std::vector<std::pair<const char*, Launch>> df = {{"s2", decode_variant<2>}, {"s3", decode_variant<3>}, {"s2mb3", decode_variant<2, 3>}, {"s3mb2", decode_variant<3, 2>}};
   variants("prefill 2048", {{0, 2048}}, pf);
   variants("prefill 8192", {{0, 8192}}, pf);

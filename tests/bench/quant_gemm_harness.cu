@@ -7,6 +7,9 @@
 //
 //   nvcc -std=c++20 -O3 -arch=sm_90a -I. --expt-relaxed-constexpr tests/bench/quant_gemm_harness.cu \
 //        -lcublasLt -o quant_gemm_harness && ./quant_gemm_harness [--no-timing]
+//   [--no-check] [--formats int4,int8,fp8] [--shapes SUBSTRING, e.g. 70B]
+//   [--profile: no timing; one call of the tuned configuration at 1 and 8 tokens per shape between
+//    cudaProfilerStart/Stop, for ncu --profile-from-start off]
 //
 // Prints the first, a middle and the largest token count of each check (relative error = max
 // |error| / max |y|; the tolerance 1e-2 is the BF16 output's rounding plus, for INT4, the scale's
@@ -24,6 +27,7 @@
 #include <vector>
 
 #include "kernels/quant_gemm.cu"
+#include <cuda_profiler_api.h>
 #include "tests/bench/cublaslt_timing.h"
 #include "tests/bench/gpu_timing.h"
 #include "tests/bench/host_16bit.h"
@@ -34,6 +38,7 @@ using namespace shardserve::kernels;
 namespace {
 
 int g_failures = 0;
+std::string g_shape_filter;  // --shapes: only the shapes whose name contains it
 
 // E4M3 (sign, 4 exponent bits of bias 7, 3 mantissa bits; no infinities) as a double.
 double e4m3(uint8_t b) {
@@ -255,7 +260,7 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
   w.free_all();
 }
 
-void time_shapes(QuantFormat format, double bw, const char* device) {
+void time_shapes(QuantFormat format, double bw, const char* device, bool profile) {
   harness::Lt lt;
   struct Shape {
     const char* name;
@@ -267,6 +272,7 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
   for (const Shape sh : {Shape{"8B qkv", 6144, 4096}, Shape{"8B o", 4096, 4096}, Shape{"8B gate_up", 28672, 4096},
                          Shape{"8B down", 4096, 14336}, Shape{"70B qkv", 10240, 8192}, Shape{"70B o", 8192, 8192},
                          Shape{"70B gate_up", 57344, 8192}, Shape{"70B down", 8192, 28672}}) {
+    if (std::string(sh.name).find(g_shape_filter) == std::string::npos) continue;
     const size_t packed = quant_mma_packed_bytes(format, sh.n, sh.k);
     const size_t sz = format == QuantFormat::kInt4 ? int4_mma_scale_zero_bytes(sh.n, sh.k / 128) : sh.n * 4;
     const int copies = std::max<int>(1, static_cast<int>((size_t{256} << 20) / packed) + 1);
@@ -284,6 +290,20 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
     CK(cudaMemset(dw16, 0, w_elems * 2 * copies16));
     // What a served model runs: the configurations quant_mma_tune measures best on this GPU.
     CK(quant_mma_tune(QuantMmaView{format, dp, dsz, nullptr, sh.n, sh.k, 128, sh.k / 128, DType::kBF16}, nullptr));
+    if (profile) {
+      // One call of each token count's picked configuration, for Nsight Compute
+      // (--profile-from-start off).
+      for (const int64_t t : {1, 8}) {
+        CK(cudaDeviceSynchronize());
+        CK(cudaProfilerStart());
+        CK(quant_mma_gemm(QuantMmaView{format, dp, dsz, nullptr, sh.n, sh.k, 128, sh.k / 128, DType::kBF16}, dx, t, dy,
+                          DType::kBF16, nullptr, nullptr, nullptr));
+        CK(cudaDeviceSynchronize());
+        CK(cudaProfilerStop());
+      }
+      for (void* p : {dp, dsz, dx, dy, dw16}) cudaFree(p);
+      continue;
+    }
     for (const int64_t t : {1, 4, 8, 16, 32, 64, 128}) {
       auto run = [&](const QuantMmaConfig* cfg) {
         return harness::time_us([&](int it) {
@@ -324,32 +344,52 @@ void time_shapes(QuantFormat format, double bw, const char* device) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool timing = !(argc > 1 && std::strcmp(argv[1], "--no-timing") == 0);
+  bool timing = true, checks = true, profile = false;
+  std::string formats = "int4,int8,fp8";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--no-timing") timing = false;
+    else if (a == "--no-check") checks = false;
+    else if (a == "--profile") profile = true;
+    else if (a == "--formats" && i + 1 < argc) formats = argv[++i];
+    else if (a == "--shapes" && i + 1 < argc) g_shape_filter = argv[++i];
+    else {
+      std::fprintf(stderr, "usage: %s [--no-timing] [--no-check] [--profile] [--formats int4,int8,fp8] "
+                           "[--shapes SUBSTRING]\n", argv[0]);
+      return 2;
+    }
+  }
+  auto wants = [&](const char* f) { return formats.find(f) != std::string::npos; };
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
   std::mt19937 rng(11);
   // Odd token counts, every configuration, group 32 and 128, act-order, FP16 and FP32 scales, both
   // activation types; the widths are the tiny checkpoints' (64) and Llama's.
-  const QuantFormat int4 = QuantFormat::kInt4, int8 = QuantFormat::kInt8;
-  check_shape<__nv_bfloat16>(int4, 64, 64, 32, false, true, rng);
-  check_shape<__nv_bfloat16>(int4, 96, 192, 32, true, true, rng);
-  check_shape<__nv_bfloat16>(int4, 1024, 4096, 128, false, true, rng);
-  check_shape<__nv_bfloat16>(int4, 4096, 1024, 128, true, false, rng);
-  check_shape<__half>(int4, 1024, 4096, 128, false, true, rng);
-  check_shape<__half>(int4, 256, 1536, 64, true, true, rng);
-  check_shape<__nv_bfloat16>(int8, 64, 64, 0, false, false, rng);
-  check_shape<__nv_bfloat16>(int8, 1024, 4096, 0, false, false, rng);
-  check_shape<__half>(int8, 4096, 1024, 0, false, false, rng);
-  const QuantFormat fp8 = QuantFormat::kFp8;
-  check_shape<__nv_bfloat16>(fp8, 64, 64, 0, false, false, rng);
-  check_shape<__nv_bfloat16>(fp8, 1024, 4096, 0, false, false, rng);
-  check_shape<__half>(fp8, 4096, 1024, 0, false, false, rng);
-  if (timing) {
+  const QuantFormat int4 = QuantFormat::kInt4, int8 = QuantFormat::kInt8, fp8 = QuantFormat::kFp8;
+  if (checks && wants("int4")) {
+    check_shape<__nv_bfloat16>(int4, 64, 64, 32, false, true, rng);
+    check_shape<__nv_bfloat16>(int4, 96, 192, 32, true, true, rng);
+    check_shape<__nv_bfloat16>(int4, 1024, 4096, 128, false, true, rng);
+    check_shape<__nv_bfloat16>(int4, 4096, 1024, 128, true, false, rng);
+    check_shape<__half>(int4, 1024, 4096, 128, false, true, rng);
+    check_shape<__half>(int4, 256, 1536, 64, true, true, rng);
+  }
+  if (checks && wants("int8")) {
+    check_shape<__nv_bfloat16>(int8, 64, 64, 0, false, false, rng);
+    check_shape<__nv_bfloat16>(int8, 1024, 4096, 0, false, false, rng);
+    check_shape<__half>(int8, 4096, 1024, 0, false, false, rng);
+  }
+  if (checks && wants("fp8")) {
+    check_shape<__nv_bfloat16>(fp8, 64, 64, 0, false, false, rng);
+    check_shape<__nv_bfloat16>(fp8, 1024, 4096, 0, false, false, rng);
+    check_shape<__half>(fp8, 4096, 1024, 0, false, false, rng);
+  }
+  if (timing || profile) {
     const double bw = harness::copy_bandwidth();
     std::printf("%s, %d SMs, copy bandwidth %.0f GB/s\n", prop.name, prop.multiProcessorCount, bw / 1e9);
-    time_shapes(int4, bw, prop.name);
-    time_shapes(int8, bw, prop.name);
-    time_shapes(fp8, bw, prop.name);
+    if (wants("int4")) time_shapes(int4, bw, prop.name, profile);
+    if (wants("int8")) time_shapes(int8, bw, prop.name, profile);
+    if (wants("fp8")) time_shapes(fp8, bw, prop.name, profile);
   }
   std::printf("%s: %d failed checks\n", g_failures ? "FAIL" : "PASS", g_failures);
   return g_failures ? 1 : 0;
