@@ -67,9 +67,10 @@
 // written by another kernel.
 //
 // Instruction count (Nsight Compute on an H200, 70B gate_up, one token): every 16 x 64 INT4
-// block cost ~113 warp instructions, ~5 of them mma, at 12-16 warps an SM, so the kernel is
+// block cost ~113 warp instructions, ~5 of them mma, at ~11 warps an SM, so the kernel is
 // bound by issue and latency, not by the dequantization (with the dequantization removed, an
-// experiment, one token ran at 0.65 of the copy bandwidth against 0.63). So the loops add 32-bit
+// experiment, gate_up and down at one token ran at 0.63-0.66 of the copy bandwidth against
+// 0.54-0.59, what this kernel now reaches with it). So the loops add 32-bit
 // offsets to bases computed once, groups are found by a shift (power-of-two group sizes; a
 // division otherwise), and INT4 at one token tile with groups of 128 takes two blocks a pipeline
 // slot (kSub): gate_up 98.4 -> 89.2 us, down 54.3 -> 44.4, o 17.3 -> 14.7 (0.59 -> 0.65 of the
