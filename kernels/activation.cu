@@ -47,7 +47,7 @@ cudaError_t launch(const void* gate_up, int64_t rows, int64_t f, void* out, cuda
 cudaError_t silu_mul(const void* gate_up, int64_t rows, int64_t f, void* out, DType dtype, cudaStream_t stream) {
   if (rows * f == 0) return cudaSuccess;
   const bool vectors = f * static_cast<int64_t>(dtype_size(dtype)) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(gate_up) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+                       aligned(gate_up, 16) && aligned(out, 16);
   return dispatch_dtype(dtype, [&]<typename T>() {
     return vectors ? launch<T, 16 / sizeof(T)>(gate_up, rows, f, out, stream) : launch<T, 1>(gate_up, rows, f, out, stream);
   });

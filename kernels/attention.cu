@@ -264,25 +264,6 @@ __device__ __forceinline__ void qk(float (&s)[2 * kNB2][4], const uint32_t (&qf)
   }
 }
 
-// acc[16 x D] += P V for P in S's registers (rows of 16 * kNB2 positions from n0 of the V tile).
-template <typename T, int D, int kNB2>
-__device__ __forceinline__ void pv(float (&acc)[D / 8][4], const float (&s)[2 * kNB2][4], uint32_t v_tile, int n0,
-                                   int lane) {
-  const int mi = lane / 8;
-#pragma unroll
-  for (int kk = 0; kk < kNB2; ++kk) {
-    const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                           pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-    for (int dn = 0; dn < D / 16; ++dn) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, v_tile + swizzle<D>(n0 + kk * 16 + (mi & 1) * 8 + (lane & 7), 2 * dn + (mi >> 1)));
-      mma_16816<T>(acc[2 * dn], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
-    }
-  }
-}
-
 // 2^x in one MUFU instruction (exp2f adds a range fix-up around it): -inf gives 0, and the
 // arguments here are <= 0, where flushing subnormal results to zero changes nothing measurable.
 __device__ __forceinline__ float exp2_approx(float x) {
@@ -636,9 +617,9 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
 
   const float scale = p.scale * kLog2e;
   uint32_t qf[D / 16][4];
-  float acc[D / 8][4];
+  float acc[1][D / 8][4];  // one 16-row tile (pv_rows)
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  for (int j = 0; j < D / 8; ++j) acc[0][j][0] = acc[0][j][1] = acc[0][j][2] = acc[0][j][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
   for (int it = 0; it < n_tiles; ++it) {
@@ -649,17 +630,17 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
     const int start = begin + it * kTileN + warp * 16;  // this warp's 16 positions
     if (start < end) {
       const uint32_t k_tile = kv_stage<D, kStages>(kv_s, it);
-      float sc[2][4];
-      qk<T, D, 1>(sc, qf, k_tile, warp * 16, lane);
+      float sc[1][2][4];
+      qk<T, D, 1>(sc[0], qf, k_tile, warp * 16, lane);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (start + j * 8 + (lane % 4) * 2 + (e & 1) >= end) sc[j][e] = -INFINITY;
+          if (start + j * 8 + (lane % 4) * 2 + (e & 1) >= end) sc[0][j][e] = -INFINITY;
         }
       }
-      softmax_update<2, D>(sc, m, l, acc, scale);
-      pv<T, D, 1>(acc, sc, k_tile + kTileN * D * 2, warp * 16, lane);
+      softmax_update<2, D>(sc[0], m, l, acc[0], scale);
+      pv_rows<T, D, 1, 1>(acc, sc, k_tile + kTileN * D * 2, warp * 16, lane);
     }
     __syncthreads();
   }
@@ -682,8 +663,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       float* o = o_w + (warp * G + g) * D + j * 8 + (lane % 4) * 2;
-      o[0] = acc[j][0];
-      o[1] = acc[j][1];
+      o[0] = acc[0][j][0];
+      o[1] = acc[0][j][1];
     }
   }
   __syncthreads();
@@ -750,7 +731,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   // in flight together (the merge is a chain of L2 round trips otherwise).
   T* out = static_cast<T*>(p.out) + t * p.num_q_heads * D + head0 * D;
   const float* acc0 = p.partials + 2 * ml_count + ((t * p.num_q_heads) + head0) * S * D;  // [G][S][D]
-  if (reinterpret_cast<uintptr_t>(acc0) % 16 == 0) {
+  if (aligned(acc0, 16)) {
     for (int base = tid * 4; base < G * D; base += kThreads * 4) {
       const int gg = base / D, d = base % D;
       const float4* src = reinterpret_cast<const float4*>(acc0 + static_cast<int64_t>(gg) * S * D + d);

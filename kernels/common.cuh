@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -12,6 +13,11 @@
 #include "worker/runtime/dtype.h"
 
 namespace shardserve::kernels {
+
+// Whether p is a multiple of `bytes`: the precondition of the kernels' 16-byte vector paths.
+__host__ __device__ __forceinline__ bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
 
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }

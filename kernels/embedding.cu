@@ -35,7 +35,7 @@ cudaError_t embedding(const int32_t* ids, int64_t num_tokens, const void* table,
                       int64_t vocab_start, void* out, DType dtype, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   const bool vectors = hidden * static_cast<int64_t>(dtype_size(dtype)) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(table) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+                       aligned(table, 16) && aligned(out, 16);
   return dispatch_dtype(dtype, [&]<typename T>() {
     const auto kernel = vectors ? embedding_kernel<T, 16 / sizeof(T)> : embedding_kernel<T, 1>;
     return launch_pdl(kernel, dim3(static_cast<unsigned>(num_tokens)), dim3(256), 0, stream, ids,

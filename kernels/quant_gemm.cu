@@ -77,6 +77,7 @@
 // copy bandwidth); what remains is per-block work to be found in the SASS.
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -172,10 +173,6 @@ constexpr int kMaxRegisterDepth = 4;
 // codes (bias + q) and the zero point and scale are applied to each group's FP32 sums (see the
 // kernel); above, the group accumulators would cost more registers than the saved instructions.
 constexpr int kMaxGroupScaledTiles = 4;
-// How INT4 applies zero points and scales: to every weight before the mma (kGroupNone), or per
-// group to the FP32 sums of the codes, with the activations' sums for the zero points
-// (kGroupCodes).
-constexpr int kGroupNone = 0, kGroupCodes = 1;
 
 // 16-byte chunks per lane in one slot of a warp's ring: the weights, then two per token tile.
 constexpr int ring_chunks(int nt, int mt, int vecs) { return mt * vecs + 2 * nt; }
@@ -193,7 +190,7 @@ constexpr size_t quant_mma_smem_bytes(int nt, int mt, int warps_n, int warps_k, 
 }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX, int kGroupMode, int kSub = 1>
+          bool kStageX, bool kGroupScaled, int kSub = 1>
 __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
                      const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
@@ -234,9 +231,6 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
   uint4 wq[kRegDepth][kMT][kVecs * kSub];
   uint2 sz[kDepth][kMT];
   uint4 xq[kRegDepth][kXSlots][2 * kSub];
-  // The 16 bytes a lane takes of a block: packed (run v of its row tile), or, FP8, the
-  // checkpoint's row-major bytes themselves (v = 0: row g, 1: row g + 8, at inputs kb * 64 + 16c;
-  // four lanes read each 64-byte row segment, whole sectors).
   // Loop-invariant bases (the loops add 32-bit offsets only): this lane's weight stream of row
   // tile mt0, its scale and zero-point pairs of rows 16 * mt0 + g (+ 8), its activations of token g.
   const uint4* w_base =
@@ -290,15 +284,13 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     }
   };
 
-  constexpr bool kGroupScaled = kGroupMode != kGroupNone;
-  constexpr bool kGroupXsum = kGroupMode == kGroupCodes;
   static_assert(!kGroupScaled || kInt4, "group scaling after the product: INT4");
   float acc[kMT][NT][4];
   // kGroupScaled: this group's sums of (bias + q) * x, and of x per token (an mma with an A of
   // ones), folded into acc with the zero point and the FP32 scale when the group ends.
-  constexpr int kGMT = kGroupScaled ? kMT : 1, kGNT = kGroupScaled ? NT : 1, kXNT = kGroupXsum ? NT : 1;
+  constexpr int kGMT = kGroupScaled ? kMT : 1, kGNT = kGroupScaled ? NT : 1;
   float gacc[kGMT][kGNT][4];
-  float xsum[kXNT][4];
+  float xsum[kGNT][4];
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -312,7 +304,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     for (int j = 0; j < kGNT; ++j) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if constexpr (kGroupXsum) xsum[j][i] = 0.0f;
+        xsum[j][i] = 0.0f;
 #pragma unroll
         for (int mt = 0; mt < kGMT; ++mt) gacc[mt][j][i] = 0.0f;
       }
@@ -336,11 +328,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            if constexpr (kGroupXsum) {
-              acc[mt][j][i] = fmaf(fmaf(-zb[i / 2], xsum[j][i], gacc[mt][j][i]), scale[i / 2], acc[mt][j][i]);
-            } else {
-              acc[mt][j][i] = fmaf(gacc[mt][j][i], scale[i / 2], acc[mt][j][i]);
-            }
+            acc[mt][j][i] = fmaf(fmaf(-zb[i / 2], xsum[j][i], gacc[mt][j][i]), scale[i / 2], acc[mt][j][i]);
           }
         }
       }
@@ -362,7 +350,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
 
   // Row tile mt's A fragments of a block (four k-steps of four registers) from its packed words.
   auto dequant = [&](const uint4* wm, const uint2& sm, uint32_t (&a)[4][4]) {
-    if constexpr (kGroupMode == kGroupCodes) {
+    if constexpr (kGroupScaled) {
       // bias + q exactly (the zero point and the scale come after the product).
       const uint32_t words[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
 #pragma unroll
@@ -426,7 +414,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
     }
     xw[0] = v[0].x, xw[1] = v[0].y, xw[2] = v[0].z, xw[3] = v[0].w;
     xw[4] = v[1].x, xw[5] = v[1].y, xw[6] = v[1].z, xw[7] = v[1].w;
-    if constexpr (kGroupXsum) {
+    if constexpr (kGroupScaled) {
       constexpr uint32_t kOnes = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;
       constexpr uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
@@ -769,19 +757,17 @@ __global__ void permute_columns_kernel(const T* __restrict__ x, int64_t rows, in
 
 // log2 of a power-of-two group size, else -1 (the kernel then divides).
 int group_shift(int64_t group_size) {
-  if (group_size <= 0 || (group_size & (group_size - 1)) != 0) return -1;
-  int shift = 0;
-  while ((int64_t{1} << shift) < group_size) ++shift;
-  return shift;
+  const auto g = static_cast<uint64_t>(group_size);
+  return group_size > 0 && std::has_single_bit(g) ? std::countr_zero(g) : -1;
 }
 
 unsigned blocks_of(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX, int kGroupMode, int kSub = 1>
+          bool kStageX, bool kGroupScaled, int kSub = 1>
 cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
   constexpr auto kernel =
-      quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupMode, kSub>;
+      quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupScaled, kSub>;
   constexpr size_t smem =
       quant_mma_smem_bytes(NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, Packing<kFormat>::kVecs);
   static_assert(smem <= 163 * 1024, "an A100 gives a CTA at most 163 KB of shared memory");
@@ -847,11 +833,10 @@ template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int k
 cudaError_t launch_grouped(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
   if constexpr (NT == 1 && kDepth <= kMaxRegisterDepth && !kStageX) {
     if (w.group_size % (2 * kBlockK) == 0 && w.k % (2 * kBlockK) == 0) {
-      return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupCodes, 2>(w, x, tokens, y,
-                                                                                                     stream);
+      return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, true, 2>(w, x, tokens, y, stream);
     }
   }
-  return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupCodes>(w, x, tokens, y, stream);
+  return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, true>(w, x, tokens, y, stream);
 }
 
 template <QuantFormat kFormat, typename T, typename OutT>
@@ -865,7 +850,7 @@ cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
     if constexpr (kFormat == QuantFormat::kInt4 && NT <= kMaxGroupScaledTiles) {                    \
       if (grouped) return launch_grouped<kFormat, T, OutT, NT, MT, WN, WK, D, SX>(w, x, tokens, y, stream); \
     }                                                                                                \
-    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, kGroupNone>(w, x, tokens, y, stream); \
+    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, false>(w, x, tokens, y, stream);      \
   }
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_CASE)
 #undef SHARDSERVE_QUANT_MMA_CASE

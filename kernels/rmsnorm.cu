@@ -87,8 +87,6 @@ cudaError_t launch(const void* x, void* residual, const void* weight, int64_t ro
                     static_cast<T*>(out));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T, int kVec>
 cudaError_t launch_vec(const void* x, void* residual, const void* weight, int64_t rows, int64_t hidden, float eps,
                        void* out, cudaStream_t stream) {
@@ -111,8 +109,8 @@ cudaError_t launch_vec(const void* x, void* residual, const void* weight, int64_
 cudaError_t rmsnorm(const void* x, void* residual, const void* weight, int64_t rows, int64_t hidden, float eps,
                     void* out, DType dtype, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  const bool vectors = hidden % (16 / static_cast<int64_t>(dtype_size(dtype))) == 0 && aligned16(x) &&
-                       aligned16(weight) && aligned16(out) && (residual == nullptr || aligned16(residual));
+  const bool vectors = hidden % (16 / static_cast<int64_t>(dtype_size(dtype))) == 0 && aligned(x, 16) &&
+                       aligned(weight, 16) && aligned(out, 16) && (residual == nullptr || aligned(residual, 16));
   return dispatch_dtype(dtype, [&]<typename T>() {
     return vectors ? launch_vec<T, 16 / sizeof(T)>(x, residual, weight, rows, hidden, eps, out, stream)
                    : launch_vec<T, 1>(x, residual, weight, rows, hidden, eps, out, stream);

@@ -69,8 +69,6 @@ cudaError_t launch(void* qkv, int64_t num_tokens, int64_t num_q_heads, int64_t n
                     cos_sin, slot_mapping, static_cast<T*>(k_cache), static_cast<T*>(v_cache));
 }
 
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 }  // namespace
 
 cudaError_t rope_and_store_kv(void* qkv, int64_t num_tokens, int64_t num_q_heads, int64_t num_kv_heads,

@@ -320,7 +320,7 @@ __device__ int fast_sample(const float* row, int V, const SamplingRow& p, float 
 // load at a time made a batch-1 greedy pick over 128k logits take 26 us).
 __device__ __forceinline__ uint64_t thread_min_key(const float* row, int V) {
   uint64_t best = ~uint64_t{0};
-  if (V % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+  if (V % 4 == 0 && aligned(row, 16)) {
     const float4* r4 = reinterpret_cast<const float4*>(row);
 #pragma unroll 16
     for (int i = threadIdx.x; i < V / 4; i += kThreads) {
