@@ -211,6 +211,31 @@ cudaError_t fill_uniform(void* out, int64_t n, uint64_t seed, float scale, DType
 // Backend::fill_random_bits on the device: byte j = synthetic_random_byte(seed, j, fp8e4m3).
 cudaError_t fill_random_bits(void* out, int64_t nbytes, uint64_t seed, bool fp8e4m3, cudaStream_t stream);
 
+// One-shot all-reduce for tensor parallelism at decode sizes (kernels/all_reduce.cu): every rank
+// copies its x into its own staging buffer, raises a flag in every peer's signal block, waits for
+// the peers' flags, then reads all ranks' staging buffers (mapped into this process: CUDA IPC or
+// peer access) and writes the sum, added in FP32 in rank order, so every rank gets the same bits.
+// One launch, one barrier; safe in CUDA graphs (its counters live in device memory). Each rank's
+// allocation is all_reduce_signal_bytes() of signal block (zeroed before any peer maps it) and
+// then 2 x capacity bytes of staging (alternate calls use alternate halves, which is what makes
+// one barrier a call enough). Every rank of the group calls it with the same n and dtype.
+constexpr int kMaxAllReduceRanks = 8;
+struct AllReducePeers {
+  void* signals[kMaxAllReduceRanks] = {};  // rank r's signal block, as this process maps it
+  void* buffers[kMaxAllReduceRanks] = {};  // rank r's staging buffer (2 x capacity bytes)
+  int rank = 0;
+  int world_size = 0;
+  size_t capacity = 0;  // bytes of each half; a multiple of 16
+  // A word of host-mapped memory: non-zero ends every wait (a peer is gone; the result is then
+  // garbage and the group is aborted by its owner). Polled while a kernel waits.
+  const volatile int32_t* abort_flag = nullptr;
+};
+size_t all_reduce_signal_bytes();
+// Whether one_shot_all_reduce takes n elements of dtype (BF16, F16 or F32) in halves of capacity.
+bool one_shot_all_reduce_supported(int64_t n, DType dtype, int world_size, size_t capacity);
+// In place on this rank's x [n] (any alignment), on `stream`.
+cudaError_t one_shot_all_reduce(const AllReducePeers& peers, void* x, int64_t n, DType dtype, cudaStream_t stream);
+
 // Converts n F32 values to T (BF16/F16) or copies F32.
 cudaError_t convert_from_f32(const float* in, int64_t n, void* out, DType dtype, cudaStream_t stream);
 

@@ -6,8 +6,9 @@
 # synthetic llama-3.1-8b with the per-op micro-benchmarks (and again at 8,192 tokens of prompt and
 # of context), then the served sweep of the same model (scripts/device_serving_sweep.sh bf16,
 # 128/128 at concurrency 1, 16, 64, 128, 256); a short table last.
-# tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), then the
-# engine benchmark of synthetic llama-3.1-70b over 2 GPUs.
+# tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), the all-reduce
+# crossover (all_reduce_bench, if bundled), then the engine benchmark of synthetic llama-3.1-70b
+# over 2 GPUs.
 # quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
 # packed into $OUT/golden.tgz), the quantized GPU tests, the INT4/INT8 tensor-core GEMM's harness
 # (if bundled), then the engine benchmark of synthetic llama-3.1-70b in AWQ INT4 and FP8 and the
@@ -31,6 +32,9 @@ if [[ $what == bench || $what == all ]]; then
   dist/bin/engine_bench --micro --out "$OUT/engine_bench.jsonl" 2>&1 | tee "$OUT/engine_bench.log" | tail -25
 fi
 if [[ $what == tp ]]; then
+  if [[ -x dist/bin/all_reduce_bench ]]; then
+    dist/bin/all_reduce_bench --ranks 2 --out "$OUT/all_reduce_bench.jsonl" 2>&1 | tee "$OUT/all_reduce_bench.log" | tail -16
+  fi
   dist/bin/engine_bench --model llama-3.1-70b --tp-size 2 --out "$OUT/engine_bench_tp2.jsonl" 2>&1 |
     tee "$OUT/engine_bench_tp2.log" | tail -30
 fi

@@ -2,7 +2,8 @@
 // several batch sizes and prefill tokens/s for a 2,048-token prompt, on a synthetic model (random
 // weights made on the device, no files). Each step is what the served engine runs: the forward
 // pass (a CUDA graph for decode) and greedy sampling on the device, token ids copied back. With N GPUs the bytes are per GPU (each reads its shard)
-// and the step's collectives are also timed alone (collective_ms_per_step).
+// and the step's collectives are also timed alone, through the path the engine takes at each
+// size (collective_ms_per_step; tests/bench/collective_timing.h).
 // Every figure is set against the device's copy bandwidth measured in the same run:
 //   bandwidth_fraction = (weight bytes + KV bytes read per step) / step time / copy bandwidth
 // where copy bandwidth = (bytes read + bytes written) / time of a 1 GiB device-to-device copy.
@@ -15,7 +16,6 @@
 // step's kernels, graph nodes included, without the load, tuning and warm-up around them.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
-#include <nccl.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "tests/bench/collective_timing.h"
 #include "tests/bench/gpu_timing.h"
 #include "tests/bench/op_bench.h"
 #include "worker/engine/executor.h"
@@ -54,59 +55,6 @@ double weight_bytes_per_step(const ModelConfig& c, const std::string& quantizati
     linear = (attn + ffn) + rows * 4.0;
   }
   return c.num_hidden_layers * (linear + 2 * h * 2.0) + (h + c.vocab_size * h) * 2.0;
-}
-
-// Median time of one NCCL collective over `n` GPUs of this process (ncclCommInitAll), for a
-// message of `bytes`: all-reduce (BF16 sum) or all-gather (FP32, `bytes` per rank).
-double collective_seconds(int n, size_t bytes, bool gather) {
-  std::vector<ncclComm_t> comms(n);
-  std::vector<int> devs(n);
-  std::iota(devs.begin(), devs.end(), 0);
-  ncclCommInitAll(comms.data(), n, devs.data());
-  std::vector<void*> buf(n), out(n);
-  std::vector<cudaStream_t> streams(n);
-  for (int d = 0; d < n; ++d) {
-    cudaSetDevice(d);
-    cudaMalloc(&buf[d], bytes);
-    cudaMalloc(&out[d], bytes * n);
-    cudaMemset(buf[d], 0, bytes);
-    cudaStreamCreate(&streams[d]);
-  }
-  auto run = [&](int iters) {
-    for (int i = 0; i < iters; ++i) {
-      ncclGroupStart();
-      for (int d = 0; d < n; ++d) {
-        if (gather) {
-          ncclAllGather(buf[d], out[d], bytes / 4, ncclFloat32, comms[d], streams[d]);
-        } else {
-          ncclAllReduce(buf[d], buf[d], bytes / 2, ncclBfloat16, ncclSum, comms[d], streams[d]);
-        }
-      }
-      ncclGroupEnd();
-    }
-    for (int d = 0; d < n; ++d) {
-      cudaSetDevice(d);
-      cudaStreamSynchronize(streams[d]);
-    }
-  };
-  run(20);
-  std::vector<double> per_op;
-  for (int rep = 0; rep < 5; ++rep) {
-    const int iters = 200;
-    const auto t0 = Clock::now();
-    run(iters);
-    per_op.push_back(std::chrono::duration<double>(Clock::now() - t0).count() / iters);
-  }
-  for (int d = 0; d < n; ++d) {
-    cudaSetDevice(d);
-    cudaFree(buf[d]);
-    cudaFree(out[d]);
-    cudaStreamDestroy(streams[d]);
-    ncclCommDestroy(comms[d]);
-  }
-  cudaSetDevice(0);
-  std::sort(per_op.begin(), per_op.end());
-  return per_op[per_op.size() / 2];
 }
 
 std::string today() {
@@ -189,14 +137,26 @@ int main(int argc, char** argv) {
       std::cerr << "error: " << preset.status() << "\n";
       return 1;
     }
+    // Through the path the engine takes at each size (the one-shot kernel up to its capacity).
+    auto capacity = shardserve::CustomAllReduce::configured_capacity();
+    if (!capacity.ok()) {
+      std::cerr << "error: " << capacity.status() << "\n";
+      return 1;
+    }
+    std::vector<int> devices(static_cast<size_t>(tp_size));
+    std::iota(devices.begin(), devices.end(), 0);
+    shardserve::bench::CollectiveTimer timer(devices, *capacity);
+    using Path = shardserve::bench::CollectiveTimer::Path;
     for (int batch : batches) {
       const size_t reduce_bytes = static_cast<size_t>(batch) * preset->hidden_size * 2;
       const size_t gather_bytes = static_cast<size_t>(batch) * preset->vocab_size / tp_size * 4;
-      const double ar = collective_seconds(tp_size, reduce_bytes, false);
-      const double ag = collective_seconds(tp_size, gather_bytes, true);
+      const double ar = timer.all_reduce_seconds(reduce_bytes, Path::kEngine);
+      const double ag = timer.all_gather_seconds(gather_bytes);
       collective_ms[batch] = ((2 * preset->num_hidden_layers + 1) * ar + ag) * 1e3;
-      std::printf("batch %3d: all-reduce of %zu bytes %.1f us, all-gather of %zu bytes %.1f us, %.3f ms per step\n",
-                  batch, reduce_bytes, ar * 1e6, gather_bytes, ag * 1e6, collective_ms[batch]);
+      const bool one_shot = timer.has_one_shot() && reduce_bytes <= timer.one_shot_capacity();
+      std::printf("batch %3d: all-reduce of %zu bytes %.1f us (%s), all-gather of %zu bytes %.1f us, %.3f ms per step\n",
+                  batch, reduce_bytes, ar * 1e6, one_shot ? "one-shot" : "NCCL", gather_bytes, ag * 1e6,
+                  collective_ms[batch]);
     }
   }
   auto loaded = shardserve::load_model(options);

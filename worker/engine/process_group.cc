@@ -13,6 +13,7 @@
 #include "worker/runtime/socket_communicator.h"
 #ifdef SHARDSERVE_WITH_CUDA
 #include "worker/runtime/cuda_backend.h"
+#include "worker/runtime/custom_all_reduce.h"
 #include "worker/runtime/nccl_communicator.h"
 #endif
 
@@ -34,6 +35,47 @@ absl::StatusOr<int64_t> decode_i64(const absl::StatusOr<std::string>& s) {
   return static_cast<int64_t>(v);
 }
 
+#ifdef SHARDSERVE_WITH_CUDA
+// Every rank's `mine`, index = rank, through the group's connections: followers send theirs to
+// rank 0 and receive the list; rank 0 gathers and sends it to each (peers = its followers, by rank).
+absl::StatusOr<std::vector<std::string>> exchange_through_leader(const GroupOptions& group,
+                                                                 const std::vector<FrameSocket*>& peers,
+                                                                 const std::string& mine) {
+  std::vector<std::string> all(static_cast<size_t>(group.tp_size));
+  if (group.rank != 0) {
+    if (auto st = peers.at(0)->send(mine); !st.ok()) return st;
+    auto packed = peers.at(0)->receive(group.collective_timeout);
+    if (!packed.ok()) return packed.status();
+    size_t at = 0;
+    for (std::string& entry : all) {
+      auto size = decode_i64(packed->size() >= at + 8 ? absl::StatusOr<std::string>(packed->substr(at, 8))
+                                                      : absl::DataLossError("a truncated exchange"));
+      if (!size.ok() || *size < 0 || packed->size() < at + 8 + static_cast<size_t>(*size)) {
+        return absl::DataLossError("rank 0 sent a malformed exchange");
+      }
+      entry = packed->substr(at + 8, static_cast<size_t>(*size));
+      at += 8 + static_cast<size_t>(*size);
+    }
+    return all;
+  }
+  all[0] = mine;
+  for (size_t i = 0; i < peers.size(); ++i) {
+    auto theirs = peers[i]->receive(group.collective_timeout);
+    if (!theirs.ok()) {
+      return absl::UnavailableError(absl::StrCat("rank 0: rank ", i + 1, " did not take part in an exchange: ",
+                                                 theirs.status().message()));
+    }
+    all[i + 1] = std::move(*theirs);
+  }
+  std::string packed;
+  for (const std::string& entry : all) packed += encode_i64(static_cast<int64_t>(entry.size())) + entry;
+  for (FrameSocket* peer : peers) {
+    if (auto st = peer->send(packed); !st.ok()) return st;
+  }
+  return all;
+}
+#endif
+
 // This rank's communicator: NCCL on GPUs, the group's connections on CPUs.
 absl::Status make_communicator(Rank& rank, const ExecutorOptions& options, const GroupOptions& group,
                                std::vector<FrameSocket*> peers) {
@@ -47,9 +89,27 @@ absl::Status make_communicator(Rank& rank, const ExecutorOptions& options, const
   if (group.nccl_unique_id.empty()) {
     return absl::FailedPreconditionError("a GPU group needs rank 0's NCCL unique id, and none was given");
   }
-  auto comm = NcclCommunicator::create(*static_cast<CudaBackend*>(rank.backend.get()), group.nccl_unique_id,
-                                       group.rank, group.tp_size, group.collective_timeout);
+  auto& gpu = *static_cast<CudaBackend*>(rank.backend.get());
+  auto comm = NcclCommunicator::create(gpu, group.nccl_unique_id, group.rank, group.tp_size, group.collective_timeout);
   if (!comm.ok()) return comm.status();
+  // The one-shot all-reduce for decode sizes: its buffers' IPC handles go around the group's
+  // connections (rank 0 gathers every rank's and sends the list back), twice: handles, then
+  // whether every rank mapped them.
+  auto capacity = CustomAllReduce::configured_capacity();
+  if (!capacity.ok()) return capacity.status();
+  CustomAllReduce::Exchange exchange = [&](const std::string& mine) -> absl::StatusOr<std::vector<std::string>> {
+    return exchange_through_leader(group, peers, mine);
+  };
+  std::string unavailable;
+  auto custom = CustomAllReduce::create(gpu, group.rank, group.tp_size, exchange, *capacity, &unavailable);
+  if (!custom.ok()) return custom.status();
+  if (*custom != nullptr) {
+    spdlog::info("group: rank {} takes all-reduces of up to {} bytes through the one-shot kernel, larger ones through NCCL",
+                 group.rank, *capacity);
+    (*comm)->use_custom_all_reduce(std::move(*custom));
+  } else {
+    spdlog::info("group: rank {} all-reduces through NCCL only: {}", group.rank, unavailable);
+  }
   rank.owned_comm = std::move(*comm);
   rank.comm = rank.owned_comm.get();
   return absl::OkStatus();

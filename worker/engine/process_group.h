@@ -4,8 +4,9 @@
 // Rendezvous: rank 0 listens on a TCP port (its group address) and, for GPU groups, makes the
 // NCCL unique id; the coordinator hands both to the followers when they register. Each follower
 // connects, says its rank; then every rank builds itself (rank.h) — GPU ranks join NCCL with the
-// id, CPU ranks talk through the connections (SocketCommunicator) — and the group agrees on its KV
-// blocks (followers send theirs, rank 0 answers with the minimum).
+// id and swap their one-shot all-reduce buffers' CUDA IPC handles through the connections
+// (custom_all_reduce.h), CPU ranks talk through the connections (SocketCommunicator) — and the
+// group agrees on its KV blocks (followers send theirs, rank 0 answers with the minimum).
 //
 // Steps: rank 0 (GroupLeader, the engine's StepExecutor) sends each step's packed batch
 // (step_message.h) to every follower, then runs its own shard; followers (run_group_follower)

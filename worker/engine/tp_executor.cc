@@ -1,5 +1,7 @@
 #include "worker/engine/tp_executor.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <exception>
 
@@ -7,6 +9,7 @@
 #include "worker/engine/step_message.h"
 #ifdef SHARDSERVE_WITH_CUDA
 #include "worker/runtime/cuda_backend.h"
+#include "worker/runtime/custom_all_reduce.h"
 #include "worker/runtime/nccl_communicator.h"
 #endif
 
@@ -45,6 +48,18 @@ absl::StatusOr<std::unique_ptr<TpExecutor>> TpExecutor::create(const ModelConfig
     for (auto& rank : exec->ranks_) gpus.push_back(static_cast<CudaBackend*>(rank->backend.get()));
     auto comms = NcclCommunicator::create_local_group(gpus);
     if (!comms.ok()) return comms.status();
+    auto capacity = CustomAllReduce::configured_capacity();
+    if (!capacity.ok()) return capacity.status();
+    if (*capacity > 0) {
+      std::string unavailable;
+      auto custom = CustomAllReduce::create_local(gpus, *capacity, &unavailable);
+      if (!custom.ok()) return custom.status();
+      if (custom->empty()) {
+        spdlog::info("tensor parallel: all-reduces through NCCL only: {}", unavailable);
+      } else {
+        for (int r = 0; r < n; ++r) (*comms)[static_cast<size_t>(r)]->use_custom_all_reduce(std::move((*custom)[static_cast<size_t>(r)]));
+      }
+    }
     for (int r = 0; r < n; ++r) {
       Rank& rank = *exec->ranks_[static_cast<size_t>(r)];
       rank.owned_comm = std::move((*comms)[static_cast<size_t>(r)]);

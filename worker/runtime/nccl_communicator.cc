@@ -122,6 +122,7 @@ void NcclCommunicator::abort(const std::string& reason) {
   if (aborted_.load()) return;
   reason_ = reason;
   aborted_.store(true);
+  if (custom_ != nullptr) custom_->abort();  // a one-shot kernel waiting for a peer returns
   // Ends the kernels of in-flight collectives, so the stream drains and no thread stays blocked.
   ncclCommAbort(static_cast<ncclComm_t>(comm_));
 }
@@ -135,6 +136,10 @@ void NcclCommunicator::check_usable() const {
 
 void NcclCommunicator::all_reduce(Tensor& x) {
   check_usable();
+  if (takes_custom(x)) {
+    custom_->all_reduce(x);
+    return;
+  }
   auto comm = static_cast<ncclComm_t>(comm_);
   ncclResult_t r = ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()), nccl_type(x.dtype), ncclSum, comm,
                                  gpu_->stream());

@@ -6,6 +6,10 @@
 // (a thread of the same process, the leader's socket) and calls create() with it; create() blocks
 // until all world_size ranks have joined.
 //
+// Small all-reduces (decode) can go through a CustomAllReduce instead (use_custom_all_reduce):
+// one kernel that reads the peers' copies over NVLink, a few microseconds where NCCL's protocols
+// take 15-20; every rank picks the path from the tensor's size and dtype alone, so all pick alike.
+//
 // Failure: NCCL collectives never fail on the host; a lost or stuck peer shows as a stream that
 // never finishes. create() therefore installs a watchdog on the backend: while the host waits for
 // the stream, it polls ncclCommGetAsyncError and a deadline (`timeout`); on either it aborts the
@@ -25,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "worker/runtime/communicator.h"
 #include "worker/runtime/cuda_backend.h"
+#include "worker/runtime/custom_all_reduce.h"
 
 namespace shardserve {
 
@@ -48,6 +53,15 @@ class NcclCommunicator final : public Communicator {
   void all_reduce(Tensor& x) override;
   void all_gather(const Tensor& x, Tensor& out) override;
 
+  // From now on, the all-reduces `custom` takes run there (every rank of the group installs its
+  // own, made collectively, before the first collective; null: NCCL for all).
+  void use_custom_all_reduce(std::unique_ptr<CustomAllReduce> custom) {
+    std::lock_guard lock(mu_);
+    custom_ = std::move(custom);
+  }
+  // Whether all_reduce(x) takes the one-shot kernel.
+  bool takes_custom(const Tensor& x) const { return custom_ != nullptr && custom_->takes(x); }
+
   // ok -> aborted (keeps the first reason): this rank's in-flight collectives end, later ones
   // and waits throw. Peers in other processes see the loss through their own watchdogs.
   void abort(const std::string& reason) override;
@@ -64,6 +78,7 @@ class NcclCommunicator final : public Communicator {
   void* comm_ = nullptr;  // ncclComm_t
   int rank_ = 0;
   int world_size_ = 1;
+  std::unique_ptr<CustomAllReduce> custom_;
   std::atomic<bool> aborted_{false};
   mutable std::mutex mu_;
   std::string reason_;
