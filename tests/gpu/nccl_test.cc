@@ -146,5 +146,70 @@ TEST_F(NcclTest, AbortFromAnotherThreadEndsTheWait) {
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 30.0);
 }
 
+// A rank lost before the group forms (here: rank 1 never comes) fails create() once its timeout
+// has passed, with a message naming the cause, instead of blocking start-up. One GPU is enough.
+TEST(NcclCreateTest, AGroupMissingARankFailsToFormWithinTheTimeout) {
+  auto gpu = CudaBackend::create(0, DType::kBF16);
+  if (!gpu.ok()) GTEST_SKIP() << gpu.status();
+  auto id = NcclCommunicator::new_unique_id();
+  ASSERT_TRUE(id.ok()) << id.status();
+  const auto t0 = Clock::now();
+  auto comm = NcclCommunicator::create(**gpu, *id, 0, 2, std::chrono::seconds(3));
+  const double waited = std::chrono::duration<double>(Clock::now() - t0).count();
+  ASSERT_FALSE(comm.ok()) << "a group of two formed with one rank";
+  EXPECT_NE(std::string(comm.status().message()).find("not every rank joined"), std::string::npos) << comm.status();
+  EXPECT_GE(waited, 2.9);
+  EXPECT_LT(waited, 20.0);
+  // The device is still usable (the half-made communicator was aborted, not left running).
+  Tensor x = (*gpu)->upload(HostTensor{std::vector<float>{1, 2}.data(), DType::kF32, {2}}, DType::kF32);
+  EXPECT_EQ((*gpu)->download_f32(x), (std::vector<float>{1, 2}));
+}
+
+// Ranks that join through create() (the process groups' way: a unique id, one rank per thread or
+// process; non-blocking communicators) form a group whose collectives work, in and out of graphs.
+TEST_F(NcclTest, RanksJoiningThroughCreateReduceEagerlyAndInGraphs) {
+  auto id = NcclCommunicator::new_unique_id();
+  ASSERT_TRUE(id.ok()) << id.status();
+  std::vector<absl::StatusOr<std::unique_ptr<NcclCommunicator>>> made(2);
+  {
+    std::vector<std::thread> joins;
+    for (int r = 0; r < 2; ++r) {
+      joins.emplace_back([&, r] { made[r] = NcclCommunicator::create(*gpus_[r], *id, r, 2, std::chrono::seconds(60)); });
+    }
+    for (auto& t : joins) t.join();
+  }
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_TRUE(made[r].ok()) << made[r].status();
+    comms_.push_back(std::move(*made[r]));
+  }
+  std::vector<Tensor> x = {upload(0, {1, 2, 3}, DType::kBF16), upload(1, {10, 20, 30}, DType::kBF16)};
+  std::vector<std::shared_ptr<void>> graphs(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      gpus_[r]->bind_thread();
+      comms_[r]->all_reduce(x[r]);  // eager: 11 22 33
+      graphs[r] = gpus_[r]->capture([&] { comms_[r]->all_reduce(x[r]); });
+      gpus_[r]->replay(graphs[r]);  // 22 44 66
+      gpus_[r]->synchronize();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) {
+    gpus_[r]->bind_thread();
+    EXPECT_EQ(gpus_[r]->download_f32(x[r]), (std::vector<float>{22, 44, 66})) << "rank " << r;
+  }
+  graphs.clear();
+  // Healthy communicators are finalized by both ranks at once.
+  threads.clear();
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      gpus_[r]->bind_thread();
+      comms_[r].reset();
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
 }  // namespace
 }  // namespace shardserve

@@ -2,7 +2,9 @@
 
 #include <nccl.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 
@@ -25,6 +27,18 @@ std::string nccl_message(ncclResult_t r, ncclComm_t comm) {
     if (const char* last = ncclGetLastError(comm); last != nullptr && *last != '\0') msg += absl::StrCat(" (", last, ")");
   }
   return msg;
+}
+
+// Polls a non-blocking communicator until its last call has finished: that call's result, or
+// ncclInProgress once `deadline` has passed.
+ncclResult_t settle(ncclComm_t comm, std::chrono::steady_clock::time_point deadline) {
+  for (;;) {
+    ncclResult_t state = ncclInProgress;
+    if (ncclResult_t r = ncclCommGetAsyncError(comm, &state); r != ncclSuccess) return r;
+    if (state != ncclInProgress) return state;
+    if (std::chrono::steady_clock::now() > deadline) return ncclInProgress;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
 }
 
 }  // namespace
@@ -51,12 +65,28 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::create(CudaB
   }
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
   gpu.bind_thread();
+  // A rank that is lost before the group has formed must fail the others' start, not hang it. So
+  // the communicator is non-blocking (its init can be given up on: ncclCommAbort) and makes every
+  // connection during init (NCCL_RUNTIME_CONNECT=0, unless the environment says otherwise), not
+  // lazily inside the first collectives of the warm-up, where a lost peer would block the host.
+  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
   ncclComm_t comm = nullptr;
-  if (ncclResult_t r = ncclCommInitRank(&comm, world_size, id, rank); r != ncclSuccess) {
-    return absl::UnavailableError(absl::StrCat("rank ", rank, " of ", world_size,
-                                               " could not join the NCCL group: ", ncclGetErrorString(r)));
+  ncclResult_t r = ncclCommInitRankConfig(&comm, world_size, id, rank, &config);
+  if (r == ncclSuccess || r == ncclInProgress) r = settle(comm, std::chrono::steady_clock::now() + timeout);
+  if (r != ncclSuccess) {
+    const std::string why = r == ncclInProgress
+                                ? absl::StrCat("not every rank joined within ",
+                                               std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
+                                               " s (a rank is missing or stuck)")
+                                : nccl_message(r, comm);
+    if (comm != nullptr) ncclCommAbort(comm);
+    return absl::UnavailableError(absl::StrCat("rank ", rank, " of ", world_size, " could not join the NCCL group: ", why));
   }
-  return wrap(gpu, comm, rank, world_size, timeout);
+  auto c = wrap(gpu, comm, rank, world_size, timeout);
+  c->non_blocking_ = true;
+  return c;
 }
 
 absl::StatusOr<std::vector<std::unique_ptr<NcclCommunicator>>> NcclCommunicator::create_local_group(
@@ -80,6 +110,7 @@ std::unique_ptr<NcclCommunicator> NcclCommunicator::wrap(CudaBackend& gpu, void*
   c->rank_ = rank;
   c->world_size_ = world_size;
   c->comm_ = comm;
+  c->timeout_ = timeout;
   NcclCommunicator* self = c.get();
   gpu.set_watchdog([self, timeout](std::chrono::steady_clock::duration waited) -> std::string {
     if (self->aborted()) {
@@ -113,8 +144,14 @@ NcclCommunicator::~NcclCommunicator() {
   // Finalize waits for outstanding work; a healthy group has none at this point. Every rank of
   // the group finalizes at the same time (each on its own thread or process).
   gpu_->bind_thread();
-  ncclCommFinalize(static_cast<ncclComm_t>(comm_));
-  ncclCommDestroy(static_cast<ncclComm_t>(comm_));
+  auto comm = static_cast<ncclComm_t>(comm_);
+  ncclResult_t r = ncclCommFinalize(comm);
+  if (non_blocking_ && r == ncclInProgress) r = settle(comm, std::chrono::steady_clock::now() + std::chrono::seconds(30));
+  if (r == ncclSuccess) {
+    ncclCommDestroy(comm);
+  } else {
+    ncclCommAbort(comm);  // a peer that never finalizes must not hold this rank's exit
+  }
 }
 
 void NcclCommunicator::abort(const std::string& reason) {
@@ -134,6 +171,20 @@ void NcclCommunicator::check_usable() const {
   }
 }
 
+void NcclCommunicator::check_enqueued(int result, const char* call) {
+  auto comm = static_cast<ncclComm_t>(comm_);
+  auto r = static_cast<ncclResult_t>(result);
+  // A non-blocking communicator may still be enqueueing the call: wait for that (not for the
+  // collective itself, which the stream and its watchdog wait for).
+  if (non_blocking_ && r == ncclInProgress) r = settle(comm, std::chrono::steady_clock::now() + timeout_);
+  if (r == ncclSuccess) return;
+  const std::string why = r == ncclInProgress ? std::string("still enqueueing after the collective timeout")
+                                              : nccl_message(r, comm);
+  const std::string reason = absl::StrCat("rank ", rank_, ": ", call, ": ", why);
+  abort(reason);
+  throw CollectiveError(reason);
+}
+
 void NcclCommunicator::all_reduce(Tensor& x) {
   check_usable();
   if (takes_custom(x)) {
@@ -143,7 +194,7 @@ void NcclCommunicator::all_reduce(Tensor& x) {
   auto comm = static_cast<ncclComm_t>(comm_);
   ncclResult_t r = ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()), nccl_type(x.dtype), ncclSum, comm,
                                  gpu_->stream());
-  if (r != ncclSuccess) throw CollectiveError(absl::StrCat("rank ", rank_, ": ncclAllReduce: ", nccl_message(r, comm)));
+  check_enqueued(r, "ncclAllReduce");
 }
 
 void NcclCommunicator::all_gather(const Tensor& x, Tensor& out) {
@@ -154,7 +205,7 @@ void NcclCommunicator::all_gather(const Tensor& x, Tensor& out) {
   auto comm = static_cast<ncclComm_t>(comm_);
   ncclResult_t r = ncclAllGather(x.data, out.data, static_cast<size_t>(x.numel()), nccl_type(x.dtype), comm,
                                  gpu_->stream());
-  if (r != ncclSuccess) throw CollectiveError(absl::StrCat("rank ", rank_, ": ncclAllGather: ", nccl_message(r, comm)));
+  check_enqueued(r, "ncclAllGather");
 }
 
 }  // namespace shardserve

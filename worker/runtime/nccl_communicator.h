@@ -4,7 +4,8 @@
 //
 // Bootstrap: one rank makes a unique id (new_unique_id()), every rank receives it by some channel
 // (a thread of the same process, the leader's socket) and calls create() with it; create() blocks
-// until all world_size ranks have joined.
+// until all world_size ranks have joined and every connection is made, or fails once `timeout`
+// has passed without (a rank lost before the group formed).
 //
 // Small all-reduces (decode) can go through a CustomAllReduce instead (use_custom_all_reduce):
 // one kernel that reads the peers' copies over NVLink, a few microseconds where NCCL's protocols
@@ -73,11 +74,15 @@ class NcclCommunicator final : public Communicator {
   static std::unique_ptr<NcclCommunicator> wrap(CudaBackend& gpu, void* comm, int rank, int world_size,
                                                 std::chrono::milliseconds timeout);
   void check_usable() const;
+  // Throws CollectiveError (and aborts) unless the NCCL call that returned `result` was enqueued.
+  void check_enqueued(int result, const char* call);
 
   CudaBackend* gpu_ = nullptr;
   void* comm_ = nullptr;  // ncclComm_t
   int rank_ = 0;
   int world_size_ = 1;
+  std::chrono::milliseconds timeout_{kDefaultTimeout};
+  bool non_blocking_ = false;  // made by create(): calls may return ncclInProgress
   std::unique_ptr<CustomAllReduce> custom_;
   std::atomic<bool> aborted_{false};
   mutable std::mutex mu_;
