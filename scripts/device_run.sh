@@ -71,6 +71,12 @@ if [[ $what == engine ]]; then
     ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} >"$OUT/gpu_tests.log" 2>&1
   status=$?
   grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure|error" "$OUT/gpu_tests.log" | head -40
+  # The one-shot all-reduce's own cost (two ranks on this one GPU: launch, flags, copies; no NVLink).
+  if [[ -x dist/bin/all_reduce_bench ]]; then
+    timeout -s KILL 60 dist/bin/all_reduce_bench --one-gpu --max-bytes 1048576 --out "$OUT/all_reduce_bench.jsonl" \
+      >"$OUT/all_reduce_bench.log" 2>&1 || echo "all_reduce_bench failed ($?)"
+    tail -11 "$OUT/all_reduce_bench.log"
+  fi
   if [[ -x dist/bin/attention_harness ]]; then
     timeout -s KILL 200 dist/bin/attention_harness >"$OUT/attention_harness.log" 2>&1 || echo "attention_harness failed ($?)"
     grep -E "FAIL|PASS|prefill|decode b" "$OUT/attention_harness.log" | grep -v "^ok" | head -30

@@ -129,7 +129,8 @@ void expect_result(CudaBackend& gpu, const RankInput& in, int64_t misalign, cons
 }
 
 TEST(OneShotAllReduceTest, EveryRankGetsTheRankOrderSumForEveryDtypeAndSize) {
-  constexpr size_t kCapacity = 256u << 10;
+  // Four passes of the grid (32 CTAs x 512 threads x 16 bytes = 256 KiB a pass).
+  constexpr size_t kCapacity = 1u << 20;
   for (int world : {2, 3, 4, 8}) {
     auto group = make_local_group(std::vector<int>(static_cast<size_t>(world), 0), kCapacity);
     if (!group.ok() && group.status().code() == absl::StatusCode::kNotFound) GTEST_SKIP() << group.status();
@@ -140,7 +141,7 @@ TEST(OneShotAllReduceTest, EveryRankGetsTheRankOrderSumForEveryDtypeAndSize) {
       const int64_t per_unit = 16 / static_cast<int64_t>(dtype_size(dtype));
       const int64_t max_n = static_cast<int64_t>(kCapacity / dtype_size(dtype));
       // Empty, single elements, a unit and around it, one pass of the grid (32 x 512 units) and
-      // around it, several passes, the whole capacity.
+      // around it, the whole capacity and just below.
       for (int64_t n : {int64_t{0}, int64_t{1}, per_unit - 1, per_unit, per_unit + 1, int64_t{1000}, int64_t{8192},
                         32 * 512 * per_unit - 1, 32 * 512 * per_unit + 3, max_n - 5, max_n}) {
         if (n > max_n || n < 0) continue;
