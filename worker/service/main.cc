@@ -43,6 +43,9 @@ int main(int argc, char** argv) {
   app.add_option("--collective-timeout-ms", collective_timeout_ms,
                  "A group of processes fails (loudly) when a collective takes longer than this: a rank stuck or gone")
       ->capture_default_str();
+  app.add_option("--device", o.device,
+                 "GPU index (among those visible) for this process; -1: its rank in a group of processes, else 0")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
   o.register_timeout = std::chrono::milliseconds(register_timeout_ms);

@@ -441,6 +441,7 @@ absl::Status run_worker(const WorkerOptions& o) {
   eo.max_model_len = a.max_model_len();
   if (a.max_num_seqs() > 0) eo.max_num_seqs = a.max_num_seqs();
   if (a.max_num_batched_tokens() > 0) eo.max_num_batched_tokens = a.max_num_batched_tokens();
+  eo.device = o.device >= 0 ? o.device : (process_group ? a.rank() : 0);
   GroupOptions go;
   go.rank = a.rank();
   go.tp_size = a.tp_size();

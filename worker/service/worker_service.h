@@ -30,6 +30,10 @@ struct WorkerOptions {
   // free port), and how long a collective may take before the group is declared broken.
   int group_port = 0;
   std::chrono::milliseconds collective_timeout{60000};
+  // The GPU this process uses, among those it sees; -1: its rank in a group of processes (rank r
+  // on GPU r: the ranks of a group share one node, one GPU each), else GPU 0. A group run as
+  // threads of one process takes GPUs device .. device + tp_size - 1.
+  int device = -1;
 };
 
 // Runs until SIGTERM/SIGINT (which the caller has blocked in every thread). An error for a failed
