@@ -4,6 +4,9 @@
 # shared library they resolve outside glibc/libstdc++/libssl/libz/CUDA/NCCL.
 #   scripts/device_bundle.sh [TARGET...]     (default: the GPU tests, benchmarks and the CLI)
 # Then on the GPU machine: scripts/device_run.sh (with dist/ carried along).
+# The A100 path on a Hopper GPU: CUDA_ARCHS=80 BUILD_DIR=build-sm80 DIST=dist-sm80
+# scripts/device_bundle.sh gpu_tests builds sm_80 code only (its PTX is compiled for the GPU at
+# load), which `scripts/device_run.sh sm80` runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build-cuda}
@@ -16,14 +19,15 @@ if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
     -DCMAKE_BUILD_TYPE=Release >/dev/null
 fi
 cmake --build "$BUILD_DIR" -j "${BUILD_JOBS:-2}" --target "${TARGETS[@]}"
-rm -rf dist && mkdir -p dist/bin dist/lib
+DIST=${DIST:-dist}
+rm -rf "$DIST" && mkdir -p "$DIST/bin" "$DIST/lib"
 # Without debug sections: the working tree that travels to the GPU machine is size-limited.
-for t in "${TARGETS[@]}"; do objcopy --strip-debug "$BUILD_DIR/bin/$t" "dist/bin/$t"; done
-ldd dist/bin/* | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
+for t in "${TARGETS[@]}"; do objcopy --strip-debug "$BUILD_DIR/bin/$t" "$DIST/bin/$t"; done
+ldd "$DIST"/bin/* | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
   case "$(basename "$lib")" in
     libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libstdc++.so*|libgcc_s.so*|libssl.so*|libcrypto.so*|libz.so*) ;;
     libcuda.so*|libcudart.so*|libcublas*.so*|libnccl.so*) ;;
-    *) cp -L "$lib" dist/lib/ ;;
+    *) cp -L "$lib" "$DIST/lib/" ;;
   esac
 done
-du -sh dist
+du -sh "$DIST"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine over a checkout with dist/ from scripts/device_bundle.sh: every GPU test,
 # then the engine benchmark, results (JSON records, logs) under ${OUT:-out}/, a short table last.
-#   scripts/device_run.sh [tests|bench|all|tp|quant|engine]
+#   scripts/device_run.sh [tests|bench|all|tp|quant|engine|sm80]
+# sm80: the GPU tests of an sm_80-only build (dist-sm80/, see device_bundle.sh): the A100 code
+# paths, compiled from their PTX for this GPU, held to the same references.
 # engine (one GPU): every GPU test, the attention kernels' harness, the engine benchmark of
 # synthetic llama-3.1-8b with the per-op micro-benchmarks (and again at 8,192 tokens of prompt and
 # of context), then the served sweep of the same model (scripts/device_serving_sweep.sh bf16,
@@ -27,6 +29,17 @@ status=0
 if [[ $what == tests || $what == all || $what == tp ]]; then
   SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" dist/bin/gpu_tests --gtest_brief=1 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   status=${PIPESTATUS[0]}
+fi
+if [[ $what == sm80 ]]; then
+  if [[ ! -d dist-sm80 && -f ${DIST_SM80_TARBALL:-.devcarry/dist-sm80.tar.xz} ]]; then
+    tar xJf "${DIST_SM80_TARBALL:-.devcarry/dist-sm80.tar.xz}"
+  fi
+  # Every kernel is compiled from PTX at first use: a few minutes the first time (cached after).
+  SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" LD_LIBRARY_PATH="$PWD/dist-sm80/lib:$LD_LIBRARY_PATH" \
+    CUDA_CACHE_MAXSIZE=4294967296 timeout -s KILL "${TEST_SECONDS:-500}" dist-sm80/bin/gpu_tests --gtest_brief=1 \
+    ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} >"$OUT/gpu_tests_sm80.log" 2>&1
+  status=$?
+  grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure|error" "$OUT/gpu_tests_sm80.log" | head -40
 fi
 if [[ $what == bench || $what == all ]]; then
   dist/bin/engine_bench --micro --out "$OUT/engine_bench.jsonl" 2>&1 | tee "$OUT/engine_bench.log" | tail -25
