@@ -45,6 +45,11 @@ template <typename T, int kRanks>
 __global__ void __launch_bounds__(kThreads) one_shot_kernel(AllReducePeers p, T* x, int64_t n) {
   constexpr int kVec = 16 / sizeof(T);
   using Unit = Pack<T, kVec>;
+  // Launched with programmatic dependent launch (common.cuh): its launch hides behind the tail of
+  // the layer before it, and nothing is touched until that has completed (so every kernel before
+  // it, the previous all-reduce included, has).
+  pdl_wait();
+  pdl_trigger();
   const int b = blockIdx.x;
   auto* own = static_cast<Signal*>(p.signals[p.rank]);
   __shared__ uint32_t epoch_shared;
@@ -119,8 +124,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(AllReducePeers p, T*
 
 template <typename T, int kRanks>
 cudaError_t launch(const AllReducePeers& p, void* x, int64_t n, cudaStream_t stream) {
-  one_shot_kernel<T, kRanks><<<kBlocks, kThreads, 0, stream>>>(p, static_cast<T*>(x), n);
-  return cudaGetLastError();
+  return launch_pdl(one_shot_kernel<T, kRanks>, dim3(kBlocks), dim3(kThreads), 0, stream, p, static_cast<T*>(x), n);
 }
 
 template <typename T>
