@@ -23,6 +23,7 @@
 #include "worker/engine/engine.h"
 #include "worker/engine/executor.h"
 #include "worker/engine/greedy.h"
+#include "worker/engine/process_group.h"
 #include "worker/engine/step_message.h"
 #include "worker/engine/tp_executor.h"
 #include "worker/model/checkpoint.h"
@@ -520,6 +521,82 @@ TEST(TpCommandLine, ATpSizeThatDoesNotDivideTheModelFailsAtStartUp) {
   const auto [status, output] = run_cli("generate --backend cpu --tp-size 4 --model " + dir + " --prompt-ids 1,2,3");
   EXPECT_NE(status, 0);
   EXPECT_NE(output.find("tp_size 4 does not divide num_attention_heads (6)"), std::string::npos) << output;
+}
+
+// The group's control-channel exchange (how GPU ranks swap their all-reduce buffers' IPC handles):
+// every rank gets every rank's bytes in rank order, binary and empty entries included, over real
+// loopback connections; a follower that is gone or silent fails rank 0's exchange, naming it.
+struct LoopbackGroup {
+  std::unique_ptr<FrameListener> listener;
+  std::vector<std::unique_ptr<FrameSocket>> at_leader;  // [r - 1]: rank 0's end of rank r
+  std::vector<std::unique_ptr<FrameSocket>> at_follower;  // [r - 1]: rank r's end
+};
+LoopbackGroup make_loopback_group(int tp_size) {
+  LoopbackGroup g;
+  auto listener = FrameListener::listen("127.0.0.1", 0);
+  EXPECT_TRUE(listener.ok()) << listener.status();
+  g.listener = std::move(*listener);
+  for (int r = 1; r < tp_size; ++r) {
+    auto c = FrameSocket::connect("127.0.0.1:" + std::to_string(g.listener->port()), 5s);
+    EXPECT_TRUE(c.ok()) << c.status();
+    auto a = g.listener->accept(5s);
+    EXPECT_TRUE(a.ok()) << a.status();
+    g.at_follower.push_back(std::move(*c));
+    g.at_leader.push_back(std::move(*a));
+  }
+  return g;
+}
+
+TEST(GroupExchange, EveryRankGetsEveryRanksBytesInRankOrder) {
+  constexpr int kRanks = 4;
+  LoopbackGroup g = make_loopback_group(kRanks);
+  const std::vector<std::string> mine = {"rank zero", std::string("\0\1\2 binary\xff", 12), "", std::string(70000, 'x')};
+  std::vector<absl::StatusOr<std::vector<std::string>>> got(kRanks);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks; ++r) {
+    threads.emplace_back([&, r] {
+      GroupOptions o;
+      o.rank = r;
+      o.tp_size = kRanks;
+      o.collective_timeout = 10s;
+      std::vector<FrameSocket*> peers;
+      if (r == 0) {
+        for (auto& s : g.at_leader) peers.push_back(s.get());
+      } else {
+        peers.push_back(g.at_follower[static_cast<size_t>(r - 1)].get());
+      }
+      got[static_cast<size_t>(r)] = exchange_through_leader(o, peers, mine[static_cast<size_t>(r)]);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < kRanks; ++r) {
+    ASSERT_TRUE(got[static_cast<size_t>(r)].ok()) << "rank " << r << ": " << got[static_cast<size_t>(r)].status();
+    EXPECT_EQ(*got[static_cast<size_t>(r)], mine) << "rank " << r;
+  }
+}
+
+TEST(GroupExchange, AFollowerThatIsGoneOrSilentFailsRankZerosExchange) {
+  for (bool gone : {true, false}) {
+    LoopbackGroup g = make_loopback_group(3);
+    GroupOptions o;
+    o.rank = 0;
+    o.tp_size = 3;
+    o.collective_timeout = 300ms;
+    // Rank 1 takes part; rank 2 closes its connection or never sends.
+    std::thread one([&] {
+      GroupOptions f = o;
+      f.rank = 1;
+      (void)exchange_through_leader(f, {g.at_follower[0].get()}, "one");
+    });
+    if (gone) g.at_follower[1].reset();
+    const auto start = std::chrono::steady_clock::now();
+    auto all = exchange_through_leader(o, {g.at_leader[0].get(), g.at_leader[1].get()}, "zero");
+    ASSERT_FALSE(all.ok()) << (gone ? "gone" : "silent");
+    EXPECT_NE(std::string(all.status().message()).find("rank 2"), std::string::npos) << all.status();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+    g.at_leader.clear();  // rank 1 is waiting for the list: its connection closes
+    one.join();
+  }
 }
 
 }  // namespace

@@ -35,46 +35,6 @@ absl::StatusOr<int64_t> decode_i64(const absl::StatusOr<std::string>& s) {
   return static_cast<int64_t>(v);
 }
 
-#ifdef SHARDSERVE_WITH_CUDA
-// Every rank's `mine`, index = rank, through the group's connections: followers send theirs to
-// rank 0 and receive the list; rank 0 gathers and sends it to each (peers = its followers, by rank).
-absl::StatusOr<std::vector<std::string>> exchange_through_leader(const GroupOptions& group,
-                                                                 const std::vector<FrameSocket*>& peers,
-                                                                 const std::string& mine) {
-  std::vector<std::string> all(static_cast<size_t>(group.tp_size));
-  if (group.rank != 0) {
-    if (auto st = peers.at(0)->send(mine); !st.ok()) return st;
-    auto packed = peers.at(0)->receive(group.collective_timeout);
-    if (!packed.ok()) return packed.status();
-    size_t at = 0;
-    for (std::string& entry : all) {
-      auto size = decode_i64(packed->size() >= at + 8 ? absl::StatusOr<std::string>(packed->substr(at, 8))
-                                                      : absl::DataLossError("a truncated exchange"));
-      if (!size.ok() || *size < 0 || packed->size() < at + 8 + static_cast<size_t>(*size)) {
-        return absl::DataLossError("rank 0 sent a malformed exchange");
-      }
-      entry = packed->substr(at + 8, static_cast<size_t>(*size));
-      at += 8 + static_cast<size_t>(*size);
-    }
-    return all;
-  }
-  all[0] = mine;
-  for (size_t i = 0; i < peers.size(); ++i) {
-    auto theirs = peers[i]->receive(group.collective_timeout);
-    if (!theirs.ok()) {
-      return absl::UnavailableError(absl::StrCat("rank 0: rank ", i + 1, " did not take part in an exchange: ",
-                                                 theirs.status().message()));
-    }
-    all[i + 1] = std::move(*theirs);
-  }
-  std::string packed;
-  for (const std::string& entry : all) packed += encode_i64(static_cast<int64_t>(entry.size())) + entry;
-  for (FrameSocket* peer : peers) {
-    if (auto st = peer->send(packed); !st.ok()) return st;
-  }
-  return all;
-}
-#endif
 
 // This rank's communicator: NCCL on GPUs, the group's connections on CPUs.
 absl::Status make_communicator(Rank& rank, const ExecutorOptions& options, const GroupOptions& group,
@@ -183,6 +143,48 @@ class GroupLeader final : public StepExecutor {
 };
 
 }  // namespace
+
+absl::StatusOr<std::vector<std::string>> exchange_through_leader(const GroupOptions& group,
+                                                                 const std::vector<FrameSocket*>& peers,
+                                                                 const std::string& mine) {
+  std::vector<std::string> all(static_cast<size_t>(group.tp_size));
+  if (group.rank != 0) {
+    if (peers.size() != 1) return absl::InvalidArgumentError("a follower exchanges through its one connection to rank 0");
+    if (auto st = peers[0]->send(mine); !st.ok()) return st;
+    auto packed = peers[0]->receive(group.collective_timeout);
+    if (!packed.ok()) return packed.status();
+    size_t at = 0;
+    for (std::string& entry : all) {
+      auto size = decode_i64(packed->size() >= at + 8 ? absl::StatusOr<std::string>(packed->substr(at, 8))
+                                                      : absl::DataLossError("a truncated exchange"));
+      if (!size.ok() || *size < 0 || packed->size() < at + 8 + static_cast<size_t>(*size)) {
+        return absl::DataLossError("rank 0 sent a malformed exchange");
+      }
+      entry = packed->substr(at + 8, static_cast<size_t>(*size));
+      at += 8 + static_cast<size_t>(*size);
+    }
+    if (at != packed->size()) return absl::DataLossError("rank 0 sent a malformed exchange");
+    return all;
+  }
+  if (static_cast<int>(peers.size()) != group.tp_size - 1) {
+    return absl::InvalidArgumentError("rank 0 exchanges through one connection per follower");
+  }
+  all[0] = mine;
+  for (size_t i = 0; i < peers.size(); ++i) {
+    auto theirs = peers[i]->receive(group.collective_timeout);
+    if (!theirs.ok()) {
+      return absl::UnavailableError(absl::StrCat("rank 0: rank ", i + 1, " did not take part in an exchange: ",
+                                                 theirs.status().message()));
+    }
+    all[i + 1] = std::move(*theirs);
+  }
+  std::string packed;
+  for (const std::string& entry : all) packed += encode_i64(static_cast<int64_t>(entry.size())) + entry;
+  for (FrameSocket* peer : peers) {
+    if (auto st = peer->send(packed); !st.ok()) return st;
+  }
+  return all;
+}
 
 std::string make_nccl_unique_id() {
 #ifdef SHARDSERVE_WITH_CUDA

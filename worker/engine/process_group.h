@@ -23,6 +23,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "worker/engine/executor.h"
@@ -47,6 +48,14 @@ absl::StatusOr<LoadedModel> start_group_leader(const ExecutorOptions& options, c
 // Rank R > 0: joins the leader and follows its steps until the leader closes the group (OK) or
 // something fails (the error).
 absl::Status run_group_follower(const ExecutorOptions& options, const GroupOptions& group);
+
+// Every rank's `mine`, index = rank, through the group's connections (a collective of the group's
+// control channel, used while it is built): followers send theirs to rank 0 (peers = {rank 0}) and
+// receive the list; rank 0 (peers = its followers, by rank) gathers and sends it to each. Errors:
+// a lost or silent peer (group.collective_timeout), a malformed answer.
+absl::StatusOr<std::vector<std::string>> exchange_through_leader(const GroupOptions& group,
+                                                                 const std::vector<FrameSocket*>& peers,
+                                                                 const std::string& mine);
 
 // A fresh NCCL unique id where this build has NCCL (empty otherwise, or when NCCL cannot make one).
 std::string make_nccl_unique_id();
