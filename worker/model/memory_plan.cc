@@ -20,7 +20,8 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // ~500 MiB (context, module images, cuBLASLt handle); cuBLASLt's workspace is 32 MiB, with the
 // decode attention's 256 KiB of split counters (worker/runtime/cuda_backend.cc). NCCL's buffers
 // for a TP group add ~256 MiB per rank (default NCCL_BUFFSIZE 4 MiB x channels x peers, plus its
-// own context use). An estimate: the worker prints the real figure next to it.
+// own context use; the one-shot all-reduce's 1 MiB of staging, worker/runtime/custom_all_reduce.h,
+// is inside that estimate). An estimate: the worker prints the real figure next to it.
 constexpr int64_t kCudaContextBytes = 512 * kMiB;
 constexpr int64_t kGemmWorkspaceBytes = 32 * kMiB + 256 * 1024;
 constexpr int64_t kNcclBytes = 256 * kMiB;
