@@ -79,8 +79,9 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(AllReducePeers p, T*
     }
   }
   __syncthreads();
+  // The barrier orders the CTA's copies before each flag's release (cumulative at system scope),
+  // and each acquire before the CTA's reads of the peers' copies.
   if (threadIdx.x < kRanks) {
-    __threadfence_system();
     store_release_sys(&static_cast<Signal*>(p.signals[threadIdx.x])->flags[b][p.rank], epoch);
     const uint32_t* flag = &own->flags[b][threadIdx.x];
     for (uint32_t spins = 1; static_cast<int32_t>(load_acquire_sys(flag) - epoch) < 0; ++spins) {
