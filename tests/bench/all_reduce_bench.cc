@@ -11,23 +11,12 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
-#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "tests/bench/collective_timing.h"
-
-namespace {
-
-std::string today() {
-  const std::time_t t = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&t));
-  return buf;
-}
-
-}  // namespace
+#include "tests/bench/gpu_timing.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"shardserve all-reduce benchmark: NCCL against the one-shot kernel"};
@@ -66,7 +55,7 @@ int main(int argc, char** argv) {
   for (size_t bytes = 2048; bytes <= max_bytes; bytes *= 2) {
     nlohmann::json r = {{"bench", "all_reduce"}, {"device", device}, {"tp_size", ranks},
                         {"ranks_on", one_gpu ? "one GPU" : "one GPU each"}, {"bytes", bytes},
-                        {"dtype", "bfloat16"}, {"nccl_us", nullptr}, {"one_shot_us", nullptr}, {"date", today()}};
+                        {"dtype", "bfloat16"}, {"nccl_us", nullptr}, {"one_shot_us", nullptr}, {"date", shardserve::harness::record_date()}};
     double nccl = -1, one_shot = -1;
     if (timer.has_nccl()) {
       nccl = timer.all_reduce_seconds(bytes, Path::kNccl) * 1e6;

@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -55,13 +54,6 @@ double weight_bytes_per_step(const ModelConfig& c, const std::string& quantizati
     linear = (attn + ffn) + rows * 4.0;
   }
   return c.num_hidden_layers * (linear + 2 * h * 2.0) + (h + c.vocab_size * h) * 2.0;
-}
-
-std::string today() {
-  const std::time_t t = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&t));
-  return buf;
 }
 
 }  // namespace
@@ -178,7 +170,7 @@ int main(int argc, char** argv) {
     nlohmann::json r = {{"bench", bench}, {"device", prop.name}, {"model", model}, {"quantization", quantization},
                         {"dtype", "bfloat16"}, {"tp_size", tp_size}, {"batch", batch}, {"tokens_per_s", tokens_per_s},
                         {"bandwidth_fraction", fraction}, {"step_ms", step_ms}, {"context_len", context},
-                        {"copy_bandwidth_gbps", bw / 1e9}, {"date", today()}};
+                        {"copy_bandwidth_gbps", bw / 1e9}, {"date", shardserve::harness::record_date()}};
     if (tp_size > 1 && bench == "decode") {
       r["collective_ms_per_step"] = collective_ms[batch];
       r["collective_share"] = collective_ms[batch] / step_ms;
@@ -282,7 +274,7 @@ int main(int argc, char** argv) {
     std::ofstream out(out_path, std::ios::app);
     for (auto& r : op_records) {
       r["model"] = model;
-      r["date"] = today();
+      r["date"] = shardserve::harness::record_date();
       out << r.dump() << "\n";
     }
     for (const auto& r : records) out << r.dump() << "\n";

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <string>
 #include <vector>
 
 #define CK(x)                                                                                   \
@@ -66,6 +68,14 @@ double time_us(F&& f, int iters) {
            for (int i = 0; i < iters; ++i) f(i);
          }) /
          iters;
+}
+
+// The date of a benchmark record: YYYY-MM-DD, UTC.
+inline std::string record_date() {
+  const std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&t));
+  return buf;
 }
 
 }  // namespace shardserve::harness

@@ -11,9 +11,7 @@
 // inside a one-shot kernel becoming CollectiveError through the watchdog. Skipped without a device.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
-#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -24,12 +22,11 @@
 #include <thread>
 
 #include "kernels/kernels.h"
+#include "tests/gpu/gpu_test_util.h"
 #include "worker/runtime/cuda_backend.h"
 #include "worker/runtime/custom_all_reduce.h"
 #include "worker/runtime/dtype.h"
 #include "worker/runtime/nccl_communicator.h"
-
-extern char** environ;
 
 namespace shardserve {
 namespace {
@@ -345,44 +342,23 @@ TEST(OneShotAllReduceIpc, ChildRank) {
 }
 
 TEST(OneShotAllReduceIpc, TwoProcessesOnOneGpu) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 1) {
-    cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device";
-  }
+  if (testing_util::cuda_device_count() < 1) GTEST_SKIP() << "no CUDA device";
   int fds[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
   std::vector<pid_t> children;
   for (int r = 0; r < 2; ++r) {
-    std::vector<std::string> env_strings;
-    for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
-    env_strings.push_back("SHARDSERVE_TEST_AR_RANK=" + std::to_string(r));
-    env_strings.push_back("SHARDSERVE_TEST_AR_FD=" + std::to_string(fds[r]));
-    std::vector<char*> env;
-    for (auto& s : env_strings) env.push_back(s.data());
-    env.push_back(nullptr);
-    std::string exe = "/proc/self/exe";
-    std::string filter = "--gtest_filter=OneShotAllReduceIpc.ChildRank";
-    std::vector<char*> argv = {exe.data(), filter.data(), nullptr};
-    pid_t pid = 0;
-    ASSERT_EQ(posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv.data(), env.data()), 0);
+    const pid_t pid = testing_util::spawn_self(
+        "OneShotAllReduceIpc.ChildRank",
+        {"SHARDSERVE_TEST_AR_RANK=" + std::to_string(r), "SHARDSERVE_TEST_AR_FD=" + std::to_string(fds[r])});
+    ASSERT_GT(pid, 0);
     children.push_back(pid);
   }
   ::close(fds[0]);
   ::close(fds[1]);
   const auto deadline = Clock::now() + std::chrono::seconds(150);
   for (pid_t pid : children) {
-    int status = 0;
-    pid_t got = 0;
-    while ((got = ::waitpid(pid, &status, WNOHANG)) == 0 && Clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    if (got == 0) {
-      for (pid_t p : children) ::kill(p, SIGKILL);
-      ::waitpid(pid, &status, 0);
-      FAIL() << "a rank process did not finish within 150 s";
-    }
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "a rank process failed (its output is above)";
+    EXPECT_EQ(testing_util::wait_or_kill(pid, deadline), 0)
+        << "a rank process failed or did not finish within 150 s (its output is above)";
   }
 }
 
@@ -391,11 +367,7 @@ TEST(OneShotAllReduceIpc, TwoProcessesOnOneGpu) {
 class TwoGpuAllReduceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2) {
-      cudaGetLastError();
-      GTEST_SKIP() << "needs 2 GPUs, found " << devices;
-    }
+    if (const int devices = testing_util::cuda_device_count(); devices < 2) GTEST_SKIP() << "needs 2 GPUs, found " << devices;
   }
 };
 

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <thread>
 
+#include "tests/gpu/gpu_test_util.h"
 #include "worker/runtime/cuda_backend.h"
 #include "worker/runtime/dtype.h"
 #include "worker/runtime/nccl_communicator.h"
@@ -19,11 +20,7 @@ using Clock = std::chrono::steady_clock;
 class NcclTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2) {
-      cudaGetLastError();
-      GTEST_SKIP() << "needs 2 GPUs, found " << devices;
-    }
+    if (const int devices = testing_util::cuda_device_count(); devices < 2) GTEST_SKIP() << "needs 2 GPUs, found " << devices;
     for (int d = 0; d < 2; ++d) {
       auto gpu = CudaBackend::create(d, DType::kBF16);
       ASSERT_TRUE(gpu.ok()) << gpu.status();

@@ -8,8 +8,6 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -19,11 +17,10 @@
 #include <thread>
 
 #include "absl/strings/escaping.h"
+#include "tests/gpu/gpu_test_util.h"
 #include "worker/engine/greedy.h"
 #include "worker/engine/process_group.h"
 #include "worker/runtime/communicator.h"
-
-extern char** environ;
 
 namespace shardserve {
 namespace {
@@ -78,39 +75,19 @@ enum class Fault { kKill, kStop };
 class ProcessGroupCudaTest : public ::testing::TestWithParam<Fault> {
  protected:
   void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2) {
-      cudaGetLastError();
-      GTEST_SKIP() << "needs 2 GPUs, found " << devices;
-    }
+    if (const int devices = testing_util::cuda_device_count(); devices < 2) GTEST_SKIP() << "needs 2 GPUs, found " << devices;
   }
   void TearDown() override {
     if (child_ > 0) {
       ::kill(child_, SIGCONT);
-      const auto deadline = Clock::now() + std::chrono::seconds(20);
-      int status = 0;
-      while (::waitpid(child_, &status, WNOHANG) == 0) {
-        if (Clock::now() > deadline) {
-          ::kill(child_, SIGKILL);
-          ::waitpid(child_, &status, 0);
-          break;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
+      testing_util::wait_or_kill(child_, Clock::now() + std::chrono::seconds(20));
     }
   }
   void spawn_follower(int port, const std::string& nccl_id) {
-    std::vector<std::string> env_strings;
-    for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
-    env_strings.push_back("SHARDSERVE_TEST_PG_LEADER=127.0.0.1:" + std::to_string(port));
-    env_strings.push_back("SHARDSERVE_TEST_PG_NCCL_ID=" + absl::BytesToHexString(nccl_id));
-    std::vector<char*> env;
-    for (auto& s : env_strings) env.push_back(s.data());
-    env.push_back(nullptr);
-    std::string exe = "/proc/self/exe";
-    std::string filter = "--gtest_filter=ProcessGroupCudaChild.Follower";
-    std::vector<char*> argv = {exe.data(), filter.data(), nullptr};
-    ASSERT_EQ(posix_spawn(&child_, exe.c_str(), nullptr, nullptr, argv.data(), env.data()), 0);
+    child_ = testing_util::spawn_self("ProcessGroupCudaChild.Follower",
+                                      {"SHARDSERVE_TEST_PG_LEADER=127.0.0.1:" + std::to_string(port),
+                                       "SHARDSERVE_TEST_PG_NCCL_ID=" + absl::BytesToHexString(nccl_id)});
+    ASSERT_GT(child_, 0);
   }
   pid_t child_ = 0;
 };
