@@ -289,7 +289,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                                            AttnCase{64, 8, 128},  // 70B, GQA 8:1
                                            AttnCase{6, 1, 32},    // a tiny golden checkpoint
                                            AttnCase{8, 4, 64},    // head_dim 64, GQA 2:1
-                                           AttnCase{4, 4, 64}),   // MHA
+                                           AttnCase{4, 4, 64},    // MHA
+                                           // MHA with an odd head count: with an odd split count
+                                           // (3 or 5 sequences on 132 SMs: 29 and 17 splits) the
+                                           // decode merge's partials are not 16-byte aligned and
+                                           // it takes its scalar path.
+                                           AttnCase{3, 3, 64}),
                          [](const auto& info) {
                            return "hq" + std::to_string(info.param.hq) + "_hkv" + std::to_string(info.param.hkv) + "_d" +
                                   std::to_string(info.param.d);
