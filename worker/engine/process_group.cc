@@ -89,8 +89,10 @@ class GroupLeader final : public StepExecutor {
     stop_ = true;
     if (monitor_.joinable()) monitor_.join();
     rank_.runner.reset();  // CUDA graphs hold captured collectives: before the communicator
+    // Closing the connections ends the followers, which then release their communicators while
+    // this rank releases its own: NCCL tears a group down with every rank at once.
+    followers_.clear();
     rank_.owned_comm.reset();
-    followers_.clear();  // closing the connections ends the followers
   }
   template <typename Fn>
   auto lead(const Batch& batch, Fn&& fn) {
