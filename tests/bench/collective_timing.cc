@@ -11,16 +11,14 @@
 #include <set>
 #include <thread>
 
+#include "tests/bench/gpu_timing.h"
+
 namespace shardserve::bench {
 namespace {
 
 void die(const std::string& what) {
   std::cerr << "error: " << what << "\n";
   std::exit(1);
-}
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) die(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
 // Captures `calls` x op(rank) per rank into a graph, replays it `warm` then `reps` times; the
@@ -40,18 +38,18 @@ double time_graphs(std::vector<std::unique_ptr<CudaBackend>>& gpus, int calls,
         for (int i = 0; i < calls; ++i) op(r);
       });
       cudaEvent_t start, stop;
-      check(cudaEventCreate(&start), "cudaEventCreate");
-      check(cudaEventCreate(&stop), "cudaEventCreate");
+      CK(cudaEventCreate(&start));
+      CK(cudaEventCreate(&stop));
       sync.arrive_and_wait();
       for (int i = 0; i < kWarm; ++i) gpu.replay(graph);
       gpu.synchronize();
       sync.arrive_and_wait();
-      check(cudaEventRecord(start, gpu.stream()), "cudaEventRecord");
+      CK(cudaEventRecord(start, gpu.stream()));
       for (int i = 0; i < kReps; ++i) gpu.replay(graph);
-      check(cudaEventRecord(stop, gpu.stream()), "cudaEventRecord");
+      CK(cudaEventRecord(stop, gpu.stream()));
       gpu.synchronize();
       float ms = 0;
-      check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+      CK(cudaEventElapsedTime(&ms, start, stop));
       seconds[static_cast<size_t>(r)] = ms * 1e-3 / (kReps * calls);
       cudaEventDestroy(start);
       cudaEventDestroy(stop);
@@ -110,7 +108,7 @@ double CollectiveTimer::all_reduce_seconds(size_t bytes, Path path) {
   for (auto& g : gpus_) {
     g->bind_thread();
     x.push_back(g->empty({std::max<int64_t>(elements, 1)}, DType::kBF16));
-    check(cudaMemset(x.back().data, 0, x.back().nbytes()), "cudaMemset");
+    CK(cudaMemset(x.back().data, 0, x.back().nbytes()));
     x.back().shape = {elements};
   }
   // Decode runs ~160 all-reduces a token: a graph of 50 hides the replay's own launch.
@@ -132,7 +130,7 @@ double CollectiveTimer::all_gather_seconds(size_t bytes) {
     g->bind_thread();
     x.push_back(g->empty({elements}, DType::kF32));
     out.push_back(g->empty({elements * n}, DType::kF32));
-    check(cudaMemset(x.back().data, 0, x.back().nbytes()), "cudaMemset");
+    CK(cudaMemset(x.back().data, 0, x.back().nbytes()));
   }
   return time_graphs(gpus_, 10, [&](int r) {
     comms_[static_cast<size_t>(r)]->all_gather(x[static_cast<size_t>(r)], out[static_cast<size_t>(r)]);

@@ -23,6 +23,8 @@
 
 #include "kernels/kernels.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "worker/engine/process_group.h"
+#include "worker/runtime/frame_socket.h"
 #include "worker/runtime/cuda_backend.h"
 #include "worker/runtime/custom_all_reduce.h"
 #include "worker/runtime/dtype.h"
@@ -256,48 +258,20 @@ TEST(OneShotAllReduceTest, AbortEndsTheWaitForAPeerThatNeverCame) {
 
 // --- Two processes on one GPU, through CUDA IPC ---------------------------------------------
 
-bool write_all(int fd, const std::string& bytes) {
-  const uint64_t size = bytes.size();
-  std::string frame(reinterpret_cast<const char*>(&size), sizeof(size));
-  frame += bytes;
-  size_t done = 0;
-  while (done < frame.size()) {
-    const ssize_t w = ::write(fd, frame.data() + done, frame.size() - done);
-    if (w <= 0) return false;
-    done += static_cast<size_t>(w);
-  }
-  return true;
-}
-bool read_exact(int fd, char* out, size_t n) {
-  size_t done = 0;
-  while (done < n) {
-    const ssize_t r = ::read(fd, out + done, n - done);
-    if (r <= 0) return false;
-    done += static_cast<size_t>(r);
-  }
-  return true;
-}
-absl::StatusOr<std::string> read_frame(int fd) {
-  uint64_t size = 0;
-  if (!read_exact(fd, reinterpret_cast<char*>(&size), sizeof(size)) || size > (1u << 20)) {
-    return absl::UnavailableError("the peer process closed the channel");
-  }
-  std::string bytes(size, '\0');
-  if (!read_exact(fd, bytes.data(), size)) return absl::UnavailableError("the peer process closed the channel");
-  return bytes;
-}
-
 constexpr int kIpcCalls = 12;
 
-// The child's side: rank `rank` of two, the peer at the other end of socket `fd`.
+// The child's side: rank `rank` of two, the peer at the other end of socket `fd`, which carries
+// the handle exchange exactly as a process group's connection does (exchange_through_leader).
 void run_ipc_rank(int rank, int fd) {
   auto gpu = CudaBackend::create(0, DType::kBF16);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  CustomAllReduce::Exchange exchange = [&](const std::string& mine) -> absl::StatusOr<std::vector<std::string>> {
-    if (!write_all(fd, mine)) return absl::UnavailableError("could not write to the peer process");
-    auto theirs = read_frame(fd);
-    if (!theirs.ok()) return theirs.status();
-    return rank == 0 ? std::vector<std::string>{mine, *theirs} : std::vector<std::string>{*theirs, mine};
+  FrameSocket channel(fd, "rank " + std::to_string(1 - rank));
+  GroupOptions group;
+  group.rank = rank;
+  group.tp_size = 2;
+  group.collective_timeout = std::chrono::seconds(60);
+  CustomAllReduce::Exchange exchange = [&](const std::string& mine) {
+    return exchange_through_leader(group, {&channel}, mine);
   };
   std::string unavailable;
   auto custom = CustomAllReduce::create(**gpu, rank, 2, exchange, 64u << 10, &unavailable);
@@ -330,8 +304,8 @@ void run_ipc_rank(int rank, int fd) {
   finished = true;
   watchdog.join();
   // Neither side unmaps before both are done.
-  ASSERT_TRUE(write_all(fd, "done"));
-  ASSERT_TRUE(read_frame(fd).ok());
+  ASSERT_TRUE(channel.send("done").ok());
+  ASSERT_TRUE(channel.receive(std::chrono::seconds(60)).ok());
 }
 
 TEST(OneShotAllReduceIpc, ChildRank) {

@@ -35,7 +35,6 @@ absl::StatusOr<int64_t> decode_i64(const absl::StatusOr<std::string>& s) {
   return static_cast<int64_t>(v);
 }
 
-
 // This rank's communicator: NCCL on GPUs, the group's connections on CPUs.
 absl::Status make_communicator(Rank& rank, const ExecutorOptions& options, const GroupOptions& group,
                                std::vector<FrameSocket*> peers) {
