@@ -77,16 +77,22 @@ cudaError_t gemv(const void* x, const void* w, int64_t tokens, int64_t n, int64_
 
 // Decode-sized GEMM on tensor cores (kernels/skinny_gemm.cu): y[T, N] = x[T, K] * W^T for T up to
 // kMaxSkinnyGemmTokens, x and W of the same 16-bit dtype, y that dtype or F32, N and K multiples
-// of 64. Split over K for the SMs; the FP32 partials need `workspace` (splits x T x N floats).
+// of 64. Split over K into about `ctas_per_sm` CTAs per SM, each keeping `stages` (4, or 8 up to
+// 64 tokens) tiles in flight; with more than one split the FP32 partials need `workspace` (splits x T x N floats)
+// and `counters` (kSkinnyGemmCounters int32, zero before the first call; every call leaves them
+// zero), and the last split of each tile sums them.
 constexpr int64_t kMaxSkinnyGemmTokens = 128;
+constexpr int64_t kSkinnyGemmCounters = 4096;  // 64-output tiles: N up to 262,144 splits
 struct SkinnyGemmShape {
   bool valid = false;  // false: a shape the kernel does not take
   int64_t tokens = 0, n = 0, k = 0;
   int64_t splits = 1, k_per_split = 0;
+  int stages = 4;
 };
-SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_sms, size_t workspace_bytes);
+SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_sms, size_t workspace_bytes,
+                                  int ctas_per_sm = 2, int stages = 4);
 cudaError_t skinny_gemm(const SkinnyGemmShape& shape, const void* x, const void* w, void* y, DType dtype,
-                        DType out_dtype, float* workspace, cudaStream_t stream);
+                        DType out_dtype, float* workspace, int32_t* counters, cudaStream_t stream);
 
 // Quantized weights (worker/runtime/backend.h's LinearWeight, same definitions), as device
 // pointers. kInt4: weight U32 [N, K/8] (feature k in bits 4 (k % 8) of word k / 8), scales [N, G]

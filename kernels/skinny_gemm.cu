@@ -2,12 +2,13 @@
 //
 // At these sizes the weight is the cost (T x K of activations is a few MB at most, read from L2),
 // and a GEMM tiled for throughput leaves most SMs idle: N / 128 tiles of 4096 outputs are 32 CTAs
-// on 132 SMs. Here a CTA owns 64 outputs and a slice of K (split-K, sized so that about two CTAs
-// run per SM), streams its W tile [64 x 64] and the matching x tile [T x 64] through a 4-stage
-// cp.async ring, and multiplies with mma.sync (each warp 16 outputs, all T rows). With one split
-// the CTA writes y; with more, FP32 partials go to a workspace and a second kernel sums them in
-// split order (deterministic) and converts. sm_80 instructions only, so the A100 path is the
-// same code.
+// on 132 SMs. Here a CTA owns 64 outputs and a slice of K (split-K, sized from the CTAs per SM the
+// caller asks for), streams its W tile [64 x 64] and the matching x tile [T x 64] through a ring
+// of cp.async stages (4 or 8: how many bytes each CTA keeps in flight), and multiplies with
+// mma.sync (each warp 16 outputs, all T rows). With one split the CTA writes y; with more, each
+// writes its FP32 partial to a workspace and the last split of each 64-output tile to finish (a
+// counter per tile, back to zero after) sums them in split order (deterministic whichever finishes
+// last) and writes y: no second kernel. sm_80 instructions only, so the A100 path is the same code.
 #include <algorithm>
 
 #include "kernels/common.cuh"
@@ -21,15 +22,15 @@ using namespace mma;
 
 constexpr int kBN = 64;  // outputs per CTA
 constexpr int kBK = 64;  // K per stage
-constexpr int kStages = 4;
 constexpr int kThreads = 128;
 
 constexpr size_t stage_bytes(int bm) { return static_cast<size_t>(bm + kBN) * kBK * 2; }
 
-template <typename T, typename OutT, int BM>
+template <typename T, typename OutT, int BM, int kStages>
 __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                int tokens, int n, int k, int k_per_split,
-                                                               OutT* __restrict__ y, float* __restrict__ partials) {
+                                                               OutT* __restrict__ y, float* __restrict__ partials,
+                                                               int32_t* __restrict__ counters) {
   constexpr int kMFrags = BM / 16;
   constexpr uint32_t kXBytes = BM * kBK * 2;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -131,70 +132,110 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restri
       }
     }
   }
-}
+  if (partials == nullptr) return;
 
-// y = sum over splits of partials [splits][T][N], 4 outputs a thread.
-template <typename OutT>
-__global__ void reduce_splits_kernel(const float* __restrict__ partials, int splits, int64_t count,
-                                     OutT* __restrict__ y) {
-  pdl_trigger();
-  pdl_wait();
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
-  if (i >= count) return;
-  float4 s = *reinterpret_cast<const float4*>(partials + i);
-  for (int p = 1; p < splits; ++p) {
-    const float4 v = *reinterpret_cast<const float4*>(partials + p * count + i);
-    s.x += v.x;
-    s.y += v.y;
-    s.z += v.z;
-    s.w += v.w;
+  // The last split of this tile to finish sums them all: each split publishes its partial before
+  // it counts itself; the counter goes back to zero for the next launch once every split counted
+  // (the next launch touches it only after its pdl_wait, when this grid has completed).
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const bool is_last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
+    if (is_last) counters[blockIdx.x] = 0;
+    last = is_last;
   }
-  y[i] = from_f32<OutT>(s.x);
-  y[i + 1] = from_f32<OutT>(s.y);
-  y[i + 2] = from_f32<OutT>(s.z);
-  y[i + 3] = from_f32<OutT>(s.w);
+  __syncthreads();
+  if (last == 0) return;
+  __threadfence();
+  // Four outputs a thread and float4 loads, a split's loads all in flight together (L2 round trips
+  // otherwise), splits added in order.
+  constexpr int kPer = (BM * kBN / 4 + kThreads - 1) / kThreads;
+  const int splits = gridDim.y;
+  const int64_t split_stride = static_cast<int64_t>(tokens) * n;
+  float4 sum[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) sum[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int p = 0; p < splits; ++p) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + i * kThreads, row = idx / (kBN / 4);
+      if (row < tokens) {
+        const float4 v =
+            __ldcg(reinterpret_cast<const float4*>(partials + p * split_stride + static_cast<int64_t>(row) * n + n0) +
+                   idx % (kBN / 4));
+        sum[i].x += v.x;
+        sum[i].y += v.y;
+        sum[i].z += v.z;
+        sum[i].w += v.w;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int idx = tid + i * kThreads, row = idx / (kBN / 4);
+    if (row >= tokens) continue;
+    OutT* out = y + static_cast<int64_t>(row) * n + n0 + (idx % (kBN / 4)) * 4;
+    if constexpr (std::is_same_v<OutT, float>) {
+      *reinterpret_cast<float4*>(out) = sum[i];
+    } else {
+      *reinterpret_cast<uint2*>(out) = make_uint2(pack2<OutT>(sum[i].x, sum[i].y), pack2<OutT>(sum[i].z, sum[i].w));
+    }
+  }
 }
 
-template <typename T, typename OutT, int BM>
+template <typename T, typename OutT, int BM, int kStages>
 cudaError_t launch(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
-                   cudaStream_t stream) {
-  constexpr auto kernel = skinny_gemm_kernel<T, OutT, BM>;
+                   int32_t* counters, cudaStream_t stream) {
+  constexpr auto kernel = skinny_gemm_kernel<T, OutT, BM, kStages>;
   const size_t smem = kStages * stage_bytes(BM);
   if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(s.n / kBN), static_cast<unsigned>(s.splits));
-  cudaError_t e = launch_pdl(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(x),
-                             static_cast<const T*>(w), static_cast<int>(s.tokens), static_cast<int>(s.n),
-                             static_cast<int>(s.k), static_cast<int>(s.k_per_split), static_cast<OutT*>(y),
-                             s.splits > 1 ? workspace : nullptr);
-  if (e != cudaSuccess || s.splits == 1) return e;
-  const int64_t count = s.tokens * s.n;
-  const unsigned blocks = static_cast<unsigned>((count / 4 + 255) / 256);
-  return launch_pdl(reduce_splits_kernel<OutT>, dim3(blocks), dim3(256), 0, stream, static_cast<const float*>(workspace),
-                    static_cast<int>(s.splits), count, static_cast<OutT*>(y));
+  return launch_pdl(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(x), static_cast<const T*>(w),
+                    static_cast<int>(s.tokens), static_cast<int>(s.n), static_cast<int>(s.k),
+                    static_cast<int>(s.k_per_split), static_cast<OutT*>(y), s.splits > 1 ? workspace : nullptr,
+                    counters);
+}
+
+template <typename T, typename OutT, int BM>
+cudaError_t launch_stages(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
+                          int32_t* counters, cudaStream_t stream) {
+  return s.stages == 8 ? launch<T, OutT, BM, 8>(s, x, w, y, workspace, counters, stream)
+                       : launch<T, OutT, BM, 4>(s, x, w, y, workspace, counters, stream);
 }
 
 template <typename T, typename OutT>
 cudaError_t launch_rows(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
-                        cudaStream_t stream) {
-  if (s.tokens <= 16) return launch<T, OutT, 16>(s, x, w, y, workspace, stream);
-  if (s.tokens <= 32) return launch<T, OutT, 32>(s, x, w, y, workspace, stream);
-  if (s.tokens <= 64) return launch<T, OutT, 64>(s, x, w, y, workspace, stream);
-  return launch<T, OutT, 128>(s, x, w, y, workspace, stream);
+                        int32_t* counters, cudaStream_t stream) {
+  if (s.tokens <= 16) return launch_stages<T, OutT, 16>(s, x, w, y, workspace, counters, stream);
+  if (s.tokens <= 32) return launch_stages<T, OutT, 32>(s, x, w, y, workspace, counters, stream);
+  if (s.tokens <= 64) return launch_stages<T, OutT, 64>(s, x, w, y, workspace, counters, stream);
+  return launch_stages<T, OutT, 128>(s, x, w, y, workspace, counters, stream);
 }
 
 }  // namespace
 
-SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_sms, size_t workspace_bytes) {
+SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_sms, size_t workspace_bytes,
+                                  int ctas_per_sm, int stages) {
   SkinnyGemmShape s;
-  if (tokens < 1 || tokens > kMaxSkinnyGemmTokens || n % kBN != 0 || k % kBK != 0 || n <= 0 || k <= 0) return s;
+  if (tokens < 1 || tokens > kMaxSkinnyGemmTokens || n % kBN != 0 || k % kBK != 0 || n <= 0 || k <= 0 ||
+      ctas_per_sm < 1 || (stages != 4 && stages != 8)) {
+    return s;
+  }
+  // Eight stages of 128 token rows would need 192 KB of shared memory, more than an A100 has.
+  if (stages == 8 && tokens > 64) return s;
   s.tokens = tokens;
   s.n = n;
   s.k = k;
+  s.stages = stages;
   const int64_t n_tiles = n / kBN, k_tiles = k / kBK;
-  // About two CTAs per SM, at least 4 K tiles each, partials within the workspace.
-  int64_t splits = std::clamp<int64_t>(2 * num_sms / n_tiles, 1, std::max<int64_t>(1, k_tiles / 4));
+  // About ctas_per_sm CTAs per SM, at least 4 K tiles each, partials within the workspace, a
+  // counter per tile.
+  int64_t splits = std::clamp<int64_t>(ctas_per_sm * static_cast<int64_t>(num_sms) / n_tiles, 1,
+                                       std::max<int64_t>(1, k_tiles / 4));
   const auto per_split_bytes = static_cast<size_t>(tokens * n) * sizeof(float);
   if (splits > 1) splits = std::min<int64_t>(splits, static_cast<int64_t>(workspace_bytes / per_split_bytes));
+  if (n_tiles > kSkinnyGemmCounters) splits = 1;
   splits = std::max<int64_t>(splits, 1);
   const int64_t tiles_per_split = (k_tiles + splits - 1) / splits;
   s.k_per_split = tiles_per_split * kBK;
@@ -204,17 +245,17 @@ SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_
 }
 
 cudaError_t skinny_gemm(const SkinnyGemmShape& s, const void* x, const void* w, void* y, DType dtype, DType out_dtype,
-                        float* workspace, cudaStream_t stream) {
+                        float* workspace, int32_t* counters, cudaStream_t stream) {
   if (!s.valid || (dtype != DType::kBF16 && dtype != DType::kF16) || (out_dtype != dtype && out_dtype != DType::kF32) ||
-      (s.splits > 1 && workspace == nullptr)) {
+      (s.splits > 1 && (workspace == nullptr || counters == nullptr))) {
     return cudaErrorInvalidValue;
   }
   if (dtype == DType::kBF16) {
-    return out_dtype == DType::kF32 ? launch_rows<__nv_bfloat16, float>(s, x, w, y, workspace, stream)
-                                    : launch_rows<__nv_bfloat16, __nv_bfloat16>(s, x, w, y, workspace, stream);
+    return out_dtype == DType::kF32 ? launch_rows<__nv_bfloat16, float>(s, x, w, y, workspace, counters, stream)
+                                    : launch_rows<__nv_bfloat16, __nv_bfloat16>(s, x, w, y, workspace, counters, stream);
   }
-  return out_dtype == DType::kF32 ? launch_rows<__half, float>(s, x, w, y, workspace, stream)
-                                  : launch_rows<__half, __half>(s, x, w, y, workspace, stream);
+  return out_dtype == DType::kF32 ? launch_rows<__half, float>(s, x, w, y, workspace, counters, stream)
+                                  : launch_rows<__half, __half>(s, x, w, y, workspace, counters, stream);
 }
 
 }  // namespace shardserve::kernels

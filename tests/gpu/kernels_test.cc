@@ -10,6 +10,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <set>
 
 #include "kernels/kernels.h"
 #include "worker/runtime/cpu_backend.h"
@@ -301,28 +302,56 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                          });
 
 // The decode-sized tensor-core GEMM (kernels/skinny_gemm.cu) on its own, whatever the tuning in
-// CudaBackend::gemm picks: token counts that fill no whole fragment, one split and several, BF16
-// and F32 outputs, against the CPU backend's linear.
+// CudaBackend::gemm picks: token counts that fill no whole fragment, one split and several (summed
+// by the last split of each tile), both stage counts, BF16 and F32 outputs, against the CPU
+// backend's linear; each configuration twice over the same counters, which every call must leave
+// zero for the next.
 TEST_F(KernelsTest, SkinnyGemmMatchesTheReference) {
   struct Case { int64_t t, n, k; };
-  for (const Case c : {Case{9, 128, 64}, Case{33, 1024, 4096}, Case{100, 6144, 4096}, Case{128, 192, 512}}) {
+  Tensor ws = gpu_->empty({(32 << 20) / 4}, DType::kF32);
+  Tensor counters = gpu_->empty({kernels::kSkinnyGemmCounters}, DType::kI32);
+  ASSERT_EQ(cudaMemset(counters.data, 0, kernels::kSkinnyGemmCounters * 4), cudaSuccess);
+  for (const Case c : {Case{9, 128, 64}, Case{33, 1024, 4096}, Case{100, 6144, 4096}, Case{128, 192, 512},
+                       Case{16, 4096, 14336}}) {
     const auto x = random(c.t * c.k), w = random(c.n * c.k, 0.05f);
     Tensor c_out = cpu_.empty({c.t, c.n}, DType::kF32);
     cpu_.linear(cpu_f32(x, {c.t, c.k}), LinearWeight(cpu_f32(w, {c.n, c.k})), c_out);
     const Tensor gx = gpu_bf16(x, {c.t, c.k}), gw = gpu_bf16(w, {c.n, c.k});
-    const kernels::SkinnyGemmShape shape = kernels::skinny_gemm_shape(c.t, c.n, c.k, 132, size_t{32} << 20);
-    ASSERT_TRUE(shape.valid);
-    Tensor ws = gpu_->empty({(32 << 20) / 4}, DType::kF32);
-    for (const DType out : {DType::kBF16, DType::kF32}) {
-      Tensor g_out = gpu_->empty({c.t, c.n}, out);
-      ASSERT_EQ(kernels::skinny_gemm(shape, gx.data, gw.data, g_out.data, DType::kBF16, out, ws.as<float>(), nullptr),
-                cudaSuccess);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      EXPECT_LT(rel_error(g_out, c_out), 1e-2) << c.t << "x" << c.n << "x" << c.k << " splits " << shape.splits;
+    std::set<int64_t> split_counts;
+    for (const int ctas_per_sm : {2, 4}) {
+      for (const int stages : {4, 8}) {
+        const kernels::SkinnyGemmShape shape =
+            kernels::skinny_gemm_shape(c.t, c.n, c.k, 132, size_t{32} << 20, ctas_per_sm, stages);
+        ASSERT_EQ(shape.valid, stages == 4 || c.t <= 64) << c.t << " tokens, " << stages << " stages";
+        if (!shape.valid) continue;
+        split_counts.insert(shape.splits);
+        for (const DType out : {DType::kBF16, DType::kF32}) {
+          for (int rep = 0; rep < 2; ++rep) {
+            Tensor g_out = gpu_->empty({c.t, c.n}, out);
+            ASSERT_EQ(kernels::skinny_gemm(shape, gx.data, gw.data, g_out.data, DType::kBF16, out, ws.as<float>(),
+                                           counters.as<int32_t>(), nullptr),
+                      cudaSuccess);
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            EXPECT_LT(rel_error(g_out, c_out), 1e-2) << c.t << "x" << c.n << "x" << c.k << " splits " << shape.splits
+                                                     << " stages " << stages << " call " << rep;
+          }
+        }
+      }
     }
+    std::vector<int32_t> left(kernels::kSkinnyGemmCounters);
+    ASSERT_EQ(cudaMemcpy(left.data(), counters.data, left.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(std::count(left.begin(), left.end(), 0), static_cast<std::ptrdiff_t>(left.size()));
+    if (c.k >= 4096) EXPECT_GT(*split_counts.rbegin(), 1) << "a case meant to split K did not";
   }
   EXPECT_FALSE(kernels::skinny_gemm_shape(129, 128, 64, 132, 1 << 20).valid);
   EXPECT_FALSE(kernels::skinny_gemm_shape(16, 100, 64, 132, 1 << 20).valid);
+  EXPECT_FALSE(kernels::skinny_gemm_shape(16, 128, 64, 132, 1 << 20, 2, 5).valid);
+  // Several splits without counters are refused, not raced.
+  const kernels::SkinnyGemmShape split = kernels::skinny_gemm_shape(16, 4096, 4096, 132, size_t{32} << 20);
+  ASSERT_GT(split.splits, 1);
+  EXPECT_EQ(kernels::skinny_gemm(split, ws.data, ws.data, ws.data, DType::kBF16, DType::kBF16, ws.as<float>(), nullptr,
+                                 nullptr),
+            cudaErrorInvalidValue);
 }
 
 TEST_F(KernelsTest, GatherRowsAndJoinColumnShards) {

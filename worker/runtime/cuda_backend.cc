@@ -52,8 +52,10 @@ struct GemmPlan {
   // the real operands and keeps the fastest (algo).
   std::vector<cublasLtMatmulAlgo_t> candidates;
   bool tuned = false;
-  // Decode-sized 16-bit shapes: the project's split-K tensor-core GEMM (kernels/skinny_gemm.cu),
-  // used when the tuning finds it faster than every cuBLASLt candidate.
+  // Decode-sized 16-bit shapes: the project's split-K tensor-core GEMM (kernels/skinny_gemm.cu) in
+  // a few configurations (CTAs per SM, stages in flight), the fastest used when the tuning finds
+  // it faster than every cuBLASLt candidate.
+  std::vector<kernels::SkinnyGemmShape> skinny_candidates;
   kernels::SkinnyGemmShape skinny;
   bool use_skinny = false;
   // Tokens <= 256: the weight is read from HBM in a model's step (the layers before it have
@@ -92,12 +94,15 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::create(int device, DTy
   cublasLtHandle_t handle;
   check(cublasLtCreate(&handle), "cublasLtCreate");
   b->cublaslt_ = handle;
-  // One allocation: cuBLASLt's workspace, then the decode attention's split counters (zero).
+  // One allocation: cuBLASLt's workspace, then the decode attention's and the decode-sized GEMM's
+  // split counters (zero).
   b->gemm_workspace_bytes_ = size_t{32} << 20;
-  check(cudaMalloc(&b->gemm_workspace_, b->gemm_workspace_bytes_ + kSplitCounters * sizeof(int32_t)),
+  constexpr int64_t kCounters = kSplitCounters + kernels::kSkinnyGemmCounters;
+  check(cudaMalloc(&b->gemm_workspace_, b->gemm_workspace_bytes_ + kCounters * sizeof(int32_t)),
         "cudaMalloc(gemm workspace)");
   b->split_counters_ = reinterpret_cast<int32_t*>(static_cast<char*>(b->gemm_workspace_) + b->gemm_workspace_bytes_);
-  check(cudaMemset(b->split_counters_, 0, kSplitCounters * sizeof(int32_t)), "cudaMemset(split counters)");
+  b->skinny_counters_ = b->split_counters_ + kSplitCounters;
+  check(cudaMemset(b->split_counters_, 0, kCounters * sizeof(int32_t)), "cudaMemset(split counters)");
   return b;
 }
 
@@ -345,7 +350,14 @@ GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DTyp
     if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(results[i].algo);
   }
   if ((ab == DType::kBF16 || ab == DType::kF16) && (c == ab || c == DType::kF32)) {
-    plan->skinny = kernels::skinny_gemm_shape(n, m, k, num_sms_, gemm_workspace_bytes_);
+    // Two and four CTAs an SM, four and eight tiles in flight each (the fastest differs by shape).
+    for (const int ctas_per_sm : {2, 4}) {
+      for (const int stages : {4, 8}) {
+        const kernels::SkinnyGemmShape s =
+            kernels::skinny_gemm_shape(n, m, k, num_sms_, gemm_workspace_bytes_, ctas_per_sm, stages);
+        if (s.valid) plan->skinny_candidates.push_back(s);
+      }
+    }
   }
   // Decode shapes (a few hundred tokens at most against a large weight): N / tile CTAs do not
   // fill the GPU (4096 outputs in 128-wide tiles are 32 CTAs on 132 SMs), and the heuristic's
@@ -453,17 +465,16 @@ void CudaBackend::prepare_linear(LinearWeight& w) {
 // back, a weight that fits the L2, such as Llama-3.1-8B's qkv and o, is timed from it, not from HBM
 // as in the model's step). Close candidates can still swap between loads: on an H200, 8B gate_up
 // at 32 tokens took the skinny GEMM (66.5 us a call in the step) in one run, cuBLASLt (60.6 us)
-// in another, with 3 calls each;
-// for decode-sized 16-bit shapes the project's skinny GEMM runs the same trial and is kept when it
-// beats every cuBLASLt candidate. Skipped
-// inside a graph capture (the heuristic's first then stays; ModelRunner's first run of a shape is
-// never captured).
+// in another, with 3 calls each. For decode-sized 16-bit shapes the project's skinny GEMM runs the
+// same trial in each of its configurations, the fastest kept when it beats every cuBLASLt
+// candidate. Skipped inside a graph capture (the heuristic's first then stays; ModelRunner's first
+// run of a shape is never captured).
 void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out, DType ab, DType c) {
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   check(cudaStreamIsCapturing(stream_, &capturing), "cudaStreamIsCapturing");
   if (capturing != cudaStreamCaptureStatusNone) return;
   plan.tuned = true;
-  if (plan.candidates.size() < 2 && !plan.skinny.valid) return;
+  if (plan.candidates.size() < 2 && plan.skinny_candidates.empty()) return;
   cudaEvent_t start = nullptr, stop = nullptr;
   check(cudaEventCreate(&start), "cudaEventCreate");
   check(cudaEventCreate(&stop), "cudaEventCreate");
@@ -521,12 +532,17 @@ void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* 
       plan.algo = algo;
     }
   }
-  if (plan.skinny.valid) {
-    plan.use_skinny = time_calls([&] {
-      return kernels::skinny_gemm(plan.skinny, x, w, out, ab, c, static_cast<float*>(gemm_workspace_), stream_) ==
-             cudaSuccess;
-    }) < best;
-    cudaGetLastError();  // a failed launch above leaves cuBLASLt in charge, not a sticky error
+  for (const kernels::SkinnyGemmShape& s : plan.skinny_candidates) {
+    const float t = time_calls([&] {
+      return kernels::skinny_gemm(s, x, w, out, ab, c, static_cast<float*>(gemm_workspace_), skinny_counters_,
+                                  stream_) == cudaSuccess;
+    });
+    cudaGetLastError();  // a failed launch leaves cuBLASLt in charge, not a sticky error
+    if (t < best) {
+      best = t;
+      plan.skinny = s;
+      plan.use_skinny = true;
+    }
   }
   if (flush != nullptr) cudaFree(flush);
   cudaEventDestroy(start);
@@ -540,7 +556,8 @@ void CudaBackend::gemm(const void* w, DType w_dtype, const void* x, int64_t toke
   const float beta = 0.0f;
   if (!plan.tuned) tune_gemm(plan, w, x, out, w_dtype, out_dtype);
   if (plan.use_skinny) {
-    check(kernels::skinny_gemm(plan.skinny, x, w, out, w_dtype, out_dtype, static_cast<float*>(gemm_workspace_), stream_),
+    check(kernels::skinny_gemm(plan.skinny, x, w, out, w_dtype, out_dtype, static_cast<float*>(gemm_workspace_),
+                               skinny_counters_, stream_),
           "skinny_gemm");
     return;
   }

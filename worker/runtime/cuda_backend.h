@@ -127,6 +127,8 @@ class CudaBackend final : public Backend {
   // between launches; in the workspace's allocation, past its end.
   static constexpr int64_t kSplitCounters = 65536;
   int32_t* split_counters_ = nullptr;
+  // The decode-sized GEMM's, one per 64-output tile (kernels::kSkinnyGemmCounters), after those.
+  int32_t* skinny_counters_ = nullptr;
   std::unordered_map<std::string, std::unique_ptr<GemmPlan>> gemm_plans_;
   size_t persistent_bytes_ = 0;
   // Above 2 tokens the GEMV turns issue-bound (every weight is converted and multiplied per token
