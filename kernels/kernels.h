@@ -77,8 +77,8 @@ cudaError_t gemv(const void* x, const void* w, int64_t tokens, int64_t n, int64_
 
 // Decode-sized GEMM on tensor cores (kernels/skinny_gemm.cu): y[T, N] = x[T, K] * W^T for T up to
 // kMaxSkinnyGemmTokens, x and W of the same 16-bit dtype, y that dtype or F32, N and K multiples
-// of 64. Split over K into about `ctas_per_sm` CTAs per SM, each keeping `stages` (4, or 8 up to
-// 64 tokens) tiles in flight; with more than one split the FP32 partials need `workspace` (splits x T x N floats)
+// of 64. Split over K into about `ctas_per_sm` CTAs per SM, each keeping `stages` (4, 6, or 8 up
+// to 64 tokens) tiles in flight; with more than one split the FP32 partials need `workspace` (splits x T x N floats)
 // and `counters` (kSkinnyGemmCounters int32, zero before the first call; every call leaves them
 // zero), and the last split of each tile sums them.
 constexpr int64_t kMaxSkinnyGemmTokens = 128;

@@ -4,7 +4,7 @@
 // and a GEMM tiled for throughput leaves most SMs idle: N / 128 tiles of 4096 outputs are 32 CTAs
 // on 132 SMs. Here a CTA owns 64 outputs and a slice of K (split-K, sized from the CTAs per SM the
 // caller asks for), streams its W tile [64 x 64] and the matching x tile [T x 64] through a ring
-// of cp.async stages (4 or 8: how many bytes each CTA keeps in flight), and multiplies with
+// of cp.async stages (4, 6 or 8: how many bytes each CTA keeps in flight), and multiplies with
 // mma.sync (each warp 16 outputs, all T rows). With one split the CTA writes y; with more, each
 // writes its FP32 partial to a workspace and the last split of each 64-output tile to finish (a
 // counter per tile, back to zero after) sums them in split order (deterministic whichever finishes
@@ -200,7 +200,10 @@ cudaError_t launch(const SkinnyGemmShape& s, const void* x, const void* w, void*
 template <typename T, typename OutT, int BM>
 cudaError_t launch_stages(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
                           int32_t* counters, cudaStream_t stream) {
-  return s.stages == 8 ? launch<T, OutT, BM, 8>(s, x, w, y, workspace, counters, stream)
+  if constexpr (BM <= 64) {
+    if (s.stages == 8) return launch<T, OutT, BM, 8>(s, x, w, y, workspace, counters, stream);
+  }
+  return s.stages == 6 ? launch<T, OutT, BM, 6>(s, x, w, y, workspace, counters, stream)
                        : launch<T, OutT, BM, 4>(s, x, w, y, workspace, counters, stream);
 }
 
@@ -219,7 +222,7 @@ SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_
                                   int ctas_per_sm, int stages) {
   SkinnyGemmShape s;
   if (tokens < 1 || tokens > kMaxSkinnyGemmTokens || n % kBN != 0 || k % kBK != 0 || n <= 0 || k <= 0 ||
-      ctas_per_sm < 1 || (stages != 4 && stages != 8)) {
+      ctas_per_sm < 1 || (stages != 4 && stages != 6 && stages != 8)) {
     return s;
   }
   // Eight stages of 128 token rows would need 192 KB of shared memory, more than an A100 has.

@@ -50,7 +50,7 @@ int main() {
   struct Config {
     int ctas_per_sm, stages;
   };
-  const Config configs[] = {{2, 4}, {2, 8}, {3, 4}, {4, 4}, {4, 8}, {6, 4}, {8, 4}};
+  const Config configs[] = {{2, 4}, {2, 6}, {2, 8}, {3, 4}, {3, 6}, {4, 4}, {4, 8}, {6, 4}, {8, 4}};
 
   // Correctness: odd token counts, one and several splits, BF16 and F32 outputs.
   struct Check {
@@ -129,7 +129,7 @@ int main() {
     CK(cudaMalloc(&dy, 128 * sh.n * 4));
     for (const int64_t t : {9, 16, 32, 64, 128}) {
       double best = 1e30;
-      char best_name[32] = "", all[512] = "";
+      char best_name[32] = "", all[640] = "";
       for (const Config cf : configs) {
         const SkinnyGemmShape s = skinny_gemm_shape(t, sh.n, sh.k, sms, ws_bytes, cf.ctas_per_sm, cf.stages);
         if (!s.valid) continue;

@@ -39,6 +39,11 @@ struct GemmPlan;
 // The kernels' name for a quantized weight format (kInt4, kInt8 or kFp8; not kDense).
 kernels::QuantFormat quant_kernel_format(WeightFormat f);
 
+// How a decode-sized 16-bit GEMM chooses between cuBLASLt and kernels/skinny_gemm.cu, from
+// SHARDSERVE_SKINNY_GEMM (cuda_backend.cc says what each means).
+enum class SkinnyGemmMode { kTune, kPrefer, kOff };
+SkinnyGemmMode skinny_gemm_mode();
+
 class CudaBackend final : public Backend {
  public:
   // NOT_FOUND when no device is present.
