@@ -218,25 +218,41 @@ using namespace mma;
 constexpr int kTileN = 64;  // K/V positions per shared-memory tile
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Positions [start, start + kTileN) of one KV head into K and V tiles (zero past `end`).
-template <typename T, int D, int kThreads>
+// Which rows of a tile load_kv_tile copies: all of them, all but position `held`, or only `held`
+// (a decode step's newest position, written by the kernel just before: see decode_mma_kernel).
+enum class KvRows { kAll, kAllButHeld, kOnlyHeld };
+
+// Positions [start, start + kTileN) of one KV head into K and V tiles (zero past `end`). The page
+// of a position is a shift for the power-of-two block sizes every cache uses (a division
+// otherwise): a thread looks up 8 positions a tile.
+template <typename T, int D, int kThreads, KvRows kRows = KvRows::kAll>
 __device__ __forceinline__ void load_kv_tile(uint32_t k_dst, uint32_t v_dst, const AttentionParams& p,
-                                             const int32_t* block_table, int kvh, int start, int end, int tid) {
+                                             const int32_t* block_table, int kvh, int start, int end, int tid,
+                                             int held = -1) {
   constexpr int kChunks = D / 8;
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
   const int64_t row_stride = p.num_kv_heads * D;
   const int block_size = static_cast<int>(p.block_size);
+  const bool pow2 = (block_size & (block_size - 1)) == 0;
+  const int shift = __ffs(block_size) - 1;
   static_assert(kTileN * kChunks % kThreads == 0, "whole chunks per thread");
 #pragma unroll
   for (int k = 0; k < kTileN * kChunks / kThreads; ++k) {
     const int i = tid + k * kThreads;
     const int r = i / kChunks, c = i % kChunks;
     const int pos = start + r;
+    if constexpr (kRows == KvRows::kAllButHeld) {
+      if (pos == held) continue;
+    } else if constexpr (kRows == KvRows::kOnlyHeld) {
+      if (pos != held) continue;
+    }
     const bool valid = pos < end;
     int64_t off = 0;
     if (valid) {
-      const int64_t slot = static_cast<int64_t>(block_table[pos / block_size]) * block_size + pos % block_size;
+      const int page = pow2 ? pos >> shift : pos / block_size;
+      const int in_page = pow2 ? pos & (block_size - 1) : pos % block_size;
+      const int64_t slot = static_cast<int64_t>(block_table[page]) * block_size + in_page;
       off = slot * row_stride + static_cast<int64_t>(kvh) * D + c * 8;
     }
     const uint32_t o = swizzle<D>(r, c);
@@ -323,12 +339,14 @@ __device__ __forceinline__ uint32_t kv_stage(uint32_t kv_s, int tile) {
 // Issues tile `tile` of a CTA's keys (positions first + tile * kTileN ..., zero past `end`) into
 // its ring stage when there is such a tile, and commits a cp.async group either way (the waits
 // count groups).
-template <typename T, int D, int kThreads, int kStages>
+template <typename T, int D, int kThreads, int kStages, KvRows kRows = KvRows::kAll>
 __device__ __forceinline__ void issue_kv_tile(uint32_t kv_s, int tile, int n_tiles, const AttentionParams& p,
-                                              const int32_t* block_table, int kvh, int first, int end, int tid) {
+                                              const int32_t* block_table, int kvh, int first, int end, int tid,
+                                              int held = -1) {
   if (tile < n_tiles) {
     const uint32_t k_dst = kv_stage<D, kStages>(kv_s, tile);
-    load_kv_tile<T, D, kThreads>(k_dst, k_dst + kTileN * D * 2, p, block_table, kvh, first + tile * kTileN, end, tid);
+    load_kv_tile<T, D, kThreads, kRows>(k_dst, k_dst + kTileN * D * 2, p, block_table, kvh, first + tile * kTileN, end,
+                                        tid, held);
   }
   cp_async_commit();
 }
@@ -590,7 +608,10 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
 template <typename T, int D, int G, int kStages, int kMinBlocks = 1>
 __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionParams p) {
   pdl_trigger();
-  pdl_wait();  // every input is another kernel's output
+  // Without kv_before_wait every input is another kernel's output; with it, the step's metadata
+  // and all but the newest position of each context are read before the wait (see AttentionParams).
+  const bool early = p.kv_before_wait;
+  if (!early) pdl_wait();
   constexpr int kWarps = 4;
   constexpr int kThreads = kWarps * 32;
   static_assert(G <= 8, "one row per quad in the merge");
@@ -609,10 +630,33 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
 
   const uint32_t q_s = smem_addr(smem);
   const uint32_t kv_s = q_s + 16 * D * 2;
-  load_q_rows<T, D, G, 16, kThreads>(q_s, p, t, 1, kvh, tid);  // the one token's G heads, rows G..15 zero
+  if (early) {
+    // The first tiles without the newest position (the kernel before writes it: RoPE and the
+    // cache store of this step's token), then, after the wait, the query and that one row, if
+    // it is in those tiles, as one more group: the loop's first wait takes them all. The row is
+    // left alone before the wait rather than zero-filled and overwritten, as two asynchronous
+    // copies to one address are not ordered.
+    const int held = ctx - 1;
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    issue_kv_tile<T, D, kThreads, kStages>(kv_s, st, n_tiles, p, block_table, kvh, begin, end, tid);
+    for (int st = 0; st < kStages - 1; ++st) {
+      issue_kv_tile<T, D, kThreads, kStages, KvRows::kAllButHeld>(kv_s, st, n_tiles, p, block_table, kvh, begin, end,
+                                                                  tid, held);
+    }
+    pdl_wait();
+    load_q_rows<T, D, G, 16, kThreads>(q_s, p, t, 1, kvh, tid);
+    if (held >= begin && held < end && (held - begin) / kTileN < kStages - 1) {
+      const int tile = (held - begin) / kTileN;
+      const uint32_t k_dst = kv_stage<D, kStages>(kv_s, tile);
+      load_kv_tile<T, D, kThreads, KvRows::kOnlyHeld>(k_dst, k_dst + kTileN * D * 2, p, block_table, kvh,
+                                                      begin + tile * kTileN, end, tid, held);
+    }
+    cp_async_commit();
+  } else {
+    load_q_rows<T, D, G, 16, kThreads>(q_s, p, t, 1, kvh, tid);  // the one token's G heads, rows G..15 zero
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+      issue_kv_tile<T, D, kThreads, kStages>(kv_s, st, n_tiles, p, block_table, kvh, begin, end, tid);
+    }
   }
 
   const float scale = p.scale * kLog2e;
@@ -624,7 +668,11 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
 
   for (int it = 0; it < n_tiles; ++it) {
     issue_kv_tile<T, D, kThreads, kStages>(kv_s, it + kStages - 1, n_tiles, p, block_table, kvh, begin, end, tid);
-    cp_async_wait<kStages - 1>();
+    if (early && it == 0) {
+      cp_async_wait<1>();  // the first kStages - 1 tiles and the query's group: all but the newest tile
+    } else {
+      cp_async_wait<kStages - 1>();
+    }
     __syncthreads();
     if (it == 0) load_q_fragments<D>(qf, q_s, 0, lane);
     const int start = begin + it * kTileN + warp * 16;  // this warp's 16 positions

@@ -62,6 +62,12 @@ struct AttentionParams {
   // Every sequence has exactly one query token (num_tokens == num_seqs, query_start_loc[s] = s
   // rows apart by one): the decode kernel may run.
   bool decode_only = false;
+  // Decode only: the caller promises that no kernel still running when this one is launched
+  // writes the metadata (query_start_loc, seq_lens, block_tables) or any cached position but each
+  // sequence's newest (seq_lens[s] - 1), as in a model's step, where only the RoPE/cache-store
+  // kernel just before writes the step's own token. The tensor-core decode kernel then starts
+  // reading the cache before it waits for that kernel (programmatic dependent launch).
+  bool kv_before_wait = false;
 };
 size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_t head_dim, int num_splits);
 // Causal paged attention, GQA-aware: one CTA serves all query heads of a KV head, so each K/V
@@ -74,14 +80,25 @@ constexpr int64_t kMaxGemvTokens = 8;
 bool gemv_supported(int64_t tokens, int64_t k, DType weight, DType x);
 cudaError_t gemv(const void* x, const void* w, int64_t tokens, int64_t n, int64_t k, void* y, DType dtype,
                  DType out_dtype, cudaStream_t stream);
+// The gate/up GEMV with SiLU-and-multiply after it in one kernel: w is [gate; up] ([2f, K]) and
+// y[T, f] = silu(x * W_gate^T) * (x * W_up^T), in dtype, bit for bit gemv() then silu_mul().
+cudaError_t gemv_silu_mul(const void* x, const void* w, int64_t tokens, int64_t f, int64_t k, void* y, DType dtype,
+                          cudaStream_t stream);
 
 // Decode-sized GEMM on tensor cores (kernels/skinny_gemm.cu): y[T, N] = x[T, K] * W^T for T up to
 // kMaxSkinnyGemmTokens, x and W of the same 16-bit dtype, y that dtype or F32, N and K multiples
 // of 64. Split over K into about `ctas_per_sm` CTAs per SM, each keeping `stages` (4, 6, or 8 up
-// to 64 tokens) tiles in flight; with more than one split the FP32 partials need `workspace` (splits x T x N floats)
-// and `counters` (kSkinnyGemmCounters int32, zero before the first call; every call leaves them
-// zero), and the last split of each tile sums them.
+// to 64 tokens) tiles in flight; with more than one split the FP32 partials need `workspace`
+// (splits x T x N floats) and `counters` (kSkinnyGemmCounters int32, zero before the first call;
+// every call leaves them zero), and the last split of each tile sums them.
 constexpr int64_t kMaxSkinnyGemmTokens = 128;
+// The configurations (CTAs per SM, stages) the CUDA backend times against cuBLASLt per shape, the
+// GPU test checks and the harness sweeps: the fastest differs by shape (on an H200, 2 x 8 at up
+// to 32 tokens, 3 x 4 at 64, 4 x 8 for 70B's qkv).
+struct SkinnyGemmConfig {
+  int ctas_per_sm, stages;
+};
+inline constexpr SkinnyGemmConfig kSkinnyGemmConfigs[] = {{2, 4}, {2, 6}, {2, 8}, {3, 4}, {3, 6}, {4, 4}, {4, 8}};
 constexpr int64_t kSkinnyGemmCounters = 4096;  // 64-output tiles: N up to 262,144 splits
 struct SkinnyGemmShape {
   bool valid = false;  // false: a shape the kernel does not take

@@ -29,6 +29,28 @@
 using namespace shardserve;
 using namespace shardserve::kernels;
 
+// The kernel ahead of a decode step's attention, as RoPE's cache store is: it lets its dependents
+// launch at once, spins for `spin` clocks, then writes each sequence's newest cache row (K and V,
+// every KV head) from src. An attention that read those rows before its wait sees what was there
+// before (NaN, below).
+// (Outside the anonymous namespace: kernels/attention.cu, included above, has its own, and the
+// registration of a kernel template in a second one is ambiguous to the host compiler.)
+namespace harness_kernels {
+template <typename T>
+__global__ void slow_store_kernel(const T* k_src, const T* v_src, const int64_t* slots, int n, int row, T* k, T* v,
+                                  long long spin) {
+  pdl_trigger();
+  const long long t0 = clock64();
+  while (clock64() - t0 < spin) {
+  }
+  for (int i = threadIdx.x; i < n * row; i += blockDim.x) {
+    const int64_t at = slots[i / row] * row + i % row;
+    k[at] = k_src[i];
+    v[at] = v_src[i];
+  }
+}
+}  // namespace harness_kernels
+
 namespace {
 
 int g_failures = 0;
@@ -270,6 +292,56 @@ cudaError_t decode_combine_kernel(const AttentionParams& p, cudaStream_t stream)
   return launch_tensor_core<T>(q, stream);
 }
 
+// The backend's decode kernel reading the cache before its programmatic-dependent wait, as the
+// CUDA backend launches it in a decode step (AttentionParams::kv_before_wait).
+template <typename T>
+cudaError_t decode_early_kv(const AttentionParams& p, cudaStream_t stream) {
+  AttentionParams q = p;
+  q.kv_before_wait = true;
+  return launch_tensor_core<T>(q, stream);
+}
+
+// Early-KV decode against the reference while the kernel ahead of it is still writing the newest
+// positions (their rows NaN until it does): the kernel must read those rows only after its wait.
+template <typename T>
+void check_early_kv(const char* name, int hq, int hkv, int d, std::vector<Seq> seqs, std::mt19937& rng) {
+  Problem<T> pr(hq, hkv, d, std::move(seqs), rng);
+  const int row = hkv * d;
+  const int n = static_cast<int>(pr.seqs.size());
+  std::vector<int64_t> slots;
+  std::vector<T> k_rows, v_rows;
+  for (int s = 0; s < n; ++s) {
+    const int pos = pr.lens[s] - 1;
+    const int64_t slot = static_cast<int64_t>(pr.bt[s * pr.width + pos / pr.bs]) * pr.bs + pos % pr.bs;
+    slots.push_back(slot);
+    k_rows.insert(k_rows.end(), pr.k.begin() + slot * row, pr.k.begin() + (slot + 1) * row);
+    v_rows.insert(v_rows.end(), pr.v.begin() + slot * row, pr.v.begin() + (slot + 1) * row);
+  }
+  T *d_k_rows = nullptr, *d_v_rows = nullptr;
+  int64_t* d_slots = nullptr;
+  CK(cudaMalloc(&d_k_rows, k_rows.size() * sizeof(T)));
+  CK(cudaMalloc(&d_v_rows, v_rows.size() * sizeof(T)));
+  CK(cudaMalloc(&d_slots, slots.size() * sizeof(int64_t)));
+  CK(cudaMemcpy(d_k_rows, k_rows.data(), k_rows.size() * sizeof(T), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_v_rows, v_rows.data(), v_rows.size() * sizeof(T), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_slots, slots.data(), slots.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+  for (const int64_t slot : slots) {
+    CK(cudaMemset(pr.d_k + slot * row, 0xFF, row * sizeof(T)));
+    CK(cudaMemset(pr.d_v + slot * row, 0xFF, row * sizeof(T)));
+  }
+  CK(cudaDeviceSynchronize());
+  cudaStream_t stream = nullptr;
+  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  harness_kernels::slow_store_kernel<T><<<1, 256, 0, stream>>>(d_k_rows, d_v_rows, d_slots, n, row, pr.d_k, pr.d_v, 200000);
+  CK(cudaGetLastError());
+  CK(decode_early_kv<T>(pr.params(), stream));
+  CK(cudaStreamSynchronize(stream));
+  CK(cudaStreamDestroy(stream));
+  const std::string shape = " hq" + std::to_string(hq) + " hkv" + std::to_string(hkv) + " d" + std::to_string(d);
+  pr.check(std::string("early-kv decode ") + name + shape);
+  for (void* q : {static_cast<void*>(d_k_rows), static_cast<void*>(d_v_rows), static_cast<void*>(d_slots)}) cudaFree(q);
+}
+
 template <typename T>
 double time_us(Problem<T>& pr, Launch f, int iters) {
   return harness::time_us([&](int i) { CK(f(pr.params(i % pr.copies), nullptr)); }, iters);
@@ -345,6 +417,12 @@ int main(int argc, char** argv) {
   check_case<__half>("mixed", 32, 8, 128, mixed, rng);
   check_case<__half>("decode 5 (splits)", 32, 8, 128, few, rng);
   check_case<__nv_bfloat16>("prefill 1000 + 1000 cached", 32, 8, 128, {{1000, 1000}}, rng);
+  for (const Shape& sh : {Shape{32, 8, 128}, Shape{8, 4, 64}}) {
+    check_early_kv<__nv_bfloat16>("decode 40", sh.hq, sh.hkv, sh.d, decode, rng);
+    check_early_kv<__nv_bfloat16>("decode 5 (splits)", sh.hq, sh.hkv, sh.d, few, rng);
+  }
+  check_early_kv<__half>("decode 5 (splits)", 32, 8, 128, few, rng);
+  check_early_kv<__nv_bfloat16>("decode 3 (one and two positions)", 32, 8, 128, {{0, 1}, {1, 1}, {64, 1}}, rng);
 
   const double bw = harness::copy_bandwidth();
   std::printf("copy bandwidth %.0f GB/s\n", bw / 1e9);
@@ -401,6 +479,15 @@ int main(int argc, char** argv) {
   // Splits merged by the decode kernel's last split (the backend) or by combine_kernel.
   const std::vector<std::pair<const char*, Launch>> mf = {{"combine_kernel", decode_combine_kernel<T>},
                                                           {"merged_in_kernel", launch_tensor_core<T>}};
+  // The cache read before the wait (the backend with SHARDSERVE_EARLY_KV=1) or after it.
+  const std::vector<std::pair<const char*, Launch>> ef = {{"after_wait", launch_tensor_core<T>},
+                                                          {"early_kv", decode_early_kv<T>}};
+  for (int ctx : {512, 8192}) {
+    for (int b : {1, 8, 32, 128}) {
+      if (ctx == 8192 && b == 128) continue;
+      variants("decode b" + std::to_string(b) + " ctx " + std::to_string(ctx), std::vector<Seq>(b, Seq{ctx - 1, 1}), ef);
+    }
+  }
   variants("decode b1 ctx 512", std::vector<Seq>(1, Seq{511, 1}), mf);
   variants("decode b8 ctx 512", std::vector<Seq>(8, Seq{511, 1}), mf);
   variants("decode b1 ctx 8192", std::vector<Seq>(1, Seq{8191, 1}), mf);

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdio>
+#include <iterator>
 #include <random>
 #include <vector>
 
@@ -47,10 +48,11 @@ int main() {
   int32_t* counters = nullptr;
   CK(cudaMalloc(&counters, kSkinnyGemmCounters * sizeof(int32_t)));
   CK(cudaMemset(counters, 0, kSkinnyGemmCounters * sizeof(int32_t)));
-  struct Config {
-    int ctas_per_sm, stages;
-  };
-  const Config configs[] = {{2, 4}, {2, 6}, {2, 8}, {3, 4}, {3, 6}, {4, 4}, {4, 8}, {6, 4}, {8, 4}};
+  // The backend's configurations (kernels.h), and two with more CTAs an SM that it leaves out.
+  using Config = SkinnyGemmConfig;
+  std::vector<Config> configs(std::begin(kSkinnyGemmConfigs), std::end(kSkinnyGemmConfigs));
+  configs.push_back({6, 4});
+  configs.push_back({8, 4});
 
   // Correctness: odd token counts, one and several splits, BF16 and F32 outputs.
   struct Check {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <set>
@@ -135,6 +136,40 @@ TEST_F(KernelsTest, SiluMul) {
   }
 }
 
+// The gate/up GEMV with SiLU-and-multiply in one kernel (SHARDSERVE_FUSED_SILU) gives bit for bit
+// what the GEMV and silu_mul give, and matches the CPU reference; F not a multiple of the four
+// rows a CTA takes (the tail's clamped warps) included. The fused kernel leaves the unfused path's
+// gate_up buffer alone (so it, not the two kernels, ran); above gemv_max_tokens it is the two.
+TEST_F(KernelsTest, FusedSiluGemvIsTheGemvThenSiluMul) {
+  struct Shape { int64_t t, f, k; };
+  for (const Shape s : {Shape{1, 1000, 512}, Shape{2, 1001, 264}, Shape{1, 14336, 4096}, Shape{2, 3, 64},
+                        Shape{5, 200, 128}}) {
+    const auto x = random(s.t * s.k), w = random(2 * s.f * s.k, 2.0f / std::sqrt(float(s.k)));
+    Tensor c_gu = cpu_.empty({s.t, 2 * s.f}, DType::kF32), c_out = cpu_.empty({s.t, s.f}, DType::kF32);
+    cpu_.linear_silu_mul(cpu_f32(x, {s.t, s.k}), LinearWeight{cpu_f32(w, {2 * s.f, s.k})}, c_gu, c_out);
+    const Tensor gx = gpu_bf16(x, {s.t, s.k});
+    const LinearWeight gw{gpu_bf16(w, {2 * s.f, s.k})};
+    const std::vector<float> sentinel(static_cast<size_t>(s.t * 2 * s.f), 7.0f);
+    Tensor g_gu = gpu_bf16(sentinel, {s.t, 2 * s.f});
+    Tensor g_two = gpu_->empty({s.t, s.f}, DType::kBF16), g_fused = gpu_->empty({s.t, s.f}, DType::kBF16);
+    gpu_->set_fused_silu(false);
+    gpu_->linear_silu_mul(gx, gw, g_gu, g_two);
+    EXPECT_NE(gpu_->download_f32(g_gu), sentinel) << "the unfused path writes gate_up";
+    g_gu = gpu_bf16(sentinel, {s.t, 2 * s.f});
+    gpu_->set_fused_silu(true);
+    gpu_->linear_silu_mul(gx, gw, g_gu, g_fused);
+    const bool fused = s.t <= 2;  // gemv_max_tokens' default
+    EXPECT_EQ(gpu_->download_f32(g_gu) == sentinel, fused) << s.t << "x" << s.f << "x" << s.k;
+    const std::vector<float> two = gpu_->download_f32(g_two), one = gpu_->download_f32(g_fused);
+    int64_t differ = 0;
+    for (size_t i = 0; i < two.size(); ++i) differ += std::memcmp(&two[i], &one[i], sizeof(float)) != 0;
+    EXPECT_EQ(differ, 0) << s.t << "x" << s.f << "x" << s.k;
+    EXPECT_LT(rel_error(g_fused, c_out), 1e-2) << s.t << "x" << s.f << "x" << s.k;
+    EXPECT_LT(rel_error(g_two, c_out), 1e-2) << s.t << "x" << s.f << "x" << s.k;
+  }
+  gpu_->set_fused_silu(false);
+}
+
 // A mixed step on a scrambled paged cache: sequence 0 prefills 37 tokens, sequence 1 continues a
 // chunked prefill (20 cached + 5 new), sequence 2 decodes at position 99 — then a decode-only step
 // (flash-decoding splits). RoPE + cache write run first, so attention reads what they wrote.
@@ -256,24 +291,33 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
     gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
     EXPECT_LT(rel_error(g_out, c_out), 2e-2) << "attention, max_query_len " << max_q;
   };
-  // Fill sequence 2's first 99 positions (not checked), then the mixed step, then decode only.
+  // Fill sequence 2's first 99 positions (not checked), then the mixed step, then decode only,
+  // the last two steps with the decode attention reading the cache before it waits for the RoPE
+  // and cache-store kernel ahead of it (all but the position that kernel writes).
   run_step({{0, 0 + 37}, {0, 20}, {0, 99}}, false);
   run_step(seqs, true);
   run_step({{37, 1}, {25, 1}, {100, 1}}, true);
+  gpu_->set_early_kv(true);
+  run_step({{38, 1}, {26, 1}, {101, 1}}, true);
+  run_step({{39, 1}, {27, 1}, {102, 1}}, true);
 }
 
 // Decode-only steps over long, scrambled contexts (several 64-position tiles, partial tiles, one
 // position), from a cache filled with random values: the decode kernel, with attention split over
 // CTAs (few sequences) and unsplit (many sequences), against the reference. The split steps run
-// twice: the kernel's last split merges the others through counters it must leave at zero.
+// twice: the kernel's last split merges the others through counters it must leave at zero. All of
+// it with the cache read after the kernel's dependency wait and before it (SHARDSERVE_EARLY_KV).
 TEST_P(AttentionTest, DecodeOverLongContextsMatchesTheReference) {
-  for (const int32_t num_seqs : {5, 40, 5, 3}) {
-    std::vector<Seq> seqs;
-    for (int32_t s = 0; s < num_seqs; ++s) {
-      const int32_t pick[] = {1, 63, 64, 65, 700, 129, 17, 300};
-      seqs.push_back({pick[s % 8] + s / 8 - 1, 1});
+  for (const bool early_kv : {false, true}) {
+    gpu_->set_early_kv(early_kv);
+    for (const int32_t num_seqs : {5, 40, 5, 3}) {
+      std::vector<Seq> seqs;
+      for (int32_t s = 0; s < num_seqs; ++s) {
+        const int32_t pick[] = {1, 63, 64, 65, 700, 129, 17, 300};
+        seqs.push_back({pick[s % 8] + s / 8 - 1, 1});
+      }
+      EXPECT_LT(scrambled_step_error(seqs), 2e-2) << num_seqs << " sequences, early_kv " << early_kv;
     }
-    EXPECT_LT(scrambled_step_error(seqs), 2e-2) << num_seqs << " sequences";
   }
 }
 
@@ -303,9 +347,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
 
 // The decode-sized tensor-core GEMM (kernels/skinny_gemm.cu) on its own, whatever the tuning in
 // CudaBackend::gemm picks: token counts that fill no whole fragment, one split and several (summed
-// by the last split of each tile), both stage counts, BF16 and F32 outputs, against the CPU
-// backend's linear; each configuration twice over the same counters, which every call must leave
-// zero for the next.
+// by the last split of each tile), every configuration the backend times (kernels.h), BF16 and F32
+// outputs, against the CPU backend's linear; each configuration twice over the same counters,
+// which every call must leave zero for the next.
 TEST_F(KernelsTest, SkinnyGemmMatchesTheReference) {
   struct Case { int64_t t, n, k; };
   Tensor ws = gpu_->empty({(32 << 20) / 4}, DType::kF32);
@@ -318,23 +362,22 @@ TEST_F(KernelsTest, SkinnyGemmMatchesTheReference) {
     cpu_.linear(cpu_f32(x, {c.t, c.k}), LinearWeight(cpu_f32(w, {c.n, c.k})), c_out);
     const Tensor gx = gpu_bf16(x, {c.t, c.k}), gw = gpu_bf16(w, {c.n, c.k});
     std::set<int64_t> split_counts;
-    for (const int ctas_per_sm : {2, 4}) {
-      for (const int stages : {4, 8}) {
-        const kernels::SkinnyGemmShape shape =
-            kernels::skinny_gemm_shape(c.t, c.n, c.k, 132, size_t{32} << 20, ctas_per_sm, stages);
-        ASSERT_EQ(shape.valid, stages == 4 || c.t <= 64) << c.t << " tokens, " << stages << " stages";
-        if (!shape.valid) continue;
-        split_counts.insert(shape.splits);
-        for (const DType out : {DType::kBF16, DType::kF32}) {
-          for (int rep = 0; rep < 2; ++rep) {
-            Tensor g_out = gpu_->empty({c.t, c.n}, out);
-            ASSERT_EQ(kernels::skinny_gemm(shape, gx.data, gw.data, g_out.data, DType::kBF16, out, ws.as<float>(),
-                                           counters.as<int32_t>(), nullptr),
-                      cudaSuccess);
-            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-            EXPECT_LT(rel_error(g_out, c_out), 1e-2) << c.t << "x" << c.n << "x" << c.k << " splits " << shape.splits
-                                                     << " stages " << stages << " call " << rep;
-          }
+    for (const kernels::SkinnyGemmConfig& cfg : kernels::kSkinnyGemmConfigs) {
+      const int stages = cfg.stages;
+      const kernels::SkinnyGemmShape shape =
+          kernels::skinny_gemm_shape(c.t, c.n, c.k, 132, size_t{32} << 20, cfg.ctas_per_sm, stages);
+      ASSERT_EQ(shape.valid, stages != 8 || c.t <= 64) << c.t << " tokens, " << stages << " stages";
+      if (!shape.valid) continue;
+      split_counts.insert(shape.splits);
+      for (const DType out : {DType::kBF16, DType::kF32}) {
+        for (int rep = 0; rep < 2; ++rep) {
+          Tensor g_out = gpu_->empty({c.t, c.n}, out);
+          ASSERT_EQ(kernels::skinny_gemm(shape, gx.data, gw.data, g_out.data, DType::kBF16, out, ws.as<float>(),
+                                         counters.as<int32_t>(), nullptr),
+                    cudaSuccess);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          EXPECT_LT(rel_error(g_out, c_out), 1e-2) << c.t << "x" << c.n << "x" << c.k << " splits " << shape.splits
+                                                   << " stages " << stages << " call " << rep;
         }
       }
     }

@@ -166,8 +166,8 @@ void LlamaModel::attention(const DecoderLayer& layer, const Tensor& x, const Ste
 }
 
 void LlamaModel::feed_forward(const DecoderLayer& layer, const Tensor& x, Workspace& ws, Tensor& out) {
-  layer.gate_up_proj.forward(backend_, x, ws.gate_up);
-  backend_.silu_mul(ws.gate_up, ws.act);
+  // gate_up is column-parallel (no collective after it): the backend may fuse it with silu_mul.
+  backend_.linear_silu_mul(x, layer.gate_up_proj.weight(), ws.gate_up, ws.act);
   layer.down_proj.forward(backend_, ws.act, out);
 }
 

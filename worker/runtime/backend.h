@@ -203,6 +203,13 @@ class Backend {
                          const AttentionMetadata& meta, float scale, Tensor& out) = 0;
   // gate_up [T, 2F] (gate first) -> out [T, F] = silu(gate) * up.
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
+  // linear(x, w, gate_up) with a [gate; up] weight ([2F, K]), then silu_mul(gate_up, out): out
+  // [T, F] exactly as the two give it. A backend with one kernel for both, for the shape, runs
+  // that and leaves gate_up alone (it is the unfused path's buffer).
+  virtual void linear_silu_mul(const Tensor& x, const LinearWeight& w, Tensor& gate_up, Tensor& out) {
+    linear(x, w, gate_up);
+    silu_mul(gate_up, out);
+  }
   // out[i] = x[indices[i]] (rows).
   virtual void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) = 0;
   // shards [n * R, C] holds n blocks [R, C] one after another (what all_gather returns for n

@@ -351,13 +351,11 @@ GemmPlan& CudaBackend::gemm_plan(int64_t m, int64_t n, int64_t k, DType ab, DTyp
     if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(results[i].algo);
   }
   if ((ab == DType::kBF16 || ab == DType::kF16) && (c == ab || c == DType::kF32)) {
-    // CTAs an SM x stages in flight: the fastest differs by shape (tests/bench/gemm_harness.cu on
-    // an H200: 2 x 8 at up to 32 tokens, 3 x 4 at 64, 4 x 8 for 70B's qkv).
-    constexpr std::pair<int, int> kConfigs[] = {{2, 4}, {2, 6}, {2, 8}, {3, 4}, {3, 6}, {4, 4}, {4, 8}};
+    // CTAs an SM x stages in flight (kernels.h's list: the fastest differs by shape).
     if (skinny_gemm_mode() != SkinnyGemmMode::kOff) {
-      for (const auto& [ctas_per_sm, stages] : kConfigs) {
+      for (const kernels::SkinnyGemmConfig& cfg : kernels::kSkinnyGemmConfigs) {
         const kernels::SkinnyGemmShape s =
-            kernels::skinny_gemm_shape(n, m, k, num_sms_, gemm_workspace_bytes_, ctas_per_sm, stages);
+            kernels::skinny_gemm_shape(n, m, k, num_sms_, gemm_workspace_bytes_, cfg.ctas_per_sm, cfg.stages);
         if (s.valid) plan->skinny_candidates.push_back(s);
       }
     }
@@ -381,6 +379,34 @@ SkinnyGemmMode skinny_gemm_mode() {
     return SkinnyGemmMode::kTune;
   }();
   return mode;
+}
+
+namespace {
+bool env_flag(const char* name, bool fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return fallback;
+  if (std::strcmp(env, "1") == 0) return true;
+  if (std::strcmp(env, "0") == 0) return false;
+  return fallback;
+}
+}  // namespace
+
+// SHARDSERVE_EARLY_KV: a decode step's attention issues its first K/V tiles (every position but
+// each sequence's newest) before it waits for the RoPE/cache-store kernel ahead of it, so the
+// cache read starts under that kernel (AttentionParams::kv_before_wait). Off by default until the
+// GPU tests and the engine benchmark have run with it.
+bool early_kv_enabled() {
+  static const bool on = env_flag("SHARDSERVE_EARLY_KV", false);
+  return on;
+}
+
+// SHARDSERVE_FUSED_SILU: at GEMV sizes (up to gemv_max_tokens_ tokens, 16-bit weights) the gate/up
+// projection writes silu(gate) * up itself (kernels::gemv_silu_mul, bit for bit the GEMV and
+// silu_mul's result): one kernel and one round trip of the gate/up activations less per layer.
+// Off by default until the GPU tests and the engine benchmark have run with it.
+bool fused_silu_enabled() {
+  static const bool on = env_flag("SHARDSERVE_FUSED_SILU", false);
+  return on;
 }
 
 kernels::QuantFormat quant_kernel_format(WeightFormat f) {
@@ -716,6 +742,9 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
   if (meta.max_query_len == 1) {
     p.num_splits = static_cast<int>(decode_attention_splits(p.num_tokens, p.num_kv_heads, num_sms_));
   }
+  // In a decode step the only writer of this layer's cache is rope_and_store_kv just before, at
+  // each sequence's newest position; the metadata came up by copy before the step's first kernel.
+  p.kv_before_wait = p.decode_only && kv_before_wait_;
   // The partials live only until the combine kernel has run: later scratch may reuse them (the
   // stream orders every reader before the next writer), so they do not grow with depth.
   const size_t mark = arena_used_;
@@ -789,6 +818,22 @@ void CudaBackend::sample(Tensor& logits, const std::vector<SamplingRow>& rows, c
     out.top_ids.assign(top_ids, top_ids + n * kMaxSampledLogprobs);
     out.top_logprobs.assign(top_lp, top_lp + n * kMaxSampledLogprobs);
   }
+}
+
+// The gate/up GEMV with SiLU-and-multiply in its epilogue (SHARDSERVE_FUSED_SILU), where linear()
+// would take the GEMV: 16-bit dense weights, up to gemv_max_tokens_ tokens. Otherwise the two.
+void CudaBackend::linear_silu_mul(const Tensor& x, const LinearWeight& w, Tensor& gate_up, Tensor& out) {
+  const int64_t k = w.in_features();
+  const int64_t f = out.dim(1);
+  const int64_t tokens = x.numel() / k;
+  if (fused_silu_ && w.format == WeightFormat::kDense && tokens >= 1 && tokens <= gemv_max_tokens_ &&
+      w.out_features() == 2 * f && out.dim(0) == tokens && out.dtype == x.dtype &&
+      kernels::gemv_supported(tokens, k, w.weight.dtype, x.dtype)) {
+    check(kernels::gemv_silu_mul(x.data, w.weight.data, tokens, f, k, out.data, x.dtype, stream_), "gemv_silu_mul");
+    return;
+  }
+  linear(x, w, gate_up);
+  silu_mul(gate_up, out);
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {

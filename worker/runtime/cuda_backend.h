@@ -44,6 +44,13 @@ kernels::QuantFormat quant_kernel_format(WeightFormat f);
 enum class SkinnyGemmMode { kTune, kPrefer, kOff };
 SkinnyGemmMode skinny_gemm_mode();
 
+// Decode-step fusions, each on when its variable is "1" and off when "0" (cuda_backend.cc says
+// what each does and what it defaults to): SHARDSERVE_EARLY_KV (the decode attention reads the
+// cache before the kernel ahead of it ends), SHARDSERVE_FUSED_SILU (the gate/up GEMV applies
+// SiLU-and-multiply itself).
+bool early_kv_enabled();
+bool fused_silu_enabled();
+
 class CudaBackend final : public Backend {
  public:
   // NOT_FOUND when no device is present.
@@ -85,12 +92,17 @@ class CudaBackend final : public Backend {
   void attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache, const AttentionMetadata& meta,
                  float scale, Tensor& out) override;
   void silu_mul(const Tensor& gate_up, Tensor& out) override;
+  void linear_silu_mul(const Tensor& x, const LinearWeight& w, Tensor& gate_up, Tensor& out) override;
   void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) override;
   void join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) override;
 
   // Linear layers with at most this many tokens use the decode GEMV, others cuBLASLt (0: never
   // the GEMV; for comparisons).
   void set_gemv_max_tokens(int64_t n) { gemv_max_tokens_ = n; }
+  // The decode-step fusions of SHARDSERVE_EARLY_KV and SHARDSERVE_FUSED_SILU, for tests that run
+  // both ways.
+  void set_early_kv(bool on) { kv_before_wait_ = on; }
+  void set_fused_silu(bool on) { fused_silu_ = on; }
   // Fixes the scratch arena at `bytes` (leaving measure mode).
   void reserve_scratch(size_t bytes);
   size_t scratch_peak_bytes() const { return scratch_peak_; }
@@ -139,6 +151,8 @@ class CudaBackend final : public Backend {
   // Above 2 tokens the GEMV turns issue-bound (every weight is converted and multiplied per token
   // on CUDA cores) and cuBLASLt's tensor cores win; measured with engine_bench --micro.
   int64_t gemv_max_tokens_ = 2;
+  bool kv_before_wait_ = early_kv_enabled();
+  bool fused_silu_ = fused_silu_enabled();
   bool fp8_tensor_cores_ = false;
   // Quantized layers at larger batches: the dequantized weight of the layer being multiplied.
   void* dequant_ = nullptr;
