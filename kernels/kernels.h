@@ -110,6 +110,10 @@ SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_
                                   int ctas_per_sm = 2, int stages = 4);
 cudaError_t skinny_gemm(const SkinnyGemmShape& shape, const void* x, const void* w, void* y, DType dtype,
                         DType out_dtype, float* workspace, int32_t* counters, cudaStream_t stream);
+// The same GEMM over a fused [gate; up] weight ([2F, K], `shape` made for N = 2F) with
+// SiLU-and-multiply in its epilogue: y [T, F] in dtype, bit for bit skinny_gemm() then silu_mul().
+cudaError_t skinny_gemm_silu_mul(const SkinnyGemmShape& shape, const void* x, const void* w, void* y, DType dtype,
+                                 float* workspace, int32_t* counters, cudaStream_t stream);
 
 // Quantized weights (worker/runtime/backend.h's LinearWeight, same definitions), as device
 // pointers. kInt4: weight U32 [N, K/8] (feature k in bits 4 (k % 8) of word k / 8), scales [N, G]

@@ -9,7 +9,13 @@
 // writes its FP32 partial to a workspace and the last split of each 64-output tile to finish (a
 // counter per tile, back to zero after) sums them in split order (deterministic whichever finishes
 // last) and writes y: no second kernel. sm_80 instructions only, so the A100 path is the same code.
+//
+// Gated (skinny_gemm_silu_mul): W is a fused gate|up projection [2F, K] and a CTA's 64 rows are
+// gate rows 32t .. 32t + 31 and the same up rows (F + 32t ...); the final sums (the CTA's own, or
+// the last split's) meet in shared memory and y[T, F] = silu(gate) * up, rounded as silu_mul
+// rounds the plain GEMM's output, so bit for bit the two kernels' result.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/kernels.h"
@@ -26,11 +32,12 @@ constexpr int kThreads = 128;
 
 constexpr size_t stage_bytes(int bm) { return static_cast<size_t>(bm + kBN) * kBK * 2; }
 
-template <typename T, typename OutT, int BM, int kStages>
+template <typename T, typename OutT, int BM, int kStages, bool kGated = false>
 __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                int tokens, int n, int k, int k_per_split,
                                                                OutT* __restrict__ y, float* __restrict__ partials,
                                                                int32_t* __restrict__ counters) {
+  static_assert(!kGated || std::is_same_v<T, OutT>, "silu_mul's rounding: T throughout");
   constexpr int kMFrags = BM / 16;
   constexpr uint32_t kXBytes = BM * kBK * 2;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -61,7 +68,9 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restri
     for (int i = 0; i < kBN * 8 / kThreads; ++i) {
       const int idx = tid + i * kThreads;
       const int r = idx / 8, c = idx % 8;
-      cp_async16(xs + kXBytes + swizzle<kBK>(r, c), w + (n0 + r) * static_cast<int64_t>(k) + kk + c * 8, true);
+      // Gated: rows 0-31 of the tile are gate rows n0 / 2 + r, rows 32-63 the same up rows.
+      const int64_t w_row = kGated ? (r < kBN / 2 ? n0 / 2 + r : n / 2 + n0 / 2 + r - kBN / 2) : n0 + r;
+      cp_async16(xs + kXBytes + swizzle<kBK>(r, c), w + w_row * k + kk + c * 8, true);
     }
   };
 
@@ -109,6 +118,42 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restri
     __syncthreads();  // the stage just read is reloaded next iteration
   }
   cp_async_wait<0>();
+
+  // Gated: the tile's FP32 sums [BM][kBN] (+1 column against bank conflicts) in shared memory
+  // (the stages' bytes, free now), then y = silu(gate) * up of its 32 outputs per token.
+  constexpr int kTileCols = kBN + 1;
+  float* tile = reinterpret_cast<float*>(smem);
+  auto gated_out = [&]() {
+    __syncthreads();
+    const int f = n / 2;
+    for (int idx = tid; idx < BM * (kBN / 2); idx += kThreads) {
+      const int row = idx / (kBN / 2), c = idx % (kBN / 2);
+      if (row >= tokens) break;
+      const float g = to_f32(from_f32<T>(tile[row * kTileCols + c]));
+      const float up = to_f32(from_f32<T>(tile[row * kTileCols + kBN / 2 + c]));
+      const float silu = to_f32(from_f32<T>(g / (1.0f + __expf(-g))));
+      y[static_cast<int64_t>(row) * f + n0 / 2 + c] = from_f32<OutT>(silu * up);
+    }
+  };
+  if constexpr (kGated) {
+    if (partials == nullptr) {
+      __syncthreads();  // every warp is done with the stages
+#pragma unroll
+      for (int m = 0; m < kMFrags; ++m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int row = m * 16 + lane / 4 + 8 * h, col = warp * 16 + j * 8 + (lane % 4) * 2;
+            tile[row * kTileCols + col] = acc[m][j][2 * h];
+            tile[row * kTileCols + col + 1] = acc[m][j][2 * h + 1];
+          }
+        }
+      }
+      gated_out();
+      return;
+    }
+  }
 
   // Thread (lane) holds rows m * 16 + lane / 4 (+ 8), columns warp * 16 + j * 8 + (lane % 4) * 2 (+ 1).
 #pragma unroll
@@ -171,23 +216,36 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restri
       }
     }
   }
+  if constexpr (kGated) {
+    __syncthreads();  // every warp is done with the stages
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int idx = tid + i * kThreads, row = idx / (kBN / 4);
-    if (row >= tokens) continue;
-    OutT* out = y + static_cast<int64_t>(row) * n + n0 + (idx % (kBN / 4)) * 4;
-    if constexpr (std::is_same_v<OutT, float>) {
-      *reinterpret_cast<float4*>(out) = sum[i];
-    } else {
-      *reinterpret_cast<uint2*>(out) = make_uint2(pack2<OutT>(sum[i].x, sum[i].y), pack2<OutT>(sum[i].z, sum[i].w));
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + i * kThreads, row = idx / (kBN / 4);
+      if (row >= BM) continue;
+      float* t = tile + row * kTileCols + (idx % (kBN / 4)) * 4;
+      t[0] = sum[i].x, t[1] = sum[i].y, t[2] = sum[i].z, t[3] = sum[i].w;
+    }
+    gated_out();
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + i * kThreads, row = idx / (kBN / 4);
+      if (row >= tokens) continue;
+      OutT* out = y + static_cast<int64_t>(row) * n + n0 + (idx % (kBN / 4)) * 4;
+      if constexpr (std::is_same_v<OutT, float>) {
+        *reinterpret_cast<float4*>(out) = sum[i];
+      } else {
+        *reinterpret_cast<uint2*>(out) = make_uint2(pack2<OutT>(sum[i].x, sum[i].y), pack2<OutT>(sum[i].z, sum[i].w));
+      }
     }
   }
 }
 
-template <typename T, typename OutT, int BM, int kStages>
+template <typename T, typename OutT, int BM, int kStages, bool kGated>
 cudaError_t launch(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
                    int32_t* counters, cudaStream_t stream) {
-  constexpr auto kernel = skinny_gemm_kernel<T, OutT, BM, kStages>;
+  constexpr auto kernel = skinny_gemm_kernel<T, OutT, BM, kStages, kGated>;
+  static_assert(BM * (kBN + 1) * sizeof(float) <= kStages * stage_bytes(BM), "the gated tile fits the stages");
   const size_t smem = kStages * stage_bytes(BM);
   if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(s.n / kBN), static_cast<unsigned>(s.splits));
@@ -197,23 +255,23 @@ cudaError_t launch(const SkinnyGemmShape& s, const void* x, const void* w, void*
                     counters);
 }
 
-template <typename T, typename OutT, int BM>
+template <typename T, typename OutT, int BM, bool kGated>
 cudaError_t launch_stages(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
                           int32_t* counters, cudaStream_t stream) {
   if constexpr (BM <= 64) {
-    if (s.stages == 8) return launch<T, OutT, BM, 8>(s, x, w, y, workspace, counters, stream);
+    if (s.stages == 8) return launch<T, OutT, BM, 8, kGated>(s, x, w, y, workspace, counters, stream);
   }
-  return s.stages == 6 ? launch<T, OutT, BM, 6>(s, x, w, y, workspace, counters, stream)
-                       : launch<T, OutT, BM, 4>(s, x, w, y, workspace, counters, stream);
+  return s.stages == 6 ? launch<T, OutT, BM, 6, kGated>(s, x, w, y, workspace, counters, stream)
+                       : launch<T, OutT, BM, 4, kGated>(s, x, w, y, workspace, counters, stream);
 }
 
-template <typename T, typename OutT>
+template <typename T, typename OutT, bool kGated = false>
 cudaError_t launch_rows(const SkinnyGemmShape& s, const void* x, const void* w, void* y, float* workspace,
                         int32_t* counters, cudaStream_t stream) {
-  if (s.tokens <= 16) return launch_stages<T, OutT, 16>(s, x, w, y, workspace, counters, stream);
-  if (s.tokens <= 32) return launch_stages<T, OutT, 32>(s, x, w, y, workspace, counters, stream);
-  if (s.tokens <= 64) return launch_stages<T, OutT, 64>(s, x, w, y, workspace, counters, stream);
-  return launch_stages<T, OutT, 128>(s, x, w, y, workspace, counters, stream);
+  if (s.tokens <= 16) return launch_stages<T, OutT, 16, kGated>(s, x, w, y, workspace, counters, stream);
+  if (s.tokens <= 32) return launch_stages<T, OutT, 32, kGated>(s, x, w, y, workspace, counters, stream);
+  if (s.tokens <= 64) return launch_stages<T, OutT, 64, kGated>(s, x, w, y, workspace, counters, stream);
+  return launch_stages<T, OutT, 128, kGated>(s, x, w, y, workspace, counters, stream);
 }
 
 }  // namespace
@@ -259,6 +317,17 @@ cudaError_t skinny_gemm(const SkinnyGemmShape& s, const void* x, const void* w, 
   }
   return out_dtype == DType::kF32 ? launch_rows<__half, float>(s, x, w, y, workspace, counters, stream)
                                   : launch_rows<__half, __half>(s, x, w, y, workspace, counters, stream);
+}
+
+cudaError_t skinny_gemm_silu_mul(const SkinnyGemmShape& s, const void* x, const void* w, void* y, DType dtype,
+                                 float* workspace, int32_t* counters, cudaStream_t stream) {
+  if (!s.valid || (dtype != DType::kBF16 && dtype != DType::kF16) ||
+      (s.splits > 1 && (workspace == nullptr || counters == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  return dtype == DType::kBF16
+             ? launch_rows<__nv_bfloat16, __nv_bfloat16, true>(s, x, w, y, workspace, counters, stream)
+             : launch_rows<__half, __half, true>(s, x, w, y, workspace, counters, stream);
 }
 
 }  // namespace shardserve::kernels

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine over a checkout with dist/ from scripts/device_bundle.sh: every GPU test,
 # then the engine benchmark, results (JSON records, logs) under ${OUT:-out}/, a short table last.
-#   scripts/device_run.sh [tests|bench|all|tp|quant|engine|sm80]
+#   scripts/device_run.sh [tests|bench|all|tp|quant|engine|fusions|sm80]
 # sm80: the GPU tests of an sm_80-only build (dist-sm80/, see device_bundle.sh): the A100 code
 # paths, compiled from their PTX for this GPU, held to the same references.
 # engine (one GPU): every GPU test, the attention kernels' harness, the engine benchmark of
@@ -11,6 +11,10 @@
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), the all-reduce
 # crossover (all_reduce_bench, if bundled), then the engine benchmark of synthetic llama-3.1-70b
 # over 2 GPUs.
+# fusions (one GPU): the decode-step fusions behind SHARDSERVE_EARLY_KV and SHARDSERVE_FUSED_SILU:
+# every GPU test as shipped, the attention, kernel and golden tests again with both on, the
+# attention harness (its early-KV checks and timings), then engine_bench at batch 1, 8, 32, 128
+# off / on / off / on (run-to-run noise is about 1%); a short table last.
 # quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
 # packed into $OUT/golden.tgz), the quantized GPU tests, the INT4/INT8 tensor-core GEMM's harness
 # (if bundled), then the engine benchmark of synthetic llama-3.1-70b in AWQ INT4 and FP8 and the
@@ -78,6 +82,39 @@ if [[ $what == quant ]]; then
       --out "$OUT/engine_bench_quant.jsonl" >"$OUT/quant_micro.log" 2>&1
     grep -E "int4|int8|fp8" "$OUT/quant_micro.log" | head -80
   fi
+fi
+if [[ $what == fusions ]]; then
+  SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL "${TEST_SECONDS:-200}" dist/bin/gpu_tests --gtest_brief=1 \
+    >"$OUT/gpu_tests.log" 2>&1
+  status=$?
+  grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure" "$OUT/gpu_tests.log" | head -30
+  SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" \
+    timeout -s KILL "${TEST_SECONDS:-200}" dist/bin/gpu_tests --gtest_brief=1 \
+    --gtest_filter='KernelsTest*:Shapes/AttentionTest*:CudaGolden*:*Golden*' >"$OUT/gpu_tests_fusions.log" 2>&1
+  fused_status=$?
+  [[ $status == 0 ]] && status=$fused_status
+  echo "== with SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1"
+  grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure" "$OUT/gpu_tests_fusions.log" | head -30
+  if [[ -x dist/bin/attention_harness ]]; then
+    timeout -s KILL 200 dist/bin/attention_harness >"$OUT/attention_harness.log" 2>&1 || echo "attention_harness failed ($?)"
+    grep -E "FAIL|PASS|early|after_wait" "$OUT/attention_harness.log" | grep -v "^ok" | head -20
+  fi
+  for run in off on off on; do
+    if [[ $run == on ]]; then flags="SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1"; else flags=""; fi
+    env $flags timeout -s KILL "${BENCH_SECONDS:-100}" stdbuf -oL dist/bin/engine_bench --batches "${BATCHES:-1,8,32,128}" \
+      --out "$OUT/engine_bench_fusions_$run.jsonl" >>"$OUT/engine_bench_fusions.log" 2>&1 || echo "engine_bench ($run) failed ($?)"
+    echo "== fusions $run" >>"$OUT/engine_bench_fusions.log"
+  done
+  for run in off on; do
+    echo "== fusions $run (two runs each)"
+    python3 - "$OUT/engine_bench_fusions_$run.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("bench") == "decode":
+        print("  batch %4s  %9.1f tok/s  bw %.3f" % (r.get("batch"), r.get("tokens_per_s", 0), r.get("bandwidth_fraction", 0)))
+PY
+  done
 fi
 if [[ $what == engine ]]; then
   SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" timeout -s KILL "${TEST_SECONDS:-300}" dist/bin/gpu_tests --gtest_brief=1 \

@@ -139,11 +139,12 @@ TEST_F(KernelsTest, SiluMul) {
 // The gate/up GEMV with SiLU-and-multiply in one kernel (SHARDSERVE_FUSED_SILU) gives bit for bit
 // what the GEMV and silu_mul give, and matches the CPU reference; F not a multiple of the four
 // rows a CTA takes (the tail's clamped warps) included. The fused kernel leaves the unfused path's
-// gate_up buffer alone (so it, not the two kernels, ran); above gemv_max_tokens it is the two.
+// gate_up buffer alone (so it, not the two kernels, ran); between the GEMV's and the skinny GEMM's
+// sizes it is the two; at the skinny GEMM's, whichever the trial picked, against the reference.
 TEST_F(KernelsTest, FusedSiluGemvIsTheGemvThenSiluMul) {
   struct Shape { int64_t t, f, k; };
   for (const Shape s : {Shape{1, 1000, 512}, Shape{2, 1001, 264}, Shape{1, 14336, 4096}, Shape{2, 3, 64},
-                        Shape{5, 200, 128}}) {
+                        Shape{5, 200, 128}, Shape{16, 2048, 4096}, Shape{33, 1024, 512}}) {
     const auto x = random(s.t * s.k), w = random(2 * s.f * s.k, 2.0f / std::sqrt(float(s.k)));
     Tensor c_gu = cpu_.empty({s.t, 2 * s.f}, DType::kF32), c_out = cpu_.empty({s.t, s.f}, DType::kF32);
     cpu_.linear_silu_mul(cpu_f32(x, {s.t, s.k}), LinearWeight{cpu_f32(w, {2 * s.f, s.k})}, c_gu, c_out);
@@ -158,12 +159,18 @@ TEST_F(KernelsTest, FusedSiluGemvIsTheGemvThenSiluMul) {
     g_gu = gpu_bf16(sentinel, {s.t, 2 * s.f});
     gpu_->set_fused_silu(true);
     gpu_->linear_silu_mul(gx, gw, g_gu, g_fused);
-    const bool fused = s.t <= 2;  // gemv_max_tokens' default
-    EXPECT_EQ(gpu_->download_f32(g_gu) == sentinel, fused) << s.t << "x" << s.f << "x" << s.k;
-    const std::vector<float> two = gpu_->download_f32(g_two), one = gpu_->download_f32(g_fused);
-    int64_t differ = 0;
-    for (size_t i = 0; i < two.size(); ++i) differ += std::memcmp(&two[i], &one[i], sizeof(float)) != 0;
-    EXPECT_EQ(differ, 0) << s.t << "x" << s.f << "x" << s.k;
+    if (s.t <= 2) {  // gemv_max_tokens' default: the GEMV's gated form, bit for bit the GEMV's result
+      EXPECT_EQ(gpu_->download_f32(g_gu), sentinel) << s.t << "x" << s.f << "x" << s.k;
+      const std::vector<float> two = gpu_->download_f32(g_two), one = gpu_->download_f32(g_fused);
+      int64_t differ = 0;
+      for (size_t i = 0; i < two.size(); ++i) differ += std::memcmp(&two[i], &one[i], sizeof(float)) != 0;
+      EXPECT_EQ(differ, 0) << s.t << "x" << s.f << "x" << s.k;
+    } else if (s.t < 9) {  // neither the GEMV nor the skinny GEMM: the two kernels
+      EXPECT_NE(gpu_->download_f32(g_gu), sentinel) << s.t << "x" << s.f << "x" << s.k;
+    }
+    // From 9 tokens the load-time trial picks the gated skinny GEMM or the two kernels (the GEMM
+    // perhaps cuBLASLt's, summed in another order): the reference decides, and
+    // SkinnyGemmMatchesTheReference holds the gated kernel to the plain one bit for bit.
     EXPECT_LT(rel_error(g_fused, c_out), 1e-2) << s.t << "x" << s.f << "x" << s.k;
     EXPECT_LT(rel_error(g_two, c_out), 1e-2) << s.t << "x" << s.f << "x" << s.k;
   }
@@ -349,7 +356,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
 // CudaBackend::gemm picks: token counts that fill no whole fragment, one split and several (summed
 // by the last split of each tile), every configuration the backend times (kernels.h), BF16 and F32
 // outputs, against the CPU backend's linear; each configuration twice over the same counters,
-// which every call must leave zero for the next.
+// which every call must leave zero for the next. Its gated form (SiLU-and-multiply of the two
+// halves' outputs) bit for bit against the plain kernel then silu_mul.
 TEST_F(KernelsTest, SkinnyGemmMatchesTheReference) {
   struct Case { int64_t t, n, k; };
   Tensor ws = gpu_->empty({(32 << 20) / 4}, DType::kF32);
@@ -369,6 +377,24 @@ TEST_F(KernelsTest, SkinnyGemmMatchesTheReference) {
       ASSERT_EQ(shape.valid, stages != 8 || c.t <= 64) << c.t << " tokens, " << stages << " stages";
       if (!shape.valid) continue;
       split_counts.insert(shape.splits);
+      if (c.n % 64 == 0 && c.n >= 128) {
+        // The gated form over the same weight read as [gate; up] (F = N / 2): bit for bit this
+        // configuration's BF16 output then silu_mul.
+        Tensor plain = gpu_->empty({c.t, c.n}, DType::kBF16), two = gpu_->empty({c.t, c.n / 2}, DType::kBF16);
+        Tensor one = gpu_->empty({c.t, c.n / 2}, DType::kBF16);
+        ASSERT_EQ(kernels::skinny_gemm(shape, gx.data, gw.data, plain.data, DType::kBF16, DType::kBF16,
+                                       ws.as<float>(), counters.as<int32_t>(), nullptr),
+                  cudaSuccess);
+        gpu_->silu_mul(plain, two);
+        ASSERT_EQ(kernels::skinny_gemm_silu_mul(shape, gx.data, gw.data, one.data, DType::kBF16, ws.as<float>(),
+                                                counters.as<int32_t>(), nullptr),
+                  cudaSuccess);
+        const std::vector<float> a = gpu_->download_f32(two), b = gpu_->download_f32(one);
+        int64_t differ = 0;
+        for (size_t i = 0; i < a.size(); ++i) differ += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+        EXPECT_EQ(differ, 0) << "gated " << c.t << "x" << c.n << "x" << c.k << " splits " << shape.splits
+                             << " stages " << stages;
+      }
       for (const DType out : {DType::kBF16, DType::kF32}) {
         for (int rep = 0; rep < 2; ++rep) {
           Tensor g_out = gpu_->empty({c.t, c.n}, out);

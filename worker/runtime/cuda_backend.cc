@@ -820,20 +820,107 @@ void CudaBackend::sample(Tensor& logits, const std::vector<SamplingRow>& rows, c
   }
 }
 
-// The gate/up GEMV with SiLU-and-multiply in its epilogue (SHARDSERVE_FUSED_SILU), where linear()
-// would take the GEMV: 16-bit dense weights, up to gemv_max_tokens_ tokens. Otherwise the two.
+struct GatedPlan {
+  bool tuned = false;
+  bool use_fused = false;
+  kernels::SkinnyGemmShape shape;
+};
+
+// The gate/up projection with SiLU-and-multiply in its epilogue (SHARDSERVE_FUSED_SILU): the GEMV
+// where linear() would take it (16-bit dense weights, up to gemv_max_tokens_ tokens), the skinny
+// GEMM's gated form up to its largest size where its load-time trial beats the two kernels.
+// Otherwise the two.
 void CudaBackend::linear_silu_mul(const Tensor& x, const LinearWeight& w, Tensor& gate_up, Tensor& out) {
   const int64_t k = w.in_features();
   const int64_t f = out.dim(1);
   const int64_t tokens = x.numel() / k;
-  if (fused_silu_ && w.format == WeightFormat::kDense && tokens >= 1 && tokens <= gemv_max_tokens_ &&
-      w.out_features() == 2 * f && out.dim(0) == tokens && out.dtype == x.dtype &&
-      kernels::gemv_supported(tokens, k, w.weight.dtype, x.dtype)) {
+  const bool dense16 = fused_silu_ && w.format == WeightFormat::kDense && w.out_features() == 2 * f &&
+                       out.dim(0) == tokens && out.dtype == x.dtype && w.weight.dtype == x.dtype &&
+                       (x.dtype == DType::kBF16 || x.dtype == DType::kF16);
+  if (dense16 && tokens >= 1 && tokens <= gemv_max_tokens_ && kernels::gemv_supported(tokens, k, w.weight.dtype, x.dtype)) {
     check(kernels::gemv_silu_mul(x.data, w.weight.data, tokens, f, k, out.data, x.dtype, stream_), "gemv_silu_mul");
     return;
   }
+  if (dense16 && tokens > gemv_max_tokens_ && tokens <= kernels::kMaxSkinnyGemmTokens &&
+      skinny_gemm_mode() != SkinnyGemmMode::kOff && (2 * f) % 64 == 0 && k % 64 == 0) {
+    const std::string key = std::to_string(tokens) + "x" + std::to_string(f) + "x" + std::to_string(k) + "/" +
+                            std::string(dtype_name(x.dtype));
+    std::unique_ptr<GatedPlan>& slot = gated_plans_[key];
+    if (slot == nullptr) slot = std::make_unique<GatedPlan>();
+    GatedPlan& plan = *slot;
+    if (!plan.tuned) tune_gated(plan, x, w, gate_up, out);
+    if (plan.use_fused) {
+      check(kernels::skinny_gemm_silu_mul(plan.shape, x.data, w.weight.data, out.data, x.dtype,
+                                          static_cast<float*>(gemm_workspace_), skinny_counters_, stream_),
+            "skinny_gemm_silu_mul");
+      return;
+    }
+  }
   linear(x, w, gate_up);
   silu_mul(gate_up, out);
+}
+
+// As tune_gemm at decode shapes: each candidate once to warm up, then 5 calls each after the L2
+// is flushed, the best kept; the two kernels (with the GEMM's own tuned choice) against every
+// configuration of the gated skinny GEMM. Skipped inside a graph capture (the two kernels run).
+void CudaBackend::tune_gated(GatedPlan& plan, const Tensor& x, const LinearWeight& w, Tensor& gate_up, Tensor& out) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream_, &capturing), "cudaStreamIsCapturing");
+  if (capturing != cudaStreamCaptureStatusNone) return;
+  plan.tuned = true;
+  const int64_t k = w.in_features(), f = out.dim(1), tokens = out.dim(0);
+  int l2 = 0;
+  check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device_), "cudaDeviceGetAttribute(L2)");
+  const size_t flush_bytes = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
+  void* flush = nullptr;
+  if (cudaMalloc(&flush, flush_bytes) != cudaSuccess) {
+    cudaGetLastError();
+    return;  // no room to time it fairly: the two kernels
+  }
+  cudaEvent_t start = nullptr, stop = nullptr;
+  check(cudaEventCreate(&start), "cudaEventCreate");
+  check(cudaEventCreate(&stop), "cudaEventCreate");
+  auto best_of = [&](const std::function<bool()>& call) {
+    if (!call()) return INFINITY;
+    float best = INFINITY;
+    for (int rep = 0; rep < 5; ++rep) {
+      check(cudaMemsetAsync(flush, rep, flush_bytes, stream_), "cudaMemsetAsync(L2 flush)");
+      check(cudaEventRecord(start, stream_), "cudaEventRecord");
+      const bool ok = call();
+      check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+      check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      float t = 0.0f;
+      check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+      if (!ok) return INFINITY;
+      best = std::min(best, t);
+    }
+    return best;
+  };
+  const float two = best_of([&] {
+    linear(x, w, gate_up);
+    silu_mul(gate_up, out);
+    return true;
+  });
+  float best_fused = INFINITY;
+  for (const kernels::SkinnyGemmConfig& cfg : kernels::kSkinnyGemmConfigs) {
+    const kernels::SkinnyGemmShape s =
+        kernels::skinny_gemm_shape(tokens, 2 * f, k, num_sms_, gemm_workspace_bytes_, cfg.ctas_per_sm, cfg.stages);
+    if (!s.valid) continue;
+    const float t = best_of([&] {
+      return kernels::skinny_gemm_silu_mul(s, x.data, w.weight.data, out.data, x.dtype,
+                                           static_cast<float*>(gemm_workspace_), skinny_counters_, stream_) ==
+             cudaSuccess;
+    });
+    cudaGetLastError();  // a failed launch leaves the two kernels in charge, not a sticky error
+    if (t < best_fused) {
+      best_fused = t;
+      plan.shape = s;
+    }
+  }
+  plan.use_fused = std::isfinite(best_fused) && best_fused < two;
+  cudaFree(flush);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {

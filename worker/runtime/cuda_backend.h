@@ -35,6 +35,7 @@ enum class QuantFormat : uint8_t;  // kernels/kernels.h
 namespace shardserve {
 
 struct GemmPlan;
+struct GatedPlan;
 
 // The kernels' name for a quantized weight format (kInt4, kInt8 or kFp8; not kDense).
 kernels::QuantFormat quant_kernel_format(WeightFormat f);
@@ -129,6 +130,11 @@ class CudaBackend final : public Backend {
   void gemm(const void* w, DType w_dtype, const void* x, int64_t tokens, int64_t n, int64_t k, void* out,
             DType out_dtype);
   void tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out, DType ab, DType c);
+  // Decode-sized gate/up projections with SiLU-and-multiply in the skinny GEMM's epilogue
+  // (SHARDSERVE_FUSED_SILU), per (tokens, F, K, dtype): timed at the first call outside a graph
+  // capture against the GEMM then silu_mul, the fused kernel kept when it is faster.
+  std::unordered_map<std::string, std::unique_ptr<GatedPlan>> gated_plans_;
+  void tune_gated(GatedPlan& plan, const Tensor& x, const LinearWeight& w, Tensor& gate_up, Tensor& out);
   void add_split_k_variants(GemmPlan& plan, int64_t k);
   void quantized_gemm(const Tensor& x, const LinearWeight& w, int64_t tokens, Tensor& out);
 
