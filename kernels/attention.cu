@@ -368,6 +368,64 @@ __device__ __forceinline__ void load_q_rows(uint32_t q_s, const AttentionParams&
   }
 }
 
+// Fused RoPE (AttentionParams::rope_cos_sin): the one token's G query heads rotated into shared
+// memory rows 0..G-1 (rows G..15 zero), with plain loads and stores (the caller's barrier orders
+// them). Thread i < G * D / 16 takes row i / (D / 16)'s chunk pair (c, c + D / 16).
+template <typename T, int D, int G, int kThreads>
+__device__ __forceinline__ void rope_q_rows(uint8_t* q_smem, const AttentionParams& p, int64_t t, int kvh, int tid) {
+  using V = Pack<T, 8>;
+  using F = Pack<float, 8>;
+  constexpr int kPairs = D / 16;  // chunk pairs per head
+  const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
+  const float* cs = p.rope_cos_sin + static_cast<int64_t>(p.rope_positions[t]) * D;
+  for (int i = tid; i < 16 * kPairs; i += kThreads) {
+    const int r = i / kPairs, c = i % kPairs;
+    V r1{}, r2{};
+    if (r < G) {
+      const T* x = static_cast<const T*>(p.qkv) + t * stride + static_cast<int64_t>(kvh * G + r) * D;
+      const V a = *reinterpret_cast<const V*>(x + 8 * c), b = *reinterpret_cast<const V*>(x + D / 2 + 8 * c);
+      const F co = *reinterpret_cast<const F*>(cs + 8 * c), sn = *reinterpret_cast<const F*>(cs + D / 2 + 8 * c);
+      rope_rotate<T, 8>(a, b, co, sn, r1, r2);
+    }
+    *reinterpret_cast<V*>(q_smem + swizzle<D>(r, c)) = r1;
+    *reinterpret_cast<V*>(q_smem + swizzle<D>(r, c + kPairs)) = r2;
+  }
+}
+
+// Fused RoPE: the newest token's K (rotated) and V of KV head kvh, chunk pair (c, c + D / 16) per
+// thread: threads 0 .. D/16 - 1 take K, the next D/16 take V (c = tid - D/16). Written to the
+// caches at the token's slot (unless < 0) and returned for the shared-memory tile.
+template <typename T, int D>
+__device__ __forceinline__ void rope_newest_kv(const AttentionParams& p, int64_t t, int kvh, int tid, uint4& lo,
+                                               uint4& hi) {
+  using V = Pack<T, 8>;
+  using F = Pack<float, 8>;
+  constexpr int kPairs = D / 16;
+  if (tid >= 2 * kPairs) return;
+  const bool is_v = tid >= kPairs;
+  const int c = tid % kPairs;
+  const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
+  const T* x = static_cast<const T*>(p.qkv) + t * stride + (p.num_q_heads + (is_v ? p.num_kv_heads : 0) + kvh) * D;
+  V a = *reinterpret_cast<const V*>(x + 8 * c), b = *reinterpret_cast<const V*>(x + D / 2 + 8 * c);
+  if (!is_v) {
+    const float* cs = p.rope_cos_sin + static_cast<int64_t>(p.rope_positions[t]) * D;
+    const F co = *reinterpret_cast<const F*>(cs + 8 * c), sn = *reinterpret_cast<const F*>(cs + D / 2 + 8 * c);
+    V r1, r2;
+    rope_rotate<T, 8>(a, b, co, sn, r1, r2);
+    a = r1;
+    b = r2;
+  }
+  const int64_t slot = p.rope_slots[t];
+  if (slot >= 0) {
+    // The caches are the kernel's inputs otherwise (const in AttentionParams); this row is its output.
+    T* cache = static_cast<T*>(const_cast<void*>(is_v ? p.v_cache : p.k_cache)) + (slot * p.num_kv_heads + kvh) * D;
+    *reinterpret_cast<V*>(cache + 8 * c) = a;
+    *reinterpret_cast<V*>(cache + D / 2 + 8 * c) = b;
+  }
+  memcpy(&lo, &a, 16);
+  memcpy(&hi, &b, 16);
+}
+
 // A warp's 16 query rows from row0 as mma A fragments, one per 16 columns of head_dim.
 template <int D>
 __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], uint32_t q_s, int row0, int lane) {
@@ -611,6 +669,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   // Without kv_before_wait every input is another kernel's output; with it, the step's metadata
   // and all but the newest position of each context are read before the wait (see AttentionParams).
   const bool early = p.kv_before_wait;
+  // RoPE and the cache store of the newest position done here (AttentionParams::rope_cos_sin).
+  const bool fused = p.rope_cos_sin != nullptr;
   if (!early) pdl_wait();
   constexpr int kWarps = 4;
   constexpr int kThreads = kWarps * 32;
@@ -627,36 +687,46 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   const int end = min(ctx, begin + tiles_per_split * kTileN);
   const int n_tiles = end > begin ? (end - begin + kTileN - 1) / kTileN : 0;
   const int32_t* block_table = p.block_tables + static_cast<int64_t>(s) * p.max_blocks;
-
+  // The newest position: the kernel before writes it (early), or this one computes it (fused), so
+  // tiles that hold it leave its row alone then (rather than zero-fill it to be overwritten: two
+  // writes to one shared address by different copies are not ordered).
+  const int held = ctx - 1;
+  const int held_tile = held >= begin && held < end ? (held - begin) / kTileN : -1;
   const uint32_t q_s = smem_addr(smem);
   const uint32_t kv_s = q_s + 16 * D * 2;
-  if (early) {
-    // The first tiles without the newest position (the kernel before writes it: RoPE and the
-    // cache store of this step's token), then, after the wait, the query and that one row, if
-    // it is in those tiles, as one more group: the loop's first wait takes them all. The row is
-    // left alone before the wait rather than zero-filled and overwritten, as two asynchronous
-    // copies to one address are not ordered.
-    const int held = ctx - 1;
-#pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) {
-      issue_kv_tile<T, D, kThreads, kStages, KvRows::kAllButHeld>(kv_s, st, n_tiles, p, block_table, kvh, begin, end,
+  auto issue = [&](int tile, bool skip_held) {
+    if (skip_held) {
+      issue_kv_tile<T, D, kThreads, kStages, KvRows::kAllButHeld>(kv_s, tile, n_tiles, p, block_table, kvh, begin, end,
                                                                   tid, held);
+    } else {
+      issue_kv_tile<T, D, kThreads, kStages>(kv_s, tile, n_tiles, p, block_table, kvh, begin, end, tid);
     }
+  };
+
+  if (early) {
+    // The first tiles before the wait, then the query (and, unfused, the newest row if it is in
+    // those tiles) as one more group after it: the loop's first wait takes them all.
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) issue(st, true);
     pdl_wait();
-    load_q_rows<T, D, G, 16, kThreads>(q_s, p, t, 1, kvh, tid);
-    if (held >= begin && held < end && (held - begin) / kTileN < kStages - 1) {
-      const int tile = (held - begin) / kTileN;
-      const uint32_t k_dst = kv_stage<D, kStages>(kv_s, tile);
+  }
+  uint4 newest_lo = make_uint4(0, 0, 0, 0), newest_hi = newest_lo;  // fused: this thread's part of its row
+  if (fused) {
+    rope_q_rows<T, D, G, kThreads>(smem, p, t, kvh, tid);  // plain stores: the loop's barrier orders them
+    if (held_tile >= 0) rope_newest_kv<T, D>(p, t, kvh, tid, newest_lo, newest_hi);
+  } else {
+    load_q_rows<T, D, G, 16, kThreads>(q_s, p, t, 1, kvh, tid);  // the one token's G heads, rows G..15 zero
+  }
+  if (early) {
+    if (!fused && held_tile >= 0 && held_tile < kStages - 1) {
+      const uint32_t k_dst = kv_stage<D, kStages>(kv_s, held_tile);
       load_kv_tile<T, D, kThreads, KvRows::kOnlyHeld>(k_dst, k_dst + kTileN * D * 2, p, block_table, kvh,
-                                                      begin + tile * kTileN, end, tid, held);
+                                                      begin + held_tile * kTileN, end, tid, held);
     }
     cp_async_commit();
   } else {
-    load_q_rows<T, D, G, 16, kThreads>(q_s, p, t, 1, kvh, tid);  // the one token's G heads, rows G..15 zero
 #pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) {
-      issue_kv_tile<T, D, kThreads, kStages>(kv_s, st, n_tiles, p, block_table, kvh, begin, end, tid);
-    }
+    for (int st = 0; st < kStages - 1; ++st) issue(st, fused);
   }
 
   const float scale = p.scale * kLog2e;
@@ -667,13 +737,24 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
   for (int it = 0; it < n_tiles; ++it) {
-    issue_kv_tile<T, D, kThreads, kStages>(kv_s, it + kStages - 1, n_tiles, p, block_table, kvh, begin, end, tid);
+    issue(it + kStages - 1, fused);
     if (early && it == 0) {
       cp_async_wait<1>();  // the first kStages - 1 tiles and the query's group: all but the newest tile
     } else {
       cp_async_wait<kStages - 1>();
     }
     __syncthreads();
+    if (fused && it == held_tile) {
+      // The newest row into the tile it was left out of, then a barrier before anyone reads it.
+      constexpr int kPairs = D / 16;
+      if (tid < 2 * kPairs) {
+        const uint32_t dst = kv_stage<D, kStages>(kv_s, it) + (tid < kPairs ? 0 : kTileN * D * 2);
+        const int r = held - (begin + it * kTileN), c = tid % kPairs;
+        *reinterpret_cast<uint4*>(smem + (dst - q_s) + swizzle<D>(r, c)) = newest_lo;
+        *reinterpret_cast<uint4*>(smem + (dst - q_s) + swizzle<D>(r, c + kPairs)) = newest_hi;
+      }
+      __syncthreads();
+    }
     if (it == 0) load_q_fragments<D>(qf, q_s, 0, lane);
     const int start = begin + it * kTileN + warp * 16;  // this warp's 16 positions
     if (start < end) {
@@ -891,8 +972,18 @@ size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_
   return sizeof(float) * static_cast<size_t>(num_tokens * num_q_heads * num_splits * (head_dim + 2));
 }
 
+bool decode_rope_fusable(const AttentionParams& p, DType dtype) {
+  const int64_t g = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
+  return p.decode_only && (dtype == DType::kBF16 || dtype == DType::kF16) && (p.head_dim == 64 || p.head_dim == 128) &&
+         (g == 1 || g == 2 || g == 4 || g == 8) && g * p.num_kv_heads == p.num_q_heads && aligned(p.qkv, 16) &&
+         aligned(p.k_cache, 16) && aligned(p.v_cache, 16) && p.rope_cos_sin != nullptr &&
+         aligned(p.rope_cos_sin, 16) && p.rope_positions != nullptr && p.rope_slots != nullptr;
+}
+
 cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
+  // Only the tensor-core decode kernel applies RoPE itself: anything else would skip it.
+  if (p.rope_cos_sin != nullptr && !decode_rope_fusable(p, dtype)) return cudaErrorInvalidValue;
   const int64_t g = p.num_q_heads / p.num_kv_heads;
   if (g * p.num_kv_heads != p.num_q_heads || g * p.head_dim > kThreads * kMaxAcc || p.num_splits < 1 ||
       p.head_dim % (dtype == DType::kF32 ? 4 : 8) != 0 ||

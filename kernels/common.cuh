@@ -34,6 +34,20 @@ struct alignas(sizeof(T) * kVec) Pack {
   T e[kVec];
 };
 
+// Rotate-half RoPE of kVec rotation pairs (a[e], b[e]) = (x[i + e], x[i + D/2 + e]) with their
+// cos c and sin sn, rounded to T: one definition for the RoPE kernel and the decode attention
+// that applies it itself, so the two give the same bits.
+template <typename T, int kVec>
+__device__ __forceinline__ void rope_rotate(const Pack<T, kVec>& a, const Pack<T, kVec>& b, const Pack<float, kVec>& c,
+                                            const Pack<float, kVec>& sn, Pack<T, kVec>& r1, Pack<T, kVec>& r2) {
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const float x1 = to_f32(a.e[e]), x2 = to_f32(b.e[e]);
+    r1.e[e] = from_f32<T>(x1 * c.e[e] - x2 * sn.e[e]);
+    r2.e[e] = from_f32<T>(x2 * c.e[e] + x1 * sn.e[e]);
+  }
+}
+
 // Calls fn.template operator()<T>() with T the CUDA type of an activation dtype.
 template <typename Fn>
 cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {

@@ -68,7 +68,19 @@ struct AttentionParams {
   // kernel just before writes the step's own token. The tensor-core decode kernel then starts
   // reading the cache before it waits for that kernel (programmatic dependent launch).
   bool kv_before_wait = false;
+  // Decode only (decode_rope_fusable): the step's RoPE and cache store done by the decode kernel
+  // (rope_and_store_kv's arithmetic, bit for bit), with qkv as the projection wrote it, before
+  // RoPE, and left so. Each CTA rotates its query rows; the one whose split holds a sequence's
+  // newest position rotates that token's K, writes K and V to the caches at rope_slots[t] (not
+  // when < 0) and uses them from registers. rope_positions [T], rope_cos_sin [max_pos, D] (F32:
+  // cos | sin) as rope_and_store_kv takes them; null: no fusion.
+  const int32_t* rope_positions = nullptr;
+  const float* rope_cos_sin = nullptr;
+  const int32_t* rope_slots = nullptr;
 };
+// Whether the tensor-core decode kernel takes this step with RoPE fused (16-bit, head_dim 64 or
+// 128, GQA groups of 1, 2, 4 or 8, decode only, 16-byte aligned qkv and caches).
+bool decode_rope_fusable(const AttentionParams& p, DType dtype);
 size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_t head_dim, int num_splits);
 // Causal paged attention, GQA-aware: one CTA serves all query heads of a KV head, so each K/V
 // block is read once per group.

@@ -38,12 +38,7 @@ __global__ void __launch_bounds__(kThreads) rope_kv_kernel(T* qkv, int num_q_hea
     const float* cs = cos_sin + static_cast<int64_t>(positions[t]) * head_dim;
     const F c = *reinterpret_cast<const F*>(cs + i), sn = *reinterpret_cast<const F*>(cs + half + i);
     V r1, r2;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      const float x1 = to_f32(a.e[e]), x2 = to_f32(b.e[e]);
-      r1.e[e] = from_f32<T>(x1 * c.e[e] - x2 * sn.e[e]);
-      r2.e[e] = from_f32<T>(x2 * c.e[e] + x1 * sn.e[e]);
-    }
+    rope_rotate<T, kVec>(a, b, c, sn, r1, r2);
     *reinterpret_cast<V*>(x + i) = r1;
     *reinterpret_cast<V*>(x + i + half) = r2;
     if (head >= num_q_heads && slot >= 0) {

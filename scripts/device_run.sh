@@ -11,10 +11,11 @@
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), the all-reduce
 # crossover (all_reduce_bench, if bundled), then the engine benchmark of synthetic llama-3.1-70b
 # over 2 GPUs.
-# fusions (one GPU): the decode-step fusions behind SHARDSERVE_EARLY_KV and SHARDSERVE_FUSED_SILU:
-# every GPU test as shipped, the attention, kernel and golden tests again with both on, the
-# attention harness (its early-KV checks and timings), then engine_bench at batch 1, 8, 32, 128
-# off / on / off / on (run-to-run noise is about 1%); a short table last.
+# fusions (one GPU): the decode-step fusions behind SHARDSERVE_EARLY_KV, SHARDSERVE_FUSED_SILU and
+# SHARDSERVE_FUSED_ROPE: every GPU test as shipped, the attention, kernel and golden tests again
+# with all on, the attention harness (its early-KV checks and timings), then engine_bench at
+# batch 1, 8, 32, 128 off / on / off / on (run-to-run noise is about 1%) and at 1 and 32 with each
+# alone; a short table last.
 # quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
 # packed into $OUT/golden.tgz), the quantized GPU tests, the INT4/INT8 tensor-core GEMM's harness
 # (if bundled), then the engine benchmark of synthetic llama-3.1-70b in AWQ INT4 and FP8 and the
@@ -88,25 +89,33 @@ if [[ $what == fusions ]]; then
     >"$OUT/gpu_tests.log" 2>&1
   status=$?
   grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure" "$OUT/gpu_tests.log" | head -30
-  SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" \
+  SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_FUSED_ROPE=1 SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" \
     timeout -s KILL "${TEST_SECONDS:-200}" dist/bin/gpu_tests --gtest_brief=1 \
     --gtest_filter='KernelsTest*:Shapes/AttentionTest*:CudaGolden*:*Golden*' >"$OUT/gpu_tests_fusions.log" 2>&1
   fused_status=$?
   [[ $status == 0 ]] && status=$fused_status
-  echo "== with SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1"
+  echo "== with SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_FUSED_ROPE=1"
   grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure" "$OUT/gpu_tests_fusions.log" | head -30
   if [[ -x dist/bin/attention_harness ]]; then
     timeout -s KILL 200 dist/bin/attention_harness >"$OUT/attention_harness.log" 2>&1 || echo "attention_harness failed ($?)"
     grep -E "FAIL|PASS|early|after_wait" "$OUT/attention_harness.log" | grep -v "^ok" | head -20
   fi
-  for run in off on off on; do
-    if [[ $run == on ]]; then flags="SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1"; else flags=""; fi
-    env $flags timeout -s KILL "${BENCH_SECONDS:-100}" stdbuf -oL dist/bin/engine_bench --batches "${BATCHES:-1,8,32,128}" \
+  all_on="SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_FUSED_ROPE=1"
+  for run in off on off on early silu rope; do
+    batches=${BATCHES:-1,8,32,128}
+    case $run in
+      on) flags=$all_on ;;
+      early) flags="SHARDSERVE_EARLY_KV=1" batches=1,32 ;;
+      silu) flags="SHARDSERVE_FUSED_SILU=1" batches=1,32 ;;
+      rope) flags="SHARDSERVE_FUSED_ROPE=1" batches=1,32 ;;
+      *) flags="" ;;
+    esac
+    echo "== fusions $run: $flags" >>"$OUT/engine_bench_fusions.log"
+    env $flags timeout -s KILL "${BENCH_SECONDS:-100}" stdbuf -oL dist/bin/engine_bench --batches "$batches" \
       --out "$OUT/engine_bench_fusions_$run.jsonl" >>"$OUT/engine_bench_fusions.log" 2>&1 || echo "engine_bench ($run) failed ($?)"
-    echo "== fusions $run" >>"$OUT/engine_bench_fusions.log"
   done
-  for run in off on; do
-    echo "== fusions $run (two runs each)"
+  for run in off on early silu rope; do
+    echo "== fusions $run (off and on: two runs each)"
     python3 - "$OUT/engine_bench_fusions_$run.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):

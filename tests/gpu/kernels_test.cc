@@ -258,7 +258,9 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
   Tensor gv = gpu_bf16(std::vector<float>(cache_elems, 0.0f), {num_blocks, block_size, c.hkv, c.d});
   KvLayer c_cache{ck, cv}, g_cache{gk, gv};
 
-  auto run_step = [&](const std::vector<Seq>& step, bool check) {
+  // fused: the GPU side as one rope_store_attention call with RoPE fused into the decode kernel
+  // (qkv then stays unrotated there, so only the caches and the output are compared).
+  auto run_step = [&](const std::vector<Seq>& step, bool check, bool fused = false) {
     std::vector<int32_t> positions, slots, qsl{0}, lens, bt(step.size() * 7, -1);
     int max_q = 0;
     for (size_t s = 0; s < step.size(); ++s) {
@@ -277,8 +279,8 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
     Tensor c_qkv = cpu_f32(qkv, {tokens, stride}), g_qkv = gpu_bf16(qkv, {tokens, stride});
     cpu_.rope_and_store_kv(c_qkv, c.hq, ints(cpu_, positions), cpu_f32(cs, {max_pos, c.d}), ints(cpu_, slots), c_cache);
     Tensor g_cs = gpu_->upload(HostTensor{cs.data(), DType::kF32, {max_pos, c.d}}, DType::kF32);
-    gpu_->rope_and_store_kv(g_qkv, c.hq, ints(*gpu_, positions), g_cs, ints(*gpu_, slots), g_cache);
-    if (check) {
+    if (!fused) gpu_->rope_and_store_kv(g_qkv, c.hq, ints(*gpu_, positions), g_cs, ints(*gpu_, slots), g_cache);
+    if (check && !fused) {
       EXPECT_LT(rel_error(g_qkv, c_qkv), 1e-2) << "rope";
       EXPECT_LT(rel_error(g_cache.k, c_cache.k), 1e-2) << "k cache";
       EXPECT_LT(rel_error(g_cache.v, c_cache.v), 1e-2) << "v cache";
@@ -295,18 +297,35 @@ TEST_P(AttentionTest, MixedBatchAndDecodeMatchTheReference) {
     const float scale = 1.0f / std::sqrt(float(c.d));
     cpu_.attention(c_qkv, c.hq, c_cache, cm, scale, c_out);
     gpu_->begin_step();
-    gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
-    EXPECT_LT(rel_error(g_out, c_out), 2e-2) << "attention, max_query_len " << max_q;
+    if (fused) {
+      gm.slot_mapping = ints(*gpu_, slots);
+      gpu_->rope_store_attention(g_qkv, c.hq, ints(*gpu_, positions), g_cs, g_cache, gm, scale, g_out);
+      EXPECT_LT(rel_error(g_cache.k, c_cache.k), 1e-2) << "k cache, fused RoPE";
+      EXPECT_LT(rel_error(g_cache.v, c_cache.v), 1e-2) << "v cache, fused RoPE";
+    } else {
+      gpu_->attention(g_qkv, c.hq, g_cache, gm, scale, g_out);
+    }
+    EXPECT_LT(rel_error(g_out, c_out), 2e-2) << "attention, max_query_len " << max_q << (fused ? ", fused RoPE" : "");
   };
   // Fill sequence 2's first 99 positions (not checked), then the mixed step, then decode only,
-  // the last two steps with the decode attention reading the cache before it waits for the RoPE
-  // and cache-store kernel ahead of it (all but the position that kernel writes).
+  // two steps with the decode attention reading the cache before it waits for the RoPE and
+  // cache-store kernel ahead of it (all but the position that kernel writes).
   run_step({{0, 0 + 37}, {0, 20}, {0, 99}}, false);
   run_step(seqs, true);
   run_step({{37, 1}, {25, 1}, {100, 1}}, true);
   gpu_->set_early_kv(true);
   run_step({{38, 1}, {26, 1}, {101, 1}}, true);
   run_step({{39, 1}, {27, 1}, {102, 1}}, true);
+  // RoPE and the cache store in the decode kernel (SHARDSERVE_FUSED_ROPE), with the cache read
+  // before the wait and after it; a mixed step in between takes the two kernels as before. Shapes
+  // the decode kernel does not take (head_dim 32) fall back to the two kernels.
+  gpu_->set_fused_rope(true);
+  run_step({{40, 1}, {28, 1}, {103, 1}}, true, true);
+  run_step({{41, 3}, {29, 1}, {104, 1}}, true, true);
+  gpu_->set_early_kv(false);
+  run_step({{44, 1}, {30, 1}, {105, 1}}, true, true);
+  run_step({{45, 1}, {31, 1}, {106, 1}}, true, true);
+  gpu_->set_fused_rope(false);
 }
 
 // Decode-only steps over long, scrambled contexts (several 64-position tiles, partial tiles, one

@@ -159,9 +159,8 @@ int64_t LlamaModel::kv_bytes_per_token() const {
 void LlamaModel::attention(const DecoderLayer& layer, const Tensor& x, const StepInputs& in, KvLayer& kv,
                            Workspace& ws, Tensor& out) {
   layer.qkv_proj.forward(backend_, x, ws.qkv);
-  backend_.rope_and_store_kv(ws.qkv, num_q_heads_, in.positions, cos_sin_, in.attn.slot_mapping, kv);
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
-  backend_.attention(ws.qkv, num_q_heads_, kv, in.attn, scale, ws.attn);
+  backend_.rope_store_attention(ws.qkv, num_q_heads_, in.positions, cos_sin_, kv, in.attn, scale, ws.attn);
   layer.o_proj.forward(backend_, ws.attn, out);
 }
 

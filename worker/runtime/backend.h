@@ -201,6 +201,14 @@ class Backend {
   // h / (Hq / Hkv). out: [T, Hq * D].
   virtual void attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache,
                          const AttentionMetadata& meta, float scale, Tensor& out) = 0;
+  // rope_and_store_kv(qkv, num_q_heads, positions, cos_sin, meta.slot_mapping, cache) then
+  // attention(qkv, ...): out and the cache exactly as the two leave them. A backend that does both
+  // in one kernel (decode steps) may leave qkv unrotated: nothing reads it after.
+  virtual void rope_store_attention(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
+                                    KvLayer& cache, const AttentionMetadata& meta, float scale, Tensor& out) {
+    rope_and_store_kv(qkv, num_q_heads, positions, cos_sin, meta.slot_mapping, cache);
+    attention(qkv, num_q_heads, cache, meta, scale, out);
+  }
   // gate_up [T, 2F] (gate first) -> out [T, F] = silu(gate) * up.
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   // linear(x, w, gate_up) with a [gate; up] weight ([2F, K]), then silu_mul(gate_up, out): out

@@ -400,6 +400,15 @@ bool early_kv_enabled() {
   return on;
 }
 
+// SHARDSERVE_FUSED_ROPE: a decode step's attention (the tensor-core decode kernel's shapes) applies
+// RoPE to its query rows and to the step's K, and stores K and V in the cache itself
+// (AttentionParams::rope_cos_sin, rope_and_store_kv's arithmetic): one kernel a layer less. Off
+// by default until the GPU tests and the engine benchmark have run with it.
+bool fused_rope_enabled() {
+  static const bool on = env_flag("SHARDSERVE_FUSED_ROPE", false);
+  return on;
+}
+
 // SHARDSERVE_FUSED_SILU: at GEMV sizes (up to gemv_max_tokens_ tokens, 16-bit weights) the gate/up
 // projection writes silu(gate) * up itself (kernels::gemv_silu_mul, bit for bit the GEMV and
 // silu_mul's result): one kernel and one round trip of the gate/up activations less per layer.
@@ -720,6 +729,21 @@ void CudaBackend::rope_and_store_kv(Tensor& qkv, int64_t num_q_heads, const Tens
 
 void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache, const AttentionMetadata& meta,
                             float scale, Tensor& out) {
+  run_attention(qkv, num_q_heads, cache, meta, scale, out, nullptr, nullptr);
+}
+
+// Decode steps on the tensor-core kernel with SHARDSERVE_FUSED_ROPE: one kernel instead of the RoPE
+// and cache-store kernel then attention; qkv is left unrotated (nothing reads it after).
+void CudaBackend::rope_store_attention(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
+                                       KvLayer& cache, const AttentionMetadata& meta, float scale, Tensor& out) {
+  if (fused_rope_ && run_attention(qkv, num_q_heads, cache, meta, scale, out, &positions, &cos_sin)) return;
+  rope_and_store_kv(qkv, num_q_heads, positions, cos_sin, meta.slot_mapping, cache);
+  attention(qkv, num_q_heads, cache, meta, scale, out);
+}
+
+bool CudaBackend::run_attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache,
+                                const AttentionMetadata& meta, float scale, Tensor& out, const Tensor* positions,
+                                const Tensor* cos_sin) {
   kernels::AttentionParams p;
   p.qkv = qkv.data;
   p.k_cache = cache.k.data;
@@ -742,9 +766,16 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
   if (meta.max_query_len == 1) {
     p.num_splits = static_cast<int>(decode_attention_splits(p.num_tokens, p.num_kv_heads, num_sms_));
   }
-  // In a decode step the only writer of this layer's cache is rope_and_store_kv just before, at
-  // each sequence's newest position; the metadata came up by copy before the step's first kernel.
+  // In a decode step the only writer of this layer's cache is rope_and_store_kv just before (or,
+  // fused, this kernel), at each sequence's newest position; the metadata came up by copy before
+  // the step's first kernel.
   p.kv_before_wait = p.decode_only && kv_before_wait_;
+  if (positions != nullptr) {
+    p.rope_positions = i32(*positions);
+    p.rope_cos_sin = cos_sin->as<float>();
+    p.rope_slots = i32(meta.slot_mapping);
+    if (!kernels::decode_rope_fusable(p, qkv.dtype)) return false;
+  }
   // The partials live only until the combine kernel has run: later scratch may reuse them (the
   // stream orders every reader before the next writer), so they do not grow with depth.
   const size_t mark = arena_used_;
@@ -758,6 +789,7 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
   }
   check(kernels::paged_attention(p, qkv.dtype, stream_), "paged_attention");
   arena_used_ = mark;
+  return true;
 }
 
 // One device buffer and one pinned host buffer of the same layout: [rows | entries | saved raw

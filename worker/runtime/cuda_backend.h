@@ -47,10 +47,12 @@ SkinnyGemmMode skinny_gemm_mode();
 
 // Decode-step fusions, each on when its variable is "1" and off when "0" (cuda_backend.cc says
 // what each does and what it defaults to): SHARDSERVE_EARLY_KV (the decode attention reads the
-// cache before the kernel ahead of it ends), SHARDSERVE_FUSED_SILU (the gate/up GEMV applies
-// SiLU-and-multiply itself).
+// cache before the kernel ahead of it ends), SHARDSERVE_FUSED_SILU (the gate/up projection
+// applies SiLU-and-multiply itself), SHARDSERVE_FUSED_ROPE (the decode attention applies RoPE and
+// stores the step's K/V itself).
 bool early_kv_enabled();
 bool fused_silu_enabled();
+bool fused_rope_enabled();
 
 class CudaBackend final : public Backend {
  public:
@@ -94,6 +96,8 @@ class CudaBackend final : public Backend {
                  float scale, Tensor& out) override;
   void silu_mul(const Tensor& gate_up, Tensor& out) override;
   void linear_silu_mul(const Tensor& x, const LinearWeight& w, Tensor& gate_up, Tensor& out) override;
+  void rope_store_attention(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
+                            KvLayer& cache, const AttentionMetadata& meta, float scale, Tensor& out) override;
   void gather_rows(const Tensor& x, const Tensor& indices, Tensor& out) override;
   void join_column_shards(const Tensor& shards, int64_t num_shards, Tensor& out) override;
 
@@ -104,6 +108,7 @@ class CudaBackend final : public Backend {
   // both ways.
   void set_early_kv(bool on) { kv_before_wait_ = on; }
   void set_fused_silu(bool on) { fused_silu_ = on; }
+  void set_fused_rope(bool on) { fused_rope_ = on; }
   // Fixes the scratch arena at `bytes` (leaving measure mode).
   void reserve_scratch(size_t bytes);
   size_t scratch_peak_bytes() const { return scratch_peak_; }
@@ -159,6 +164,11 @@ class CudaBackend final : public Backend {
   int64_t gemv_max_tokens_ = 2;
   bool kv_before_wait_ = early_kv_enabled();
   bool fused_silu_ = fused_silu_enabled();
+  bool fused_rope_ = fused_rope_enabled();
+  // attention(), and with positions and cos_sin (a decode step the kernel takes with RoPE fused)
+  // rope_store_attention()'s fused form; false when the fused form does not apply (nothing run).
+  bool run_attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache, const AttentionMetadata& meta,
+                     float scale, Tensor& out, const Tensor* positions, const Tensor* cos_sin);
   bool fp8_tensor_cores_ = false;
   // Quantized layers at larger batches: the dequantized weight of the layer being multiplied.
   void* dequant_ = nullptr;
