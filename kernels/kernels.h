@@ -173,8 +173,9 @@ struct QuantMmaView {
 };
 // One compiled variant: token_tiles x 8 tokens at most, row_tiles x 16 rows per warp, warps_n
 // warps of different rows and warps_k warps splitting K per CTA, depth 64-wide blocks in flight per
-// warp, the activations read from global memory or staged in shared memory (stage_x). N must be a
-// multiple of 16 x row_tiles x warps_n.
+// warp, the activations read from global memory or staged in shared memory (stage_x), and the
+// CTAs per SM its registers are capped for (min_blocks: __launch_bounds__'s second argument, 1 for
+// no cap). N must be a multiple of 16 x row_tiles x warps_n.
 struct QuantMmaConfig {
   int token_tiles = 1;
   int row_tiles = 1;
@@ -182,6 +183,7 @@ struct QuantMmaConfig {
   int warps_k = 8;
   int depth = 4;
   bool stage_x = false;
+  int min_blocks = 1;
 };
 bool quant_mma_supported(const QuantWeightView& w, int64_t tokens, DType x);
 size_t quant_mma_packed_bytes(QuantFormat format, int64_t n, int64_t k);

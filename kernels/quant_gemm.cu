@@ -190,8 +190,8 @@ constexpr size_t quant_mma_smem_bytes(int nt, int mt, int warps_n, int warps_k, 
 }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX, bool kGroupScaled, int kSub = 1>
-__global__ void __launch_bounds__(32 * kWarpsN * kWarpsK)
+          bool kStageX, bool kGroupScaled, int kSub = 1, int kMinBlocks = 1>
+__global__ void __launch_bounds__(32 * kWarpsN * kWarpsK, kMinBlocks)
     quant_mma_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
                      const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
                      int group_size, int group_shift, OutT* __restrict__ y) {
@@ -764,10 +764,10 @@ int group_shift(int64_t group_size) {
 unsigned blocks_of(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX, bool kGroupScaled, int kSub = 1>
+          bool kStageX, bool kGroupScaled, int kSub = 1, int kMinBlocks = 1>
 cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
   constexpr auto kernel =
-      quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupScaled, kSub>;
+      quant_mma_kernel<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, kGroupScaled, kSub, kMinBlocks>;
   constexpr size_t smem =
       quant_mma_smem_bytes(NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, Packing<kFormat>::kVecs);
   static_assert(smem <= 163 * 1024, "an A100 gives a CTA at most 163 KB of shared memory");
@@ -788,55 +788,67 @@ cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, voi
 
 // The instantiated configurations: {tokens per CTA / 8, row tiles per warp, warps splitting N,
 // warps splitting K, blocks in flight per warp (above kMaxRegisterDepth in a shared-memory ring),
-// activations staged in shared memory}. Every one fits an A100's 163 KB of shared memory per CTA.
-// quant_mma_config() picks among them; the harness times them all.
+// activations staged in shared memory, CTAs per SM the registers are capped for}. Every one fits
+// an A100's 163 KB of shared memory per CTA. quant_mma_config() picks among them; the harness
+// times them all.
+// The capped ones: at one token with two blocks a slot, INT4 (BF16) takes 153 (2 row tiles) to
+// 234 (4) registers a thread (ptxas -v for sm_90a), so the configurations the tuning picked for
+// 70B (4 x 16 rows, 4 or 8 warps on K; 2 x 16 rows, 8 warps) ran at one or two CTAs, 8 warps, an
+// SM: qkv's 320 CTAs of 8 warps took 2.4 waves (0.40 of the copy bandwidth). The same code
+// capped for twice the warps an SM: 2 row tiles at 128 registers spill 104 bytes of stores
+// (ptxas), 4 row tiles at 168 spill 520 (at 128, 1,388: left out).
 #define SHARDSERVE_QUANT_MMA_CONFIGS(X) \
-  X(1, 1, 1, 8, 4, false)               \
-  X(1, 1, 1, 4, 4, false)               \
-  X(1, 2, 1, 8, 2, false)               \
-  X(1, 2, 1, 8, 4, false)               \
-  X(1, 2, 1, 4, 4, false)               \
-  X(1, 4, 1, 8, 2, false)               \
-  X(1, 4, 1, 4, 2, false)               \
-  X(1, 1, 1, 8, 8, false)               \
-  X(1, 1, 1, 4, 16, false)              \
-  X(1, 2, 1, 4, 8, false)               \
-  X(2, 1, 1, 8, 4, false)               \
-  X(2, 1, 1, 4, 4, false)               \
-  X(2, 2, 1, 8, 2, false)               \
-  X(2, 2, 1, 4, 2, false)               \
-  X(2, 4, 1, 4, 2, false)               \
-  X(2, 2, 1, 4, 8, false)               \
-  X(4, 1, 1, 8, 2, false)               \
-  X(4, 1, 1, 4, 2, false)               \
-  X(4, 2, 1, 4, 2, false)               \
-  X(4, 1, 4, 2, 2, false)               \
-  X(4, 1, 8, 1, 2, true)                \
-  X(8, 1, 1, 4, 2, false)               \
-  X(8, 2, 1, 4, 2, false)               \
-  X(8, 1, 8, 1, 2, false)               \
-  X(8, 2, 4, 1, 2, false)               \
-  X(8, 1, 8, 1, 2, true)                \
-  X(8, 2, 4, 1, 2, true)                \
-  X(16, 1, 1, 4, 2, false)              \
-  X(16, 1, 1, 2, 2, false)              \
-  X(16, 1, 4, 1, 2, false)              \
-  X(16, 1, 8, 1, 2, true)               \
-  X(16, 1, 4, 1, 2, true)
+  X(1, 1, 1, 8, 4, false, 1)           \
+  X(1, 1, 1, 4, 4, false, 1)           \
+  X(1, 2, 1, 8, 2, false, 1)           \
+  X(1, 2, 1, 8, 2, false, 2)           \
+  X(1, 2, 1, 8, 4, false, 1)           \
+  X(1, 2, 1, 4, 4, false, 1)           \
+  X(1, 2, 1, 4, 2, false, 4)           \
+  X(1, 4, 1, 8, 2, false, 1)           \
+  X(1, 4, 1, 4, 2, false, 1)           \
+  X(1, 4, 1, 4, 2, false, 3)           \
+  X(1, 1, 1, 8, 8, false, 1)           \
+  X(1, 1, 1, 4, 16, false, 1)          \
+  X(1, 2, 1, 4, 8, false, 1)           \
+  X(2, 1, 1, 8, 4, false, 1)           \
+  X(2, 1, 1, 4, 4, false, 1)           \
+  X(2, 2, 1, 8, 2, false, 1)           \
+  X(2, 2, 1, 4, 2, false, 1)           \
+  X(2, 4, 1, 4, 2, false, 1)           \
+  X(2, 2, 1, 4, 8, false, 1)           \
+  X(4, 1, 1, 8, 2, false, 1)           \
+  X(4, 1, 1, 4, 2, false, 1)           \
+  X(4, 2, 1, 4, 2, false, 1)           \
+  X(4, 1, 4, 2, 2, false, 1)           \
+  X(4, 1, 8, 1, 2, true, 1)            \
+  X(8, 1, 1, 4, 2, false, 1)           \
+  X(8, 2, 1, 4, 2, false, 1)           \
+  X(8, 1, 8, 1, 2, false, 1)           \
+  X(8, 2, 4, 1, 2, false, 1)           \
+  X(8, 1, 8, 1, 2, true, 1)            \
+  X(8, 2, 4, 1, 2, true, 1)            \
+  X(16, 1, 1, 4, 2, false, 1)          \
+  X(16, 1, 1, 2, 2, false, 1)          \
+  X(16, 1, 4, 1, 2, false, 1)          \
+  X(16, 1, 8, 1, 2, true, 1)           \
+  X(16, 1, 4, 1, 2, true, 1)
 
 // INT4 scaled per group after the product. One token tile with groups of 128 (AWQ's and GPTQ's)
 // takes two 64-wide blocks a pipeline slot (measured on an H200 at 70B shapes, one token: o
 // 16.5 -> 14.7 us, gate_up 92.2 -> 89.2, down 51.7 -> 44.4, qkv unchanged; at 9-16 tokens it lost
 // on gate_up, so one block a slot there).
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kWarpsN, int kWarpsK, int kDepth,
-          bool kStageX>
+          bool kStageX, int kMinBlocks>
 cudaError_t launch_grouped(const QuantMmaView& w, const void* x, int64_t tokens, void* y, cudaStream_t stream) {
   if constexpr (NT == 1 && kDepth <= kMaxRegisterDepth && !kStageX) {
     if (w.group_size % (2 * kBlockK) == 0 && w.k % (2 * kBlockK) == 0) {
-      return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, true, 2>(w, x, tokens, y, stream);
+      return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, true, 2, kMinBlocks>(w, x, tokens,
+                                                                                                         y, stream);
     }
   }
-  return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, true>(w, x, tokens, y, stream);
+  return launch_mma<kFormat, T, OutT, NT, kMT, kWarpsN, kWarpsK, kDepth, kStageX, true, 1, kMinBlocks>(w, x, tokens, y,
+                                                                                                     stream);
 }
 
 template <QuantFormat kFormat, typename T, typename OutT>
@@ -844,13 +856,13 @@ cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
                           cudaStream_t stream) {
   // INT4 whose groups are whole 64-wide blocks, up to 32 tokens: scaled after the product.
   const bool grouped = kFormat == QuantFormat::kInt4 && w.group_size % kBlockK == 0;
-#define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WN, WK, D, SX)                                             \
-  if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.warps_n == WN && cfg.warps_k == WK &&      \
-      cfg.depth == D && cfg.stage_x == SX) {                                                         \
-    if constexpr (kFormat == QuantFormat::kInt4 && NT <= kMaxGroupScaledTiles) {                    \
-      if (grouped) return launch_grouped<kFormat, T, OutT, NT, MT, WN, WK, D, SX>(w, x, tokens, y, stream); \
-    }                                                                                                \
-    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, false>(w, x, tokens, y, stream);      \
+#define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WN, WK, D, SX, MB)                                                 \
+  if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.warps_n == WN && cfg.warps_k == WK &&               \
+      cfg.depth == D && cfg.stage_x == SX && cfg.min_blocks == MB) {                                          \
+    if constexpr (kFormat == QuantFormat::kInt4 && NT <= kMaxGroupScaledTiles) {                             \
+      if (grouped) return launch_grouped<kFormat, T, OutT, NT, MT, WN, WK, D, SX, MB>(w, x, tokens, y, stream); \
+    }                                                                                                         \
+    return launch_mma<kFormat, T, OutT, NT, MT, WN, WK, D, SX, false, 1, MB>(w, x, tokens, y, stream);        \
   }
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_CASE)
 #undef SHARDSERVE_QUANT_MMA_CASE
@@ -885,7 +897,7 @@ bool activations_supported(DType x) { return x == DType::kBF16 || x == DType::kF
 
 std::vector<QuantMmaConfig> quant_mma_configs() {
   std::vector<QuantMmaConfig> all;
-#define SHARDSERVE_QUANT_MMA_LIST(NT, MT, WN, WK, D, SX) all.push_back(QuantMmaConfig{NT, MT, WN, WK, D, SX});
+#define SHARDSERVE_QUANT_MMA_LIST(NT, MT, WN, WK, D, SX, MB) all.push_back(QuantMmaConfig{NT, MT, WN, WK, D, SX, MB});
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_LIST)
 #undef SHARDSERVE_QUANT_MMA_LIST
   return all;

@@ -164,8 +164,9 @@ HostWeight make_weight(QuantFormat format, int64_t n, int64_t k, int64_t group, 
 
 std::string config_name(const QuantMmaConfig& c) {
   char buf[80];
-  std::snprintf(buf, sizeof buf, "%dx8tok/%dx16rows/%dwarpsN/%dwarpsK/depth%d%s", c.token_tiles, c.row_tiles,
-                c.warps_n, c.warps_k, c.depth, c.stage_x ? "/smem-x" : "");
+  std::snprintf(buf, sizeof buf, "%dx8tok/%dx16rows/%dwarpsN/%dwarpsK/depth%d%s%s", c.token_tiles, c.row_tiles,
+                c.warps_n, c.warps_k, c.depth, c.stage_x ? "/smem-x" : "",
+                c.min_blocks > 1 ? ("/" + std::to_string(c.min_blocks) + "ctas").c_str() : "");
   return buf;
 }
 

@@ -286,7 +286,7 @@ class QuantMmaTest : public QuantKernelTest {
           EXPECT_LT(err / scale, tol) << q.n << "x" << q.k << " group " << q.group_size << " act-order "
                                       << !q.g_idx.empty() << " tokens " << t << " config " << cfg.token_tiles << "/"
                                       << cfg.row_tiles << "/" << cfg.warps_n << "/" << cfg.warps_k << "/" << cfg.depth
-                                      << (cfg.stage_x ? "/smem-x" : "") << " out "
+                                      << (cfg.stage_x ? "/smem-x" : "") << "/ctas" << cfg.min_blocks << " out "
                                       << dtype_name(out);
         }
       }
