@@ -795,10 +795,12 @@ cudaError_t launch_mma(const QuantMmaView& w, const void* x, int64_t tokens, voi
 // 234 (4) registers a thread (ptxas -v for sm_90a), so the configurations the tuning picked for
 // 70B (4 x 16 rows, 4 or 8 warps on K; 2 x 16 rows, 8 warps) ran at one or two CTAs, 8 warps, an
 // SM: qkv's 320 CTAs of 8 warps took 2.4 waves (0.40 of the copy bandwidth). The same code
-// capped for twice the warps an SM: 2 row tiles at 128 registers spill 104 bytes of stores
-// (ptxas), 4 row tiles at 168 spill 520 (at 128, 1,388: left out).
+// capped for twice the warps an SM (ptxas, bytes of spill stores): 2 row tiles, 2 slots, at 128
+// registers 104; 1 row tile, 4 slots, at 128: 472; 4 row tiles at 168: 520 (at 128, 1,388: left
+// out). INT8 and FP8 fit the same caps without spilling.
 #define SHARDSERVE_QUANT_MMA_CONFIGS(X) \
   X(1, 1, 1, 8, 4, false, 1)           \
+  X(1, 1, 1, 8, 4, false, 2)           \
   X(1, 1, 1, 4, 4, false, 1)           \
   X(1, 2, 1, 8, 2, false, 1)           \
   X(1, 2, 1, 8, 2, false, 2)           \

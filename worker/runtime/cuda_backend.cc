@@ -545,22 +545,8 @@ void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* 
     }
   }
   auto time_calls = [&](const std::function<bool()>& call) {
+    if (flush != nullptr) return best_cold_ms(call, flush, flush_bytes, start, stop);
     if (!call()) return INFINITY;
-    if (flush != nullptr) {
-      float best_t = INFINITY;
-      for (int rep = 0; rep < 5; ++rep) {
-        check(cudaMemsetAsync(flush, rep, flush_bytes, stream_), "cudaMemsetAsync(L2 flush)");
-        check(cudaEventRecord(start, stream_), "cudaEventRecord");
-        const bool ok = call();
-        check(cudaEventRecord(stop, stream_), "cudaEventRecord");
-        check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-        float t = 0.0f;
-        check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
-        if (!ok) return INFINITY;
-        best_t = std::min(best_t, t);
-      }
-      return best_t;
-    }
     check(cudaEventRecord(start, stream_), "cudaEventRecord");
     bool ok = true;
     for (int i = 0; i < kCalls && ok; ++i) ok = call();
@@ -602,6 +588,24 @@ void CudaBackend::tune_gemm(GemmPlan& plan, const void* w, const void* x, void* 
   if (flush != nullptr) cudaFree(flush);
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+}
+
+float CudaBackend::best_cold_ms(const std::function<bool()>& call, void* flush, size_t flush_bytes, cudaEvent_t start,
+                               cudaEvent_t stop) {
+  if (!call()) return INFINITY;
+  float best = INFINITY;
+  for (int rep = 0; rep < 5; ++rep) {
+    check(cudaMemsetAsync(flush, rep, flush_bytes, stream_), "cudaMemsetAsync(L2 flush)");
+    check(cudaEventRecord(start, stream_), "cudaEventRecord");
+    const bool ok = call();
+    check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float t = 0.0f;
+    check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+    if (!ok) return INFINITY;
+    best = std::min(best, t);
+  }
+  return best;
 }
 
 void CudaBackend::gemm(const void* w, DType w_dtype, const void* x, int64_t tokens, int64_t n, int64_t k, void* out,
@@ -912,22 +916,7 @@ void CudaBackend::tune_gated(GatedPlan& plan, const Tensor& x, const LinearWeigh
   cudaEvent_t start = nullptr, stop = nullptr;
   check(cudaEventCreate(&start), "cudaEventCreate");
   check(cudaEventCreate(&stop), "cudaEventCreate");
-  auto best_of = [&](const std::function<bool()>& call) {
-    if (!call()) return INFINITY;
-    float best = INFINITY;
-    for (int rep = 0; rep < 5; ++rep) {
-      check(cudaMemsetAsync(flush, rep, flush_bytes, stream_), "cudaMemsetAsync(L2 flush)");
-      check(cudaEventRecord(start, stream_), "cudaEventRecord");
-      const bool ok = call();
-      check(cudaEventRecord(stop, stream_), "cudaEventRecord");
-      check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-      float t = 0.0f;
-      check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
-      if (!ok) return INFINITY;
-      best = std::min(best, t);
-    }
-    return best;
-  };
+  auto best_of = [&](const std::function<bool()>& call) { return best_cold_ms(call, flush, flush_bytes, start, stop); };
   const float two = best_of([&] {
     linear(x, w, gate_up);
     silu_mul(gate_up, out);

@@ -135,6 +135,10 @@ class CudaBackend final : public Backend {
   void gemm(const void* w, DType w_dtype, const void* x, int64_t tokens, int64_t n, int64_t k, void* out,
             DType out_dtype);
   void tune_gemm(GemmPlan& plan, const void* w, const void* x, void* out, DType ab, DType c);
+  // The load-time trials' timing at decode shapes: one call to warm up (INFINITY if it fails),
+  // then the best of 5, each after `flush` (an L2's worth and more) is overwritten.
+  float best_cold_ms(const std::function<bool()>& call, void* flush, size_t flush_bytes, cudaEvent_t start,
+                     cudaEvent_t stop);
   // Decode-sized gate/up projections with SiLU-and-multiply in the skinny GEMM's epilogue
   // (SHARDSERVE_FUSED_SILU), per (tokens, F, K, dtype): timed at the first call outside a graph
   // capture against the GEMM then silu_mul, the fused kernel kept when it is faster.
