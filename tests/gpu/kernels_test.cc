@@ -139,8 +139,8 @@ TEST_F(KernelsTest, SiluMul) {
 // The gate/up GEMV with SiLU-and-multiply in one kernel (SHARDSERVE_FUSED_SILU) gives bit for bit
 // what the GEMV and silu_mul give, and matches the CPU reference; F not a multiple of the four
 // rows a CTA takes (the tail's clamped warps) included. The fused kernel leaves the unfused path's
-// gate_up buffer alone (so it, not the two kernels, ran); between the GEMV's and the skinny GEMM's
-// sizes it is the two; at the skinny GEMM's, whichever the trial picked, against the reference.
+// gate_up buffer alone (so it, not the two kernels, ran); above the GEMV's sizes, where the split-K
+// GEMM has no whole tiles it is the two, else whichever the trial picked, against the reference.
 TEST_F(KernelsTest, FusedSiluGemvIsTheGemvThenSiluMul) {
   struct Shape { int64_t t, f, k; };
   for (const Shape s : {Shape{1, 1000, 512}, Shape{2, 1001, 264}, Shape{1, 14336, 4096}, Shape{2, 3, 64},
@@ -165,10 +165,10 @@ TEST_F(KernelsTest, FusedSiluGemvIsTheGemvThenSiluMul) {
       int64_t differ = 0;
       for (size_t i = 0; i < two.size(); ++i) differ += std::memcmp(&two[i], &one[i], sizeof(float)) != 0;
       EXPECT_EQ(differ, 0) << s.t << "x" << s.f << "x" << s.k;
-    } else if (s.t < 9) {  // neither the GEMV nor the skinny GEMM: the two kernels
+    } else if (2 * s.f % 64 != 0) {  // no whole 64-row tiles for the split-K GEMM: the two kernels
       EXPECT_NE(gpu_->download_f32(g_gu), sentinel) << s.t << "x" << s.f << "x" << s.k;
     }
-    // From 9 tokens the load-time trial picks the gated skinny GEMM or the two kernels (the GEMM
+    // Otherwise the load-time trial picks the gated split-K GEMM or the two kernels (the GEMM
     // perhaps cuBLASLt's, summed in another order): the reference decides, and
     // SkinnyGemmMatchesTheReference holds the gated kernel to the plain one bit for bit.
     EXPECT_LT(rel_error(g_fused, c_out), 1e-2) << s.t << "x" << s.f << "x" << s.k;
