@@ -25,11 +25,7 @@ __global__ void silu_mul_kernel(const T* gate_up, int64_t rows, int64_t f, T* ou
     const V gv = row[i], uv = row[fv + i];
     V ov;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      const float g = to_f32(gv.e[e]);
-      const float s = to_f32(from_f32<T>(g / (1.0f + __expf(-g))));
-      ov.e[e] = from_f32<T>(s * to_f32(uv.e[e]));
-    }
+    for (int e = 0; e < kVec; ++e) ov.e[e] = silu_mul_rounded<T>(to_f32(gv.e[e]), to_f32(uv.e[e]));
     reinterpret_cast<V*>(out)[idx] = ov;
   }
 }

@@ -368,13 +368,23 @@ __device__ __forceinline__ void load_q_rows(uint32_t q_s, const AttentionParams&
   }
 }
 
+// Fused RoPE: chunk pair (c, c + D / 16) of the head at x (elements 8c.. and D/2 + 8c..) rotated
+// at the cos/sin row cs.
+template <typename T, int D>
+__device__ __forceinline__ void rope_chunk_pair(const T* x, const float* cs, int c, Pack<T, 8>& r1, Pack<T, 8>& r2) {
+  using V = Pack<T, 8>;
+  using F = Pack<float, 8>;
+  const V a = *reinterpret_cast<const V*>(x + 8 * c), b = *reinterpret_cast<const V*>(x + D / 2 + 8 * c);
+  const F co = *reinterpret_cast<const F*>(cs + 8 * c), sn = *reinterpret_cast<const F*>(cs + D / 2 + 8 * c);
+  rope_rotate<T, 8>(a, b, co, sn, r1, r2);
+}
+
 // Fused RoPE (AttentionParams::rope_cos_sin): the one token's G query heads rotated into shared
 // memory rows 0..G-1 (rows G..15 zero), with plain loads and stores (the caller's barrier orders
 // them). Thread i < G * D / 16 takes row i / (D / 16)'s chunk pair (c, c + D / 16).
 template <typename T, int D, int G, int kThreads>
 __device__ __forceinline__ void rope_q_rows(uint8_t* q_smem, const AttentionParams& p, int64_t t, int kvh, int tid) {
   using V = Pack<T, 8>;
-  using F = Pack<float, 8>;
   constexpr int kPairs = D / 16;  // chunk pairs per head
   const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
   const float* cs = p.rope_cos_sin + static_cast<int64_t>(p.rope_positions[t]) * D;
@@ -383,9 +393,7 @@ __device__ __forceinline__ void rope_q_rows(uint8_t* q_smem, const AttentionPara
     V r1{}, r2{};
     if (r < G) {
       const T* x = static_cast<const T*>(p.qkv) + t * stride + static_cast<int64_t>(kvh * G + r) * D;
-      const V a = *reinterpret_cast<const V*>(x + 8 * c), b = *reinterpret_cast<const V*>(x + D / 2 + 8 * c);
-      const F co = *reinterpret_cast<const F*>(cs + 8 * c), sn = *reinterpret_cast<const F*>(cs + D / 2 + 8 * c);
-      rope_rotate<T, 8>(a, b, co, sn, r1, r2);
+      rope_chunk_pair<T, D>(x, cs, c, r1, r2);
     }
     *reinterpret_cast<V*>(q_smem + swizzle<D>(r, c)) = r1;
     *reinterpret_cast<V*>(q_smem + swizzle<D>(r, c + kPairs)) = r2;
@@ -399,21 +407,18 @@ template <typename T, int D>
 __device__ __forceinline__ void rope_newest_kv(const AttentionParams& p, int64_t t, int kvh, int tid, uint4& lo,
                                                uint4& hi) {
   using V = Pack<T, 8>;
-  using F = Pack<float, 8>;
   constexpr int kPairs = D / 16;
   if (tid >= 2 * kPairs) return;
   const bool is_v = tid >= kPairs;
   const int c = tid % kPairs;
   const int64_t stride = (p.num_q_heads + 2 * p.num_kv_heads) * D;
   const T* x = static_cast<const T*>(p.qkv) + t * stride + (p.num_q_heads + (is_v ? p.num_kv_heads : 0) + kvh) * D;
-  V a = *reinterpret_cast<const V*>(x + 8 * c), b = *reinterpret_cast<const V*>(x + D / 2 + 8 * c);
-  if (!is_v) {
-    const float* cs = p.rope_cos_sin + static_cast<int64_t>(p.rope_positions[t]) * D;
-    const F co = *reinterpret_cast<const F*>(cs + 8 * c), sn = *reinterpret_cast<const F*>(cs + D / 2 + 8 * c);
-    V r1, r2;
-    rope_rotate<T, 8>(a, b, co, sn, r1, r2);
-    a = r1;
-    b = r2;
+  V a, b;
+  if (is_v) {
+    a = *reinterpret_cast<const V*>(x + 8 * c);
+    b = *reinterpret_cast<const V*>(x + D / 2 + 8 * c);
+  } else {
+    rope_chunk_pair<T, D>(x, p.rope_cos_sin + static_cast<int64_t>(p.rope_positions[t]) * D, c, a, b);
   }
   const int64_t slot = p.rope_slots[t];
   if (slot >= 0) {

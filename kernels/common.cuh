@@ -48,6 +48,15 @@ __device__ __forceinline__ void rope_rotate(const Pack<T, kVec>& a, const Pack<T
   }
 }
 
+// silu(gate) * up from the two values already rounded to T, rounded as the reference model rounds
+// (silu to T before the product): one definition for silu_mul and the fused gate/up epilogues, so
+// they give the same bits.
+template <typename T>
+__device__ __forceinline__ T silu_mul_rounded(float gate, float up) {
+  const float silu = to_f32(from_f32<T>(gate / (1.0f + __expf(-gate))));
+  return from_f32<T>(silu * up);
+}
+
 // Calls fn.template operator()<T>() with T the CUDA type of an activation dtype.
 template <typename Fn>
 cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {

@@ -79,11 +79,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const T* __re
     if (threadIdx.x < kPairs * NT) {
       const int pair = threadIdx.x % kPairs, t = threadIdx.x / kPairs;
       const int64_t r = static_cast<int64_t>(blockIdx.x) * kPairs + pair;
-      if (r < n) {
-        const float g = to_f32(part[pair][t]);
-        const float s = to_f32(from_f32<T>(g / (1.0f + __expf(-g))));
-        y[t * n + r] = from_f32<OutT>(s * to_f32(part[kPairs + pair][t]));
-      }
+      if (r < n) y[t * n + r] = silu_mul_rounded<T>(to_f32(part[pair][t]), to_f32(part[kPairs + pair][t]));
     }
   } else {
 #pragma unroll

@@ -131,8 +131,7 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restri
       if (row >= tokens) break;
       const float g = to_f32(from_f32<T>(tile[row * kTileCols + c]));
       const float up = to_f32(from_f32<T>(tile[row * kTileCols + kBN / 2 + c]));
-      const float silu = to_f32(from_f32<T>(g / (1.0f + __expf(-g))));
-      y[static_cast<int64_t>(row) * f + n0 / 2 + c] = from_f32<OutT>(silu * up);
+      y[static_cast<int64_t>(row) * f + n0 / 2 + c] = silu_mul_rounded<T>(g, up);
     }
   };
   if constexpr (kGated) {

@@ -741,8 +741,7 @@ void CudaBackend::attention(const Tensor& qkv, int64_t num_q_heads, const KvLaye
 void CudaBackend::rope_store_attention(Tensor& qkv, int64_t num_q_heads, const Tensor& positions, const Tensor& cos_sin,
                                        KvLayer& cache, const AttentionMetadata& meta, float scale, Tensor& out) {
   if (fused_rope_ && run_attention(qkv, num_q_heads, cache, meta, scale, out, &positions, &cos_sin)) return;
-  rope_and_store_kv(qkv, num_q_heads, positions, cos_sin, meta.slot_mapping, cache);
-  attention(qkv, num_q_heads, cache, meta, scale, out);
+  Backend::rope_store_attention(qkv, num_q_heads, positions, cos_sin, cache, meta, scale, out);
 }
 
 bool CudaBackend::run_attention(const Tensor& qkv, int64_t num_q_heads, const KvLayer& cache,
@@ -892,8 +891,7 @@ void CudaBackend::linear_silu_mul(const Tensor& x, const LinearWeight& w, Tensor
       return;
     }
   }
-  linear(x, w, gate_up);
-  silu_mul(gate_up, out);
+  Backend::linear_silu_mul(x, w, gate_up, out);
 }
 
 // As tune_gemm at decode shapes: each candidate once to warm up, then 5 calls each after the L2
@@ -918,8 +916,7 @@ void CudaBackend::tune_gated(GatedPlan& plan, const Tensor& x, const LinearWeigh
   check(cudaEventCreate(&stop), "cudaEventCreate");
   auto best_of = [&](const std::function<bool()>& call) { return best_cold_ms(call, flush, flush_bytes, start, stop); };
   const float two = best_of([&] {
-    linear(x, w, gate_up);
-    silu_mul(gate_up, out);
+    Backend::linear_silu_mul(x, w, gate_up, out);
     return true;
   });
   float best_fused = INFINITY;
