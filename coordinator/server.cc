@@ -874,6 +874,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const Coordinato
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   const std::string address = absl::StrCat(options.host, ":", options.port);
+  // Without SO_REUSEPORT (gRPC sets it by default): a second server on a taken port must fail to
+  // start, not share the port and answer half the connections with its own services.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(address, credentials, &impl->port);
   // Above our own limit, so that an oversized request gets our INVALID_ARGUMENT, not gRPC's error.
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::max<int64_t>(options.max_request_bytes * 4, 16 << 20)));
@@ -894,6 +897,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::start(const Coordinato
     // health, for probes that cannot speak TLS); the public API is not.
     grpc::ServerBuilder worker_builder;
     const std::string worker_address = absl::StrCat(options.host, ":", options.worker_port);
+    worker_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     worker_builder.AddListeningPort(worker_address, grpc::InsecureServerCredentials(), &impl->worker_port);
     worker_builder.RegisterService(static_cast<wv1::Registry::Service*>(impl.get()));
     impl->worker_server = worker_builder.BuildAndStart();

@@ -192,6 +192,20 @@ class Generation(unittest.TestCase):
         replies = list(info(iter([b"\x3a\x00"]), timeout=10))
         self.assertIn(b"shardserve.v1.Generation", replies[0])
 
+    def test_a_second_server_on_a_taken_port_exits_saying_so(self):
+        """gRPC lets servers share a port (SO_REUSEPORT) unless told not to; shared, a worker's
+        Register could reach another process and fail with UNIMPLEMENTED. Ours refuse the port."""
+        coordinator = cl.run([os.path.join(cl.BIN_DIR, "shardserve-coordinator"), "--config", CLUSTER.config,
+                              "--host", "127.0.0.1", "--port", str(CLUSTER.port), "--metrics-port", "0"])
+        self.assertNotEqual(coordinator.returncode, 0)
+        self.assertIn("in use", coordinator.stderr + coordinator.stdout)
+        worker = cl.run([os.path.join(cl.BIN_DIR, "shardserve-worker"), "--coordinator", CLUSTER.address,
+                         "--group", "single", "--host", "127.0.0.1", "--port", str(CLUSTER.port),
+                         "--metrics-port", "-1"])
+        self.assertNotEqual(worker.returncode, 0)
+        self.assertIn("in use", worker.stderr + worker.stdout)
+        self.assertEqual(health_status(), 1)
+
 
 class BadInput(unittest.TestCase):
     """Each bad request gets its status and a message naming the problem; nothing leaks."""

@@ -254,8 +254,11 @@ absl::StatusOr<wv1::Assignment> register_with_coordinator(const WorkerOptions& o
     last = stub->Register(&ctx, req, &a);
     if (last.ok()) return a;
     if (last.error_code() != grpc::StatusCode::UNAVAILABLE && last.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
-      return absl::Status(static_cast<absl::StatusCode>(last.error_code()),
-                          absl::StrCat("registering with ", o.coordinator, ": ", last.error_message()));
+      // The code is part of the message: gRPC's own errors (UNIMPLEMENTED from a server that is
+      // not a coordinator, say) come without text.
+      const auto code = static_cast<absl::StatusCode>(last.error_code());
+      return absl::Status(code, absl::StrCat("registering with ", o.coordinator, ": ", absl::StatusCodeToString(code),
+                                             last.error_message().empty() ? "" : ": ", last.error_message()));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(200));  // a retry back-off, not a synchronisation
   }
@@ -385,11 +388,12 @@ absl::Status run_worker(const WorkerOptions& o) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a taken port is an error, never shared
   builder.AddListeningPort(absl::StrCat(o.host, ":", o.port), grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(64 << 20);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (!server || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", o.host, ":", o.port));
+  if (!server || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", o.host, ":", o.port, " (is the port in use?)"));
 
   MetricsServer metrics_server;
   int metrics_port = -1;
