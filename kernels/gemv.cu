@@ -24,6 +24,7 @@ constexpr int kWarpsPerBlock = 8;
 template <typename T, typename OutT, int NT, bool kGated = false>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                  int64_t n, int64_t k, OutT* __restrict__ y) {
+  static_assert(!kGated || std::is_same_v<T, OutT>, "silu_mul's rounding: T throughout");
   pdl_trigger();
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;

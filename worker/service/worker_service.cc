@@ -393,7 +393,9 @@ absl::Status run_worker(const WorkerOptions& o) {
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(64 << 20);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (!server || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", o.host, ":", o.port, " (is the port in use?)"));
+  if (!server || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", o.host, ":", o.port, " (is the port in use?)"));
+  }
 
   MetricsServer metrics_server;
   int metrics_port = -1;
