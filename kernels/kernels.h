@@ -176,6 +176,10 @@ struct QuantMmaView {
 // warp, the activations read from global memory or staged in shared memory (stage_x), and the
 // CTAs per SM its registers are capped for (min_blocks: __launch_bounds__'s second argument, 1 for
 // no cap). N must be a multiple of 16 x row_tiles x warps_n.
+// ctas_per_sm > 0 selects the tiled kernel instead (9..128 tokens; INT4 and INT8): CTAs of 4 warps
+// of row_tiles x 16 rows, depth cp.async stages of weights and activations in shared memory, K
+// split for about ctas_per_sm CTAs an SM where a workspace takes the partial sums (warps_n is then
+// 4, warps_k 1, stage_x true, min_blocks 1).
 struct QuantMmaConfig {
   int token_tiles = 1;
   int row_tiles = 1;
@@ -184,6 +188,15 @@ struct QuantMmaConfig {
   int depth = 4;
   bool stage_x = false;
   int min_blocks = 1;
+  int ctas_per_sm = 0;
+};
+// Where the tiled kernel's splits of K leave their FP32 partial sums (`bytes` of them: splits x
+// tokens x N floats; fewer splits when it is smaller) and count themselves (kSkinnyGemmCounters
+// int32, zero before the first call, every call leaves them zero). Without one, one split.
+struct QuantMmaWorkspace {
+  float* partials = nullptr;
+  size_t bytes = 0;
+  int32_t* counters = nullptr;
 };
 bool quant_mma_supported(const QuantWeightView& w, int64_t tokens, DType x);
 size_t quant_mma_packed_bytes(QuantFormat format, int64_t n, int64_t k);
@@ -196,7 +209,8 @@ cudaError_t quant_mma_repack(const QuantWeightView& w, const int32_t* perm, DTyp
 // y [T, N] (out_dtype: the activation type or F32) = x [T, K] * W^T. config: null for
 // quant_mma_choice's.
 cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,
-                           void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config = nullptr);
+                           void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config = nullptr,
+                           const QuantMmaWorkspace& workspace = {});
 // out [N, K] (w.dtype, the checkpoint's input order) = the weight the kernel multiplies with: for
 // steps of more than kMaxQuantMmaTokens, a 16-bit GEMM.
 cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t stream);
@@ -206,18 +220,19 @@ QuantMmaConfig quant_mma_config(int64_t tokens, int64_t n, int64_t k);
 // Times every configuration on this GPU for the weight's shape at 8, 16, 32, 64 and 128 tokens
 // (the weight flushed from the L2 before each run, as in a model's step) and remembers the fastest
 // per GPU, format, activation type and shape, as cuBLASLt's tuning does; once per shape, with its
-// own buffers (a few MB, freed), synchronizing `stream`; does nothing inside a graph capture.
-cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream);
+// own buffers (a few MB, freed), synchronizing `stream`; does nothing inside a graph capture. The
+// tiled kernel's splits are timed with `workspace`: quant_mma_gemm gets the same one.
+cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream, const QuantMmaWorkspace& workspace = {});
 // The tuned configuration for `tokens` on this shape, else quant_mma_config's.
 QuantMmaConfig quant_mma_choice(const QuantMmaView& w, int64_t tokens);
 std::vector<QuantMmaConfig> quant_mma_configs();
-// Whether `cfg` computes `tokens` tokens of an N-row weight: its token tiles cover them and its
-// CTAs' rows divide N.
-bool quant_mma_config_fits(const QuantMmaConfig& cfg, int64_t n, int64_t tokens);
+// Whether `cfg` computes `tokens` tokens of an N-row weight of `format`: its token tiles cover
+// them, its CTAs' rows divide N, and (the tiled kernel) the format is INT4 or INT8.
+bool quant_mma_config_fits(const QuantMmaConfig& cfg, QuantFormat format, int64_t n, int64_t tokens);
 // What quant_mma_tune times for `tokens` (the harness times the same): the configurations that fit
 // with at most 4x the token tiles the tokens need (wider tiles share each activation among more
 // rows and can win).
-std::vector<QuantMmaConfig> quant_mma_candidates(int64_t n, int64_t tokens);
+std::vector<QuantMmaConfig> quant_mma_candidates(QuantFormat format, int64_t n, int64_t tokens);
 
 // FP8 activations for W8A8: per row of x [rows, K] (T), scale = max|x| / 448, or *static_scale when
 // given; q = E4M3(x / scale), saturated to +-448; row_scales[r] = scale.

@@ -14,7 +14,8 @@
 // INT4 weight and runs at ~0.2 of bandwidth). So, as in Marlin, the weight is the tensor cores' A
 // operand (16 output features x 16 inputs per mma.m16n8k16) and the tokens are B (8 per tile): at
 // batch 1-8 the mma does 8x the useful work for free, and from 16 tokens on the same loop becomes
-// a real GEMM.
+// a real GEMM. From 9 tokens a second, tiled kernel on the same layout (quant_tiled_kernel) stages
+// each block once per CTA for all its warps; the load-time tuning picks per token bucket.
 //
 // Layout (made once at load by quant_mma_repack): for each 16-row tile mt of W and each 64-wide
 // block kb of K, 32 lanes x 16 bytes (INT4; INT8: two such runs), lane-contiguous, so a warp reads
@@ -158,6 +159,62 @@ __device__ __forceinline__ uint32_t fp8_pair(uint32_t word, int h) {
   const uint32_t bits = ((p & 0x007F007Fu) << (kBf16 ? 4 : 7)) | ((p & 0x00800080u) << 8);
   const uint32_t bias = kBf16 ? 0x7B807B80u : 0x5C005C00u;
   return bits_as<uint32_t>(__hmul2(bits_as<Pair<T>>(bits), bits_as<Pair<T>>(bias)));
+}
+
+// Row tile mt's A fragments of a block (four k-steps of four registers) from a lane's packed
+// words (FP8: its 16 bytes of row g, then of row g + 8) and, INT4, its scale and zero-point pairs.
+template <QuantFormat kFormat, typename T, bool kGroupScaled>
+__device__ __forceinline__ void dequant_fragments(const uint4* wm, const uint2& sm, uint32_t (&a)[4][4]) {
+  constexpr bool kInt4 = kFormat == QuantFormat::kInt4;
+  constexpr bool kFp8 = kFormat == QuantFormat::kFp8;
+  if constexpr (kGroupScaled) {
+    // bias + q exactly (the zero point and the scale come after the product).
+    const uint32_t words[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      a[step][0] = (words[step] & 0x000F000Fu) | Int4Bias<T>::kPair;
+      a[step][1] = ((words[step] >> 4) & 0x000F000Fu) | Int4Bias<T>::kPair;
+      a[step][2] = ((words[step] >> 8) & 0x000F000Fu) | Int4Bias<T>::kPair;
+      a[step][3] = ((words[step] >> 12) & 0x000F000Fu) | Int4Bias<T>::kPair;
+    }
+  } else if constexpr (kInt4) {
+    // (bias + z) in both halves: the zero byte is the low mantissa bits, as for the codes.
+    const uint32_t scale_lo = both_halves(sm.x, false), scale_hi = both_halves(sm.x, true);
+    const uint32_t zero_lo = (sm.y & 0xFFu) * 0x00010001u | Int4Bias<T>::kPair;
+    const uint32_t zero_hi = (sm.y >> 8) * 0x00010001u | Int4Bias<T>::kPair;
+    const uint32_t words[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      a[step][0] = dequant2<T>(words[step], zero_lo, scale_lo);
+      a[step][1] = dequant2<T>(words[step] >> 4, zero_hi, scale_hi);
+      a[step][2] = dequant2<T>(words[step] >> 8, zero_lo, scale_lo);
+      a[step][3] = dequant2<T>(words[step] >> 12, zero_hi, scale_hi);
+    }
+  } else if constexpr (kFp8) {
+    // Word s of row g (vector 0) and of row g + 8 (vector 1): step s's 4 bytes of each row.
+    const uint32_t lo[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
+    const uint32_t hi[4] = {wm[1].x, wm[1].y, wm[1].z, wm[1].w};
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      a[step][0] = fp8_pair<T>(lo[step], 0);
+      a[step][1] = fp8_pair<T>(hi[step], 0);
+      a[step][2] = fp8_pair<T>(lo[step], 1);
+      a[step][3] = fp8_pair<T>(hi[step], 1);
+    }
+  } else {
+    // Vector v holds steps 2v and 2v + 1, each as (row g's 4 bytes, row g + 8's 4 bytes).
+    const uint32_t words[8] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w,
+                               wm[1].x, wm[1].y, wm[1].z, wm[1].w};
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      const uint32_t row_lo = words[2 * step] ^ 0x80808080u;
+      const uint32_t row_hi = words[2 * step + 1] ^ 0x80808080u;
+      a[step][0] = int8_pair<T>(row_lo, 0);
+      a[step][1] = int8_pair<T>(row_hi, 0);
+      a[step][2] = int8_pair<T>(row_lo, 1);
+      a[step][3] = int8_pair<T>(row_hi, 1);
+    }
+  }
 }
 
 template <QuantFormat kFormat>
@@ -348,56 +405,8 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK, kMinBlocks)
     mma::cp_async_commit();
   };
 
-  // Row tile mt's A fragments of a block (four k-steps of four registers) from its packed words.
   auto dequant = [&](const uint4* wm, const uint2& sm, uint32_t (&a)[4][4]) {
-    if constexpr (kGroupScaled) {
-      // bias + q exactly (the zero point and the scale come after the product).
-      const uint32_t words[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
-#pragma unroll
-      for (int step = 0; step < 4; ++step) {
-        a[step][0] = (words[step] & 0x000F000Fu) | Int4Bias<T>::kPair;
-        a[step][1] = ((words[step] >> 4) & 0x000F000Fu) | Int4Bias<T>::kPair;
-        a[step][2] = ((words[step] >> 8) & 0x000F000Fu) | Int4Bias<T>::kPair;
-        a[step][3] = ((words[step] >> 12) & 0x000F000Fu) | Int4Bias<T>::kPair;
-      }
-    } else if constexpr (kInt4) {
-      // (bias + z) in both halves: the zero byte is the low mantissa bits, as for the codes.
-      const uint32_t scale_lo = both_halves(sm.x, false), scale_hi = both_halves(sm.x, true);
-      const uint32_t zero_lo = (sm.y & 0xFFu) * 0x00010001u | Int4Bias<T>::kPair;
-      const uint32_t zero_hi = (sm.y >> 8) * 0x00010001u | Int4Bias<T>::kPair;
-      const uint32_t words[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
-#pragma unroll
-      for (int step = 0; step < 4; ++step) {
-        a[step][0] = dequant2<T>(words[step], zero_lo, scale_lo);
-        a[step][1] = dequant2<T>(words[step] >> 4, zero_hi, scale_hi);
-        a[step][2] = dequant2<T>(words[step] >> 8, zero_lo, scale_lo);
-        a[step][3] = dequant2<T>(words[step] >> 12, zero_hi, scale_hi);
-      }
-    } else if constexpr (kFp8) {
-      // Word s of row g (vector 0) and of row g + 8 (vector 1): step s's 4 bytes of each row.
-      const uint32_t lo[4] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w};
-      const uint32_t hi[4] = {wm[1].x, wm[1].y, wm[1].z, wm[1].w};
-#pragma unroll
-      for (int step = 0; step < 4; ++step) {
-        a[step][0] = fp8_pair<T>(lo[step], 0);
-        a[step][1] = fp8_pair<T>(hi[step], 0);
-        a[step][2] = fp8_pair<T>(lo[step], 1);
-        a[step][3] = fp8_pair<T>(hi[step], 1);
-      }
-    } else {
-      // Vector v holds steps 2v and 2v + 1, each as (row g's 4 bytes, row g + 8's 4 bytes).
-      const uint32_t words[8] = {wm[0].x, wm[0].y, wm[0].z, wm[0].w,
-                                 wm[1].x, wm[1].y, wm[1].z, wm[1].w};
-#pragma unroll
-      for (int step = 0; step < 4; ++step) {
-        const uint32_t row_lo = words[2 * step] ^ 0x80808080u;
-        const uint32_t row_hi = words[2 * step + 1] ^ 0x80808080u;
-        a[step][0] = int8_pair<T>(row_lo, 0);
-        a[step][1] = int8_pair<T>(row_hi, 0);
-        a[step][2] = int8_pair<T>(row_lo, 1);
-        a[step][3] = int8_pair<T>(row_hi, 1);
-      }
-    }
+    dequant_fragments<kFormat, T, kGroupScaled>(wm, sm, a);
   };
   // Token tile j's B fragments of block kb (four k-steps of two registers).
   auto x_fragments = [&](int kb, int j, int sub, const uint4 (&xs)[kXSlots][2 * kSub], uint32_t (&xw)[8]) {
@@ -636,6 +645,242 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK, kMinBlocks)
   }
 }
 
+// The tiled kernel, for 9..128 tokens. The kernel above gives each warp its own rows and every
+// token, so each 16 x 64 block of weights (512 bytes of INT4) takes T x 128 bytes of activations
+// through L1/L2 per warp: at 64-128 tokens that traffic, not the weights, is the cost (0.18-0.42x
+// of BF16 cuBLASLt at 128 tokens on an H200's 70B shapes). Here, as in the 16-bit skinny GEMM, a
+// CTA of 4 warps owns 4 x kMT row tiles and a slice of K (split-K, sized from the CTAs per SM the
+// configuration asks for) and brings each 64-wide block of its packed weights and of the tokens'
+// activations into shared memory once, through a ring of kStages cp.async stages; each warp
+// dequantizes its kMT row tiles' fragments once per block (the same layout, lane-contiguous, so
+// the copy is a straight 512-byte run per row tile) and multiplies them with every token tile read
+// from the staged activations (16-byte chunks XOR-swizzled by row, as kStageX). With one split
+// the CTA writes y; with more, each writes its FP32 partial to the caller's workspace and the last
+// split of each tile sums them in split order (a counter per tile, back to zero after), as
+// skinny_gemm does. INT4 here always dequantizes with the zero point and scale before the product
+// (the group-scaled form would double the accumulators).
+constexpr int kTiledWarps = 4;
+
+constexpr size_t tiled_stage_bytes(int nt, int mt, int vecs) {
+  return static_cast<size_t>(nt) * 8 * kBlockK * 2 + static_cast<size_t>(kTiledWarps * mt) * vecs * 512;
+}
+// The stages, reused after the loop for the CTA's FP32 sums [tokens][rows + 4].
+constexpr size_t tiled_smem_bytes(int nt, int mt, int vecs, int stages) {
+  const size_t tile = static_cast<size_t>(nt * 8) * (kTiledWarps * mt * 16 + 4) * sizeof(float);
+  return std::max(static_cast<size_t>(stages) * tiled_stage_bytes(nt, mt, vecs), tile);
+}
+
+template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kStages>
+__global__ void __launch_bounds__(32 * kTiledWarps)
+    quant_tiled_kernel(const uint4* __restrict__ packed, const void* __restrict__ scales,
+                       const uint16_t* __restrict__ zero_pairs, const T* __restrict__ x, int tokens, int n, int k,
+                       int group_size, int group_shift, int kb_per_split, OutT* __restrict__ y,
+                       float* __restrict__ partials, int32_t* __restrict__ counters) {
+  static_assert(kFormat != QuantFormat::kFp8, "FP8 is read row-major, not from the packed layout");
+  static_assert(NT % 2 == 0, "whole passes of the CTA over the activations' chunks");
+  constexpr bool kInt4 = kFormat == QuantFormat::kInt4;
+  constexpr int kVecs = Packing<kFormat>::kVecs;
+  constexpr int kThreads = 32 * kTiledWarps;
+  constexpr int kRows = kTiledWarps * kMT * 16;
+  constexpr uint32_t kXBytes = NT * 8 * kBlockK * 2;
+  constexpr uint32_t kStage = static_cast<uint32_t>(tiled_stage_bytes(NT, kMT, kVecs));
+  extern __shared__ __align__(128) uint8_t smem[];
+  pdl_trigger();
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, c = lane % 4;
+  const int m_tiles = n / 16;
+  const int cta_mt0 = blockIdx.x * kTiledWarps * kMT;
+  const int kb_all = k / kBlockK;
+  const int kb_begin = blockIdx.y * kb_per_split;
+  const int blocks = min(kb_all, kb_begin + kb_per_split) - kb_begin;
+  const uint32_t base = mma::smem_addr(smem);
+
+  // Stage s: the activations (row r's chunk ch at ch ^ (r % 8)), then row tile i's kVecs runs of
+  // 512 bytes, in the order they sit in memory.
+  auto load_w = [&](int s, int kb) {
+    const uint32_t dst = base + s * kStage + kXBytes;
+#pragma unroll
+    for (int r = 0; r < kMT * kVecs; ++r) {
+      const int i = tid + r * kThreads;
+      const int tile = i / (kVecs * 32);
+      const uint4* src = packed + (static_cast<size_t>(cta_mt0 + tile) * kb_all + kb) * (kVecs * 32) + i % (kVecs * 32);
+      mma::cp_async16(dst + i * 16, src, true);
+    }
+  };
+  auto load_x = [&](int s, int kb) {
+    const uint32_t dst = base + s * kStage;
+#pragma unroll
+    for (int r = 0; r < NT / 2; ++r) {
+      const int i = tid + r * kThreads;
+      const int row = i / 8, ch = i % 8;
+      const bool valid = row < tokens;
+      const T* src = x + (valid ? static_cast<size_t>(row) * k + kb * kBlockK + ch * 8 : 0);
+      mma::cp_async16(dst + row * 128 + ((ch ^ (row & 7)) * 16), src, valid);
+    }
+  };
+  // INT4: the scale and zero-point pairs of this lane's rows at block kb (its 16 inputs' group).
+  const auto* scale_pairs = static_cast<const uint32_t*>(scales);
+  auto load_sz = [&](int kb, uint2 (&sz)[kMT]) {
+    if constexpr (kInt4) {
+      const int f = kb * kBlockK + 16 * c;
+      const int group = group_shift >= 0 ? f >> group_shift : f / group_size;
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+        const int at = (group * m_tiles + cta_mt0 + warp * kMT + i) * 8 + g;
+        sz[i] = make_uint2(__ldg(scale_pairs + at), __ldg(zero_pairs + at));
+      }
+    }
+  };
+
+  // The weights are no kernel's output: the first stages' are requested before the wait for the
+  // previous kernel (programmatic dependent launch), the activations' after.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < blocks) load_w(s, kb_begin + s);
+  }
+  pdl_wait();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < blocks) load_x(s, kb_begin + s);
+    mma::cp_async_commit();
+  }
+  float acc[kMT][NT][4];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+  }
+  uint2 sz_next[kMT] = {};
+  if (blocks > 0) load_sz(kb_begin, sz_next);
+  for (int kt = 0; kt < blocks; ++kt) {
+    // Block kt has landed once at most kStages - 2 later groups are pending; past the barrier every
+    // warp is done with block kt - 1, whose stage takes block kt + kStages - 1.
+    mma::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (kt + kStages - 1 < blocks) {
+      const int s = (kt + kStages - 1) % kStages;
+      load_w(s, kb_begin + kt + kStages - 1);
+      load_x(s, kb_begin + kt + kStages - 1);
+    }
+    mma::cp_async_commit();
+    uint2 sz[kMT];
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) sz[i] = sz_next[i];
+    if (kt + 1 < blocks) load_sz(kb_begin + kt + 1, sz_next);  // a block ahead: its latency hides
+    const uint32_t stage = base + (kt % kStages) * kStage;
+    uint32_t a[kMT][4][4];
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+      uint4 wv[kVecs];
+#pragma unroll
+      for (int v = 0; v < kVecs; ++v) lds128(wv[v], stage + kXBytes + ((warp * kMT + i) * kVecs + v) * 512 + lane * 16);
+      dequant_fragments<kFormat, T, false>(wv, sz[i], a[i]);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint32_t row = stage + (8 * j + g) * 128;
+      uint4 v0, v1;
+      lds128(v0, row + (((2 * c) ^ g) * 16));
+      lds128(v1, row + (((2 * c + 1) ^ g) * 16));
+      const uint32_t xw[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int step = 0; step < 4; ++step) mma::mma_16816<T>(acc[i][j], a[i][step], xw[2 * step], xw[2 * step + 1]);
+      }
+    }
+  }
+  mma::cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages: they become the CTA's sums
+
+  // Fragment (i, j): c0, c1 = row g, tokens 8j + 2c (+1); c2, c3 = row g + 8. Rows + 4 a token:
+  // the four lanes c of a store land 8 banks apart.
+  constexpr int kLd = kRows + 4;
+  float* tile = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        tile[(8 * j + 2 * c + (e & 1)) * kLd + (warp * kMT + i) * 16 + g + (e >= 2 ? 8 : 0)] = acc[i][j][e];
+      }
+    }
+  }
+  __syncthreads();
+  // Four rows a thread, a token's rows contiguous (INT8: times the rows' scales).
+  const int cta_row0 = cta_mt0 * 16;
+  auto row_scales = [&](int r, float4 v) {
+    if constexpr (!kInt4) {
+      const float4 s = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(scales) + cta_row0 + r));
+      v.x *= s.x, v.y *= s.y, v.z *= s.z, v.w *= s.w;
+    }
+    return v;
+  };
+  auto store = [&](int token, int r, float4 v) {
+    OutT* out = y + static_cast<size_t>(token) * n + cta_row0 + r;
+    if constexpr (std::is_same_v<OutT, float>) {
+      *reinterpret_cast<float4*>(out) = v;
+    } else {
+      *reinterpret_cast<uint2*>(out) = make_uint2(mma::pack2<OutT>(v.x, v.y), mma::pack2<OutT>(v.z, v.w));
+    }
+  };
+  constexpr int kQuads = kRows / 4;
+  for (int idx = tid; idx < tokens * kQuads; idx += kThreads) {
+    const int token = idx / kQuads, r = (idx % kQuads) * 4;
+    const float4 v = row_scales(r, *reinterpret_cast<const float4*>(tile + token * kLd + r));
+    if (partials == nullptr) {
+      store(token, r, v);
+    } else {
+      *reinterpret_cast<float4*>(partials + (static_cast<size_t>(blockIdx.y) * tokens + token) * n + cta_row0 + r) = v;
+    }
+  }
+  if (partials == nullptr) return;
+
+  // The last split of this tile to finish sums them all: each split publishes its partial before
+  // it counts itself; the counter goes back to zero for the next launch once every split counted
+  // (the next launch touches it only after its pdl_wait, when this grid has completed).
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const bool is_last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
+    if (is_last) counters[blockIdx.x] = 0;
+    last = is_last;
+  }
+  __syncthreads();
+  if (last == 0) return;
+  __threadfence();
+  // kPer quads a thread at a time, their loads of one split all in flight (L2 round trips
+  // otherwise), the splits added in order.
+  constexpr int kPer = 8;
+  const size_t split_stride = static_cast<size_t>(tokens) * n;
+  const int quads = tokens * kQuads;
+  for (int idx0 = tid; idx0 < quads; idx0 += kPer * kThreads) {
+    float4 sum[kPer];
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) sum[e] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 2
+    for (int split = 0; split < static_cast<int>(gridDim.y); ++split) {
+      float4 v[kPer];
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {
+        const int idx = idx0 + e * kThreads;
+        const int token = idx / kQuads, r = (idx % kQuads) * 4;
+        v[e] = idx < quads ? __ldcg(reinterpret_cast<const float4*>(partials + split * split_stride +
+                                                                   static_cast<size_t>(token) * n + cta_row0 + r))
+                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) sum[e].x += v[e].x, sum[e].y += v[e].y, sum[e].z += v[e].z, sum[e].w += v[e].w;
+    }
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const int idx = idx0 + e * kThreads;
+      if (idx < quads) store(idx / kQuads, (idx % kQuads) * 4, sum[e]);
+    }
+  }
+}
+
 // INT4 packed word ((mt * KB + kb) * 32 + lane) * 4 + s of the layout above, from the canonical
 // [N, K/8] words; physical input p is input perm[p] (or p).
 __global__ void int4_repack_kernel(QuantWeightView w, const int32_t* __restrict__ perm, uint32_t* __restrict__ out) {
@@ -853,9 +1098,87 @@ cudaError_t launch_grouped(const QuantMmaView& w, const void* x, int64_t tokens,
                                                                                                      stream);
 }
 
+// The tiled kernel's configurations: {tokens per CTA / 8, row tiles per warp, stages, CTAs per SM
+// the split of K aims for}. Stages: 48-96 KB of shared memory a CTA (two CTAs an SM on an A100).
+#define SHARDSERVE_QUANT_TILED_CONFIGS(X) \
+  X(2, 2, 8, 2)                           \
+  X(2, 2, 8, 4)                           \
+  X(4, 2, 6, 2)                           \
+  X(4, 2, 6, 4)                           \
+  X(8, 2, 4, 1)                           \
+  X(8, 2, 4, 2)                           \
+  X(8, 1, 4, 2)                           \
+  X(8, 1, 4, 4)                           \
+  X(16, 2, 4, 1)                          \
+  X(16, 2, 4, 2)                          \
+  X(16, 1, 4, 2)                          \
+  X(16, 1, 4, 4)
+
+int num_sms() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 1;
+  }
+  return std::max(sms, 1);
+}
+
+// How the tiled kernel splits K: about ctas_per_sm CTAs an SM, at least 4 blocks a split, the
+// partials within the workspace, a counter per tile; no empty split.
+struct TiledSplit {
+  int splits = 1;
+  int kb_per_split = 0;
+};
+TiledSplit tiled_split(const QuantMmaConfig& cfg, int64_t n, int64_t k, int64_t tokens, const QuantMmaWorkspace& ws) {
+  const int64_t n_tiles = n / (16 * cfg.row_tiles * kTiledWarps), kb_all = k / kBlockK;
+  int64_t splits = std::clamp<int64_t>(cfg.ctas_per_sm * int64_t{num_sms()} / n_tiles, 1,
+                                       std::max<int64_t>(1, kb_all / 4));
+  if (ws.partials == nullptr || ws.counters == nullptr || n_tiles > kSkinnyGemmCounters) {
+    splits = 1;
+  } else {
+    splits = std::min<int64_t>(splits, static_cast<int64_t>(ws.bytes / (static_cast<size_t>(tokens * n) * sizeof(float))));
+  }
+  splits = std::max<int64_t>(splits, 1);
+  TiledSplit out;
+  out.kb_per_split = static_cast<int>((kb_all + splits - 1) / splits);
+  out.splits = static_cast<int>((kb_all + out.kb_per_split - 1) / out.kb_per_split);
+  return out;
+}
+
+template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kStages>
+cudaError_t launch_tiled(const QuantMmaConfig& cfg, const QuantMmaView& w, const void* x, int64_t tokens, void* y,
+                         const QuantMmaWorkspace& ws, cudaStream_t stream) {
+  constexpr auto kernel = quant_tiled_kernel<kFormat, T, OutT, NT, kMT, kStages>;
+  constexpr size_t smem = tiled_smem_bytes(NT, kMT, Packing<kFormat>::kVecs, kStages);
+  static_assert(smem <= 163 * 1024, "an A100 gives a CTA at most 163 KB of shared memory");
+  if constexpr (smem > 48 * 1024) {
+    if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
+  }
+  const TiledSplit split = tiled_split(cfg, w.n, w.k, tokens, ws);
+  const dim3 grid(static_cast<unsigned>(w.n / (16 * kMT * kTiledWarps)), static_cast<unsigned>(split.splits));
+  const auto* zero_pairs = kFormat == QuantFormat::kInt4
+                               ? reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(w.scales) +
+                                                                   w.num_groups * w.n / 2)
+                               : nullptr;
+  return launch_pdl(kernel, grid, dim3(32 * kTiledWarps), smem, stream, static_cast<const uint4*>(w.packed), w.scales,
+                    zero_pairs, static_cast<const T*>(x), static_cast<int>(tokens), static_cast<int>(w.n),
+                    static_cast<int>(w.k), static_cast<int>(w.group_size), group_shift(w.group_size),
+                    split.kb_per_split, static_cast<OutT*>(y), split.splits > 1 ? ws.partials : nullptr, ws.counters);
+}
+
 template <QuantFormat kFormat, typename T, typename OutT>
 cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, const void* x, int64_t tokens, void* y,
-                          cudaStream_t stream) {
+                          const QuantMmaWorkspace& ws, cudaStream_t stream) {
+  if (cfg.ctas_per_sm > 0) {
+    if constexpr (kFormat != QuantFormat::kFp8) {
+#define SHARDSERVE_QUANT_TILED_CASE(NT, MT, S, C)                                                \
+  if (cfg.token_tiles == NT && cfg.row_tiles == MT && cfg.depth == S) {                          \
+    return launch_tiled<kFormat, T, OutT, NT, MT, S>(cfg, w, x, tokens, y, ws, stream);          \
+  }
+      SHARDSERVE_QUANT_TILED_CONFIGS(SHARDSERVE_QUANT_TILED_CASE)
+#undef SHARDSERVE_QUANT_TILED_CASE
+    }
+    return cudaErrorInvalidValue;
+  }
   // INT4 whose groups are whole 64-wide blocks, up to 32 tokens: scaled after the product.
   const bool grouped = kFormat == QuantFormat::kInt4 && w.group_size % kBlockK == 0;
 #define SHARDSERVE_QUANT_MMA_CASE(NT, MT, WN, WK, D, SX, MB)                                                 \
@@ -873,13 +1196,15 @@ cudaError_t launch_config(const QuantMmaConfig& cfg, const QuantMmaView& w, cons
 
 template <QuantFormat kFormat>
 cudaError_t launch_format(const QuantMmaConfig& cfg, const QuantMmaView& w, const void* x, int64_t tokens, void* y,
-                          DType out_dtype, cudaStream_t stream) {
+                          DType out_dtype, const QuantMmaWorkspace& ws, cudaStream_t stream) {
   if (w.dtype == DType::kBF16) {
-    if (out_dtype == DType::kBF16) return launch_config<kFormat, __nv_bfloat16, __nv_bfloat16>(cfg, w, x, tokens, y, stream);
-    if (out_dtype == DType::kF32) return launch_config<kFormat, __nv_bfloat16, float>(cfg, w, x, tokens, y, stream);
+    if (out_dtype == DType::kBF16) {
+      return launch_config<kFormat, __nv_bfloat16, __nv_bfloat16>(cfg, w, x, tokens, y, ws, stream);
+    }
+    if (out_dtype == DType::kF32) return launch_config<kFormat, __nv_bfloat16, float>(cfg, w, x, tokens, y, ws, stream);
   } else if (w.dtype == DType::kF16) {
-    if (out_dtype == DType::kF16) return launch_config<kFormat, __half, __half>(cfg, w, x, tokens, y, stream);
-    if (out_dtype == DType::kF32) return launch_config<kFormat, __half, float>(cfg, w, x, tokens, y, stream);
+    if (out_dtype == DType::kF16) return launch_config<kFormat, __half, __half>(cfg, w, x, tokens, y, ws, stream);
+    if (out_dtype == DType::kF32) return launch_config<kFormat, __half, float>(cfg, w, x, tokens, y, ws, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -902,18 +1227,25 @@ std::vector<QuantMmaConfig> quant_mma_configs() {
 #define SHARDSERVE_QUANT_MMA_LIST(NT, MT, WN, WK, D, SX, MB) all.push_back(QuantMmaConfig{NT, MT, WN, WK, D, SX, MB});
   SHARDSERVE_QUANT_MMA_CONFIGS(SHARDSERVE_QUANT_MMA_LIST)
 #undef SHARDSERVE_QUANT_MMA_LIST
+#define SHARDSERVE_QUANT_TILED_LIST(NT, MT, S, C) \
+  all.push_back(QuantMmaConfig{NT, MT, kTiledWarps, 1, S, true, 1, C});
+  SHARDSERVE_QUANT_TILED_CONFIGS(SHARDSERVE_QUANT_TILED_LIST)
+#undef SHARDSERVE_QUANT_TILED_LIST
   return all;
 }
 
-bool quant_mma_config_fits(const QuantMmaConfig& cfg, int64_t n, int64_t tokens) {
+bool quant_mma_config_fits(const QuantMmaConfig& cfg, QuantFormat format, int64_t n, int64_t tokens) {
+  if (cfg.ctas_per_sm > 0 && format == QuantFormat::kFp8) return false;
   return cfg.token_tiles * 8 >= tokens && n % (16 * cfg.row_tiles * cfg.warps_n) == 0;
 }
 
-std::vector<QuantMmaConfig> quant_mma_candidates(int64_t n, int64_t tokens) {
+std::vector<QuantMmaConfig> quant_mma_candidates(QuantFormat format, int64_t n, int64_t tokens) {
   const int nt = quant_mma_token_tiles(tokens);
   std::vector<QuantMmaConfig> out;
   for (const QuantMmaConfig& cfg : quant_mma_configs()) {
-    if (quant_mma_config_fits(cfg, n, tokens) && cfg.token_tiles <= 4 * nt) out.push_back(cfg);
+    // The tiled kernel's token tiles are all computed: only those the tokens need.
+    const int max_tiles = cfg.ctas_per_sm > 0 ? nt : 4 * nt;
+    if (quant_mma_config_fits(cfg, format, n, tokens) && cfg.token_tiles <= max_tiles) out.push_back(cfg);
   }
   return out;
 }
@@ -983,7 +1315,7 @@ QuantMmaConfig quant_mma_choice(const QuantMmaView& w, int64_t tokens) {
   return quant_mma_config(tokens, w.n, w.k);
 }
 
-cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream) {
+cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream, const QuantMmaWorkspace& workspace) {
   if (!activations_supported(w.dtype) || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups)) {
     return cudaErrorInvalidValue;
   }
@@ -1020,13 +1352,16 @@ cudaError_t quant_mma_tune(const QuantMmaView& w, cudaStream_t stream) {
       const int64_t tokens = 8 * nt;
       float best_ms = 1e30f;
       best[b] = quant_mma_config(tokens, w.n, w.k);
-      for (const QuantMmaConfig& cfg : quant_mma_candidates(w.n, tokens)) {
+      for (const QuantMmaConfig& cfg : quant_mma_candidates(w.format, w.n, tokens)) {
         float ms = 1e30f;
         for (int rep = 0; rep < 4; ++rep) {
           // The weight leaves the L2 between runs, as it has in a model's step.
           if (cudaError_t e = cudaMemsetAsync(flush, rep, flush_bytes, stream); e != cudaSuccess) return e;
           if (cudaError_t e = cudaEventRecord(start, stream); e != cudaSuccess) return e;
-          if (cudaError_t e = quant_mma_gemm(w, x, tokens, y, w.dtype, x_perm, stream, &cfg); e != cudaSuccess) return e;
+          if (cudaError_t e = quant_mma_gemm(w, x, tokens, y, w.dtype, x_perm, stream, &cfg, workspace);
+              e != cudaSuccess) {
+            return e;
+          }
           if (cudaError_t e = cudaEventRecord(stop, stream); e != cudaSuccess) return e;
           if (cudaError_t e = cudaEventSynchronize(stop); e != cudaSuccess) return e;
           float t = 0.0f;
@@ -1121,12 +1456,13 @@ cudaError_t quant_mma_dequantize(const QuantMmaView& w, void* out, cudaStream_t 
 }
 
 cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens, void* y, DType out_dtype,
-                           void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config) {
+                           void* x_permuted, cudaStream_t stream, const QuantMmaConfig* config,
+                           const QuantMmaWorkspace& workspace) {
   if (tokens < 1 || tokens > kMaxQuantMmaTokens || !layout_supported(w.format, w.n, w.k, w.group_size, w.num_groups)) {
     return cudaErrorInvalidValue;
   }
   const QuantMmaConfig cfg = config != nullptr ? *config : quant_mma_choice(w, tokens);
-  if (!quant_mma_config_fits(cfg, w.n, tokens)) return cudaErrorInvalidValue;
+  if (!quant_mma_config_fits(cfg, w.format, w.n, tokens)) return cudaErrorInvalidValue;
   if (w.perm != nullptr) {
     if (x_permuted == nullptr || w.format != QuantFormat::kInt4) return cudaErrorInvalidValue;
     const int64_t total = tokens * w.k;
@@ -1141,9 +1477,9 @@ cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens,
     if (e != cudaSuccess) return e;
     x = x_permuted;
   }
-  if (w.format == QuantFormat::kInt4) return launch_format<QuantFormat::kInt4>(cfg, w, x, tokens, y, out_dtype, stream);
-  if (w.format == QuantFormat::kInt8) return launch_format<QuantFormat::kInt8>(cfg, w, x, tokens, y, out_dtype, stream);
-  if (w.format == QuantFormat::kFp8) return launch_format<QuantFormat::kFp8>(cfg, w, x, tokens, y, out_dtype, stream);
+  if (w.format == QuantFormat::kInt4) return launch_format<QuantFormat::kInt4>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
+  if (w.format == QuantFormat::kInt8) return launch_format<QuantFormat::kInt8>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
+  if (w.format == QuantFormat::kFp8) return launch_format<QuantFormat::kFp8>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -14,9 +14,10 @@
 // Prints the first, a middle and the largest token count of each check (relative error = max
 // |error| / max |y|; the tolerance 1e-2 is the BF16 output's rounding plus, for INT4, the scale's
 // rounding to the activation type, see quant_gemm.cu) and every failure; then per format, shape
-// and token count the best configuration's time, the time of the one quant_mma_tune() picks,
-// cuBLASLt's, the speedup and the fraction of the copy bandwidth (measured in the same run) the
-// packed weights and scales are read at; each timing also as a JSON line starting "record:".
+// and token count the best configuration's time, the time of the one quant_mma_tune() picks, the
+// best of the streaming kernel alone (what the tiled kernel gains), cuBLASLt's, the speedup and the
+// fraction of the copy bandwidth (measured in the same run) the packed weights and scales are read
+// at; each timing also as a JSON line starting "record:".
 // Exits non-zero when a check fails.
 #include <cmath>
 #include <cstdio>
@@ -162,7 +163,24 @@ HostWeight make_weight(QuantFormat format, int64_t n, int64_t k, int64_t group, 
   return w;
 }
 
+// The tiled kernel's split-K partials and counters, as the CUDA backend gives them (32 MB).
+QuantMmaWorkspace workspace() {
+  static const QuantMmaWorkspace ws = [] {
+    QuantMmaWorkspace w;
+    w.bytes = size_t{32} << 20;
+    CK(cudaMalloc(&w.partials, w.bytes));
+    CK(cudaMalloc(&w.counters, kSkinnyGemmCounters * sizeof(int32_t)));
+    CK(cudaMemset(w.counters, 0, kSkinnyGemmCounters * sizeof(int32_t)));
+    return w;
+  }();
+  return ws;
+}
+
 std::string config_name(const QuantMmaConfig& c) {
+  if (c.ctas_per_sm > 0) {
+    return std::to_string(c.token_tiles) + "x8tok/tiled/" + std::to_string(c.row_tiles) + "x16rows/" +
+           std::to_string(c.depth) + "stages/" + std::to_string(c.ctas_per_sm) + "ctas";
+  }
   char buf[80];
   std::snprintf(buf, sizeof buf, "%dx8tok/%dx16rows/%dwarpsN/%dwarpsK/depth%d%s%s", c.token_tiles, c.row_tiles,
                 c.warps_n, c.warps_k, c.depth, c.stage_x ? "/smem-x" : "",
@@ -226,10 +244,10 @@ void check_shape(QuantFormat format, int64_t n, int64_t k, int64_t group, bool a
       }
     }
     for (const QuantMmaConfig& cfg : quant_mma_configs()) {
-      if (!quant_mma_config_fits(cfg, n, t)) continue;
+      if (!quant_mma_config_fits(cfg, format, n, t)) continue;
       for (const DType out : {dtype, DType::kF32}) {
         CK(cudaMemset(dy, 0xff, t * n * 4));
-        CK(quant_mma_gemm(w.mma_view(dtype), dx, t, dy, out, dxp, nullptr, &cfg));
+        CK(quant_mma_gemm(w.mma_view(dtype), dx, t, dy, out, dxp, nullptr, &cfg, workspace()));
         CK(cudaDeviceSynchronize());
         std::vector<float> y(t * n);
         if (out == DType::kF32) {
@@ -268,7 +286,8 @@ void time_shapes(QuantFormat format, double bw, const char* device, bool profile
     int64_t n, k;
   };
   const char* fmt = format_name(format);
-  std::printf("%-5s %-12s %4s %9s %9s %9s %8s %8s  %s\n", "", "shape", "T", "best us", "pick us", "bf16 us", "speedup",
+  std::printf("%-5s %-12s %4s %9s %9s %9s %9s %8s %8s  %s\n", "", "shape", "T", "best us", "pick us", "stream us",
+              "bf16 us", "speedup",
               "bw", "best config");
   for (const Shape sh : {Shape{"8B qkv", 6144, 4096}, Shape{"8B o", 4096, 4096}, Shape{"8B gate_up", 28672, 4096},
                          Shape{"8B down", 4096, 14336}, Shape{"70B qkv", 10240, 8192}, Shape{"70B o", 8192, 8192},
@@ -290,7 +309,8 @@ void time_shapes(QuantFormat format, double bw, const char* device, bool profile
     CK(cudaMalloc(&dw16, w_elems * 2 * copies16));
     CK(cudaMemset(dw16, 0, w_elems * 2 * copies16));
     // What a served model runs: the configurations quant_mma_tune measures best on this GPU.
-    CK(quant_mma_tune(QuantMmaView{format, dp, dsz, nullptr, sh.n, sh.k, 128, sh.k / 128, DType::kBF16}, nullptr));
+    CK(quant_mma_tune(QuantMmaView{format, dp, dsz, nullptr, sh.n, sh.k, 128, sh.k / 128, DType::kBF16}, nullptr,
+                      workspace()));
     if (profile) {
       // One call of each token count's picked configuration, for Nsight Compute
       // (--profile-from-start off).
@@ -298,7 +318,7 @@ void time_shapes(QuantFormat format, double bw, const char* device, bool profile
         CK(cudaDeviceSynchronize());
         CK(cudaProfilerStart());
         CK(quant_mma_gemm(QuantMmaView{format, dp, dsz, nullptr, sh.n, sh.k, 128, sh.k / 128, DType::kBF16}, dx, t, dy,
-                          DType::kBF16, nullptr, nullptr, nullptr));
+                          DType::kBF16, nullptr, nullptr, nullptr, workspace()));
         CK(cudaDeviceSynchronize());
         CK(cudaProfilerStop());
       }
@@ -311,13 +331,14 @@ void time_shapes(QuantFormat format, double bw, const char* device, bool profile
           const QuantMmaView v{format, static_cast<uint8_t*>(dp) + (it % copies) * packed,
                                static_cast<uint8_t*>(dsz) + (it % copies) * sz, nullptr, sh.n, sh.k, 128,
                                sh.k / 128, DType::kBF16};
-          CK(quant_mma_gemm(v, dx, t, dy, DType::kBF16, nullptr, nullptr, cfg));
+          CK(quant_mma_gemm(v, dx, t, dy, DType::kBF16, nullptr, nullptr, cfg, workspace()));
         }, 50);
       };
-      double best = 1e30;
+      double best = 1e30, best_streaming = 1e30;
       QuantMmaConfig best_cfg;
-      for (const QuantMmaConfig& cfg : quant_mma_candidates(sh.n, t)) {
+      for (const QuantMmaConfig& cfg : quant_mma_candidates(format, sh.n, t)) {
         const double us = run(&cfg);
+        if (cfg.ctas_per_sm == 0) best_streaming = std::min(best_streaming, us);
         if (us < best) {
           best = us;
           best_cfg = cfg;
@@ -326,8 +347,8 @@ void time_shapes(QuantFormat format, double bw, const char* device, bool profile
       const double pick = run(nullptr);
       const double bf16 = lt.time(dw16, copies16, w_elems, dx, dy, t, sh.n, sh.k);
       const double frac = (packed + sz) / (best * 1e-6) / bw;
-      std::printf("%-5s %-12s %4lld %9.1f %9.1f %9.1f %7.2fx %8.3f  %s\n", fmt, sh.name, (long long)t, best, pick, bf16,
-                  bf16 / best, frac, config_name(best_cfg).c_str());
+      std::printf("%-5s %-12s %4lld %9.1f %9.1f %9.1f %9.1f %7.2fx %8.3f  %s\n", fmt, sh.name, (long long)t, best, pick,
+                  best_streaming, bf16, bf16 / best, frac, config_name(best_cfg).c_str());
       char date[16];
       const std::time_t now = std::time(nullptr);
       std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));

@@ -258,6 +258,11 @@ class QuantMmaTest : public QuantKernelTest {
                 cudaSuccess);
     }
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the launches here use the default stream
+    // The tiled kernel's split-K partials (as the backend's 32 MB) and its tile counters.
+    Tensor partials = gpu_->empty({int64_t{8} << 20}, DType::kF32);
+    Tensor counters = gpu_->empty({kernels::kSkinnyGemmCounters}, DType::kI32);
+    ASSERT_EQ(cudaMemset(counters.data, 0, counters.nbytes()), cudaSuccess);
+    const kernels::QuantMmaWorkspace workspace{partials.as<float>(), partials.nbytes(), counters.as<int32_t>()};
     const kernels::QuantMmaView mv{v.format, in_place ? w.weight.data : packed.data,
                                    q.format == WeightFormat::kInt4 ? scale_zero.data : w.scales.data,
                                    perm_data, q.n, q.k, q.group_size, q.groups, DType::kBF16};
@@ -271,26 +276,36 @@ class QuantMmaTest : public QuantKernelTest {
       const Tensor gx = gpu_->upload(HostTensor{x.data(), DType::kF32, {t, q.k}}, DType::kBF16);
       Tensor x_perm = gpu_->empty({t, q.k}, DType::kBF16);
       for (const kernels::QuantMmaConfig& cfg : kernels::quant_mma_configs()) {
-        if (!kernels::quant_mma_config_fits(cfg, q.n, t)) continue;
-        for (DType out : {DType::kBF16, DType::kF32}) {
-          Tensor g_out = gpu_->empty({t, q.n}, out);
-          ASSERT_EQ(kernels::quant_mma_gemm(mv, gx.data, t, g_out.data, out, x_perm.data, nullptr, &cfg), cudaSuccess);
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          const std::vector<float> g = gpu_->download_f32(g_out);
-          double scale = 1e-3, err = 0.0;
-          for (size_t i = 0; i < c.size(); ++i) {
-            scale = std::max(scale, std::fabs(double(c[i])));
-            err = std::isfinite(g[i]) ? std::max(err, std::fabs(double(g[i]) - c[i])) : INFINITY;
+        if (!kernels::quant_mma_config_fits(cfg, v.format, q.n, t)) continue;
+        // The tiled kernel with K split over CTAs (partials in the workspace) and in one piece.
+        for (const bool split : {true, false}) {
+          if (!split && cfg.ctas_per_sm == 0) continue;
+          for (DType out : {DType::kBF16, DType::kF32}) {
+            Tensor g_out = gpu_->empty({t, q.n}, out);
+            ASSERT_EQ(kernels::quant_mma_gemm(mv, gx.data, t, g_out.data, out, x_perm.data, nullptr, &cfg,
+                                              split ? workspace : kernels::QuantMmaWorkspace{}),
+                      cudaSuccess);
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            const std::vector<float> g = gpu_->download_f32(g_out);
+            double scale = 1e-3, err = 0.0;
+            for (size_t i = 0; i < c.size(); ++i) {
+              scale = std::max(scale, std::fabs(double(c[i])));
+              err = std::isfinite(g[i]) ? std::max(err, std::fabs(double(g[i]) - c[i])) : INFINITY;
+            }
+            const double tol = q.format != WeightFormat::kInt4 && out == DType::kF32 ? 2e-3 : 1e-2;
+            EXPECT_LT(err / scale, tol) << q.n << "x" << q.k << " group " << q.group_size << " act-order "
+                                        << !q.g_idx.empty() << " tokens " << t << " config " << cfg.token_tiles << "/"
+                                        << cfg.row_tiles << "/" << cfg.warps_n << "/" << cfg.warps_k << "/" << cfg.depth
+                                        << (cfg.stage_x ? "/smem-x" : "") << "/ctas" << cfg.min_blocks << "/tiled"
+                                        << cfg.ctas_per_sm << (split ? "/split" : "") << " out " << dtype_name(out);
           }
-          const double tol = q.format != WeightFormat::kInt4 && out == DType::kF32 ? 2e-3 : 1e-2;
-          EXPECT_LT(err / scale, tol) << q.n << "x" << q.k << " group " << q.group_size << " act-order "
-                                      << !q.g_idx.empty() << " tokens " << t << " config " << cfg.token_tiles << "/"
-                                      << cfg.row_tiles << "/" << cfg.warps_n << "/" << cfg.warps_k << "/" << cfg.depth
-                                      << (cfg.stage_x ? "/smem-x" : "") << "/ctas" << cfg.min_blocks << " out "
-                                      << dtype_name(out);
         }
       }
     }
+    // Every split-K call leaves the counters zero for the next.
+    std::vector<int32_t> left(static_cast<size_t>(kernels::kSkinnyGemmCounters));
+    ASSERT_EQ(cudaMemcpy(left.data(), counters.data, counters.nbytes(), cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(std::count(left.begin(), left.end(), 0), kernels::kSkinnyGemmCounters);
   }
 };
 

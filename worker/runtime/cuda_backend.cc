@@ -466,7 +466,7 @@ void CudaBackend::prepare_linear(LinearWeight& w) {
     // Read in place by the tensor-core kernel (no repack) where it runs: only its configurations
     // to measure.
     if (kernels::quant_mma_supported(quant_view(w), 1, act)) {
-      check(kernels::quant_mma_tune(mma_view(w, act), stream_), "quant_mma_tune");
+      check(kernels::quant_mma_tune(mma_view(w, act), stream_, quant_workspace()), "quant_mma_tune");
     }
     return;
   }
@@ -505,7 +505,7 @@ void CudaBackend::prepare_linear(LinearWeight& w) {
   w.mma_perm = std::move(perm);
   w.mma_layout = true;
   // The fastest configuration per token bucket on this GPU, once per shape (a model has 4-5).
-  check(kernels::quant_mma_tune(mma_view(w, act), stream_), "quant_mma_tune");
+  check(kernels::quant_mma_tune(mma_view(w, act), stream_, quant_workspace()), "quant_mma_tune");
 }
 
 // cuBLASLt's first heuristic answer is often not its fastest kernel for decode shapes (a few
@@ -702,7 +702,9 @@ void CudaBackend::linear(const Tensor& x, const LinearWeight& w, Tensor& out) {
     const kernels::QuantMmaView v = mma_view(w, x.dtype);
     const size_t mark = arena_used_;  // the permuted activations of an act-order weight, this call only
     void* x_permuted = v.perm != nullptr ? scratch({tokens, k}, x.dtype).data : nullptr;
-    check(kernels::quant_mma_gemm(v, x.data, tokens, out.data, out.dtype, x_permuted, stream_), "quant_mma_gemm");
+    check(kernels::quant_mma_gemm(v, x.data, tokens, out.data, out.dtype, x_permuted, stream_, nullptr,
+                                  quant_workspace()),
+          "quant_mma_gemm");
     arena_used_ = mark;
     return;
   }

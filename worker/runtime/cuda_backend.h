@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/kernels.h"
 #include "worker/runtime/backend.h"
 
 namespace shardserve::kernels {
@@ -161,6 +162,11 @@ class CudaBackend final : public Backend {
   int32_t* split_counters_ = nullptr;
   // The decode-sized GEMM's, one per 64-output tile (kernels::kSkinnyGemmCounters), after those.
   int32_t* skinny_counters_ = nullptr;
+  // The quantized layers' tiled kernel keeps its split-K partials and counters there too (one
+  // layer at a time on the stream).
+  kernels::QuantMmaWorkspace quant_workspace() const {
+    return {static_cast<float*>(gemm_workspace_), gemm_workspace_bytes_, skinny_counters_};
+  }
   std::unordered_map<std::string, std::unique_ptr<GemmPlan>> gemm_plans_;
   size_t persistent_bytes_ = 0;
   // Above 2 tokens the GEMV turns issue-bound (every weight is converted and multiplied per token
