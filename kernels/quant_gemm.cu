@@ -1150,9 +1150,9 @@ cudaError_t launch_tiled(const QuantMmaConfig& cfg, const QuantMmaView& w, const
   constexpr auto kernel = quant_tiled_kernel<kFormat, T, OutT, NT, kMT, kStages>;
   constexpr size_t smem = tiled_smem_bytes(NT, kMT, Packing<kFormat>::kVecs, kStages);
   static_assert(smem <= 163 * 1024, "an A100 gives a CTA at most 163 KB of shared memory");
-  if constexpr (smem > 48 * 1024) {
-    if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
-  }
+  // Raised whatever the size: the kernel's static shared memory counts against the 48 KB default
+  // too (48 KB of stages failed to launch without it).
+  if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
   const TiledSplit split = tiled_split(cfg, w.n, w.k, tokens, ws);
   const dim3 grid(static_cast<unsigned>(w.n / (16 * kMT * kTiledWarps)), static_cast<unsigned>(split.splits));
   const auto* zero_pairs = kFormat == QuantFormat::kInt4

@@ -12,10 +12,10 @@
 # crossover (all_reduce_bench, if bundled), then the engine benchmark of synthetic llama-3.1-70b
 # over 2 GPUs.
 # fusions (one GPU): the decode-step fusions behind SHARDSERVE_EARLY_KV, SHARDSERVE_FUSED_SILU and
-# SHARDSERVE_FUSED_ROPE: every GPU test as shipped, the attention, kernel and golden tests again
-# with all on, the attention harness (its early-KV checks and timings), then engine_bench at
-# batch 1, 8, 32, 128 off / on / off / on (run-to-run noise is about 1%) and at 1 and 32 with each
-# alone; a short table last.
+# SHARDSERVE_FUSED_ROPE (on by default): every GPU test as shipped, the attention, kernel and
+# golden tests again with all off, the attention harness (its early-KV checks and timings), then
+# engine_bench at batch 1, 8, 32, 128 off / on / off / on (run-to-run noise is about 1%) and at 1
+# and 32 with each alone; a short table last.
 # quant (one 80 GB GPU): the transformers goldens of tests/data/tiny-quant (written there and
 # packed into $OUT/golden.tgz), the quantized GPU tests, the INT4/INT8 tensor-core GEMM's harness
 # (if bundled), then the engine benchmark of synthetic llama-3.1-70b in AWQ INT4 and FP8 and the
@@ -89,26 +89,26 @@ if [[ $what == fusions ]]; then
     >"$OUT/gpu_tests.log" 2>&1
   status=$?
   grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure" "$OUT/gpu_tests.log" | head -30
-  SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_FUSED_ROPE=1 SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" \
+  SHARDSERVE_EARLY_KV=0 SHARDSERVE_FUSED_SILU=0 SHARDSERVE_FUSED_ROPE=0 SHARDSERVE_TEST_DATA_DIR="$PWD/tests/data" \
     timeout -s KILL "${TEST_SECONDS:-200}" dist/bin/gpu_tests --gtest_brief=1 \
     --gtest_filter='KernelsTest*:Shapes/AttentionTest*:CudaGolden*:*Golden*' >"$OUT/gpu_tests_fusions.log" 2>&1
   fused_status=$?
   [[ $status == 0 ]] && status=$fused_status
-  echo "== with SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_FUSED_ROPE=1"
+  echo "== with SHARDSERVE_EARLY_KV=0 SHARDSERVE_FUSED_SILU=0 SHARDSERVE_FUSED_ROPE=0"
   grep -E "^\[  (FAILED|PASSED) |tests? ran|FAILED TEST|Failure" "$OUT/gpu_tests_fusions.log" | head -30
   if [[ -x dist/bin/attention_harness ]]; then
     timeout -s KILL 200 dist/bin/attention_harness >"$OUT/attention_harness.log" 2>&1 || echo "attention_harness failed ($?)"
     grep -E "FAIL|PASS|early|after_wait" "$OUT/attention_harness.log" | grep -v "^ok" | head -20
   fi
-  all_on="SHARDSERVE_EARLY_KV=1 SHARDSERVE_FUSED_SILU=1 SHARDSERVE_FUSED_ROPE=1"
+  all_off="SHARDSERVE_EARLY_KV=0 SHARDSERVE_FUSED_SILU=0 SHARDSERVE_FUSED_ROPE=0"
   for run in off on off on early silu rope; do
     batches=${BATCHES:-1,8,32,128}
     case $run in
-      on) flags=$all_on ;;
-      early) flags="SHARDSERVE_EARLY_KV=1" batches=1,32 ;;
-      silu) flags="SHARDSERVE_FUSED_SILU=1" batches=1,32 ;;
-      rope) flags="SHARDSERVE_FUSED_ROPE=1" batches=1,32 ;;
-      *) flags="" ;;
+      on) flags="" ;;
+      early) flags="SHARDSERVE_FUSED_SILU=0 SHARDSERVE_FUSED_ROPE=0" batches=1,32 ;;
+      silu) flags="SHARDSERVE_EARLY_KV=0 SHARDSERVE_FUSED_ROPE=0" batches=1,32 ;;
+      rope) flags="SHARDSERVE_EARLY_KV=0 SHARDSERVE_FUSED_SILU=0" batches=1,32 ;;
+      *) flags=$all_off ;;
     esac
     echo "== fusions $run: $flags" >>"$OUT/engine_bench_fusions.log"
     env $flags timeout -s KILL "${BENCH_SECONDS:-100}" stdbuf -oL dist/bin/engine_bench --batches "$batches" \

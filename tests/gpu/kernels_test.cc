@@ -401,13 +401,18 @@ TEST_F(KernelsTest, SkinnyGemmMatchesTheReference) {
         // configuration's BF16 output then silu_mul.
         Tensor plain = gpu_->empty({c.t, c.n}, DType::kBF16), two = gpu_->empty({c.t, c.n / 2}, DType::kBF16);
         Tensor one = gpu_->empty({c.t, c.n / 2}, DType::kBF16);
+        // The kernels run on the legacy stream, silu_mul on the backend's (non-blocking) one: each
+        // waits for the other (a race otherwise, which failed the split cases on an H100).
         ASSERT_EQ(kernels::skinny_gemm(shape, gx.data, gw.data, plain.data, DType::kBF16, DType::kBF16,
                                        ws.as<float>(), counters.as<int32_t>(), nullptr),
                   cudaSuccess);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         gpu_->silu_mul(plain, two);
+        gpu_->synchronize();
         ASSERT_EQ(kernels::skinny_gemm_silu_mul(shape, gx.data, gw.data, one.data, DType::kBF16, ws.as<float>(),
                                                 counters.as<int32_t>(), nullptr),
                   cudaSuccess);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<float> a = gpu_->download_f32(two), b = gpu_->download_f32(one);
         int64_t differ = 0;
         for (size_t i = 0; i < a.size(); ++i) differ += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;

@@ -393,28 +393,29 @@ bool env_flag(const char* name, bool fallback) {
 
 // SHARDSERVE_EARLY_KV: a decode step's attention issues its first K/V tiles (every position but
 // each sequence's newest) before it waits for the RoPE/cache-store kernel ahead of it, so the
-// cache read starts under that kernel (AttentionParams::kv_before_wait). Off by default until the
-// GPU tests and the engine benchmark have run with it.
+// cache read starts under that kernel (AttentionParams::kv_before_wait). On by default (=0 turns
+// it off): on an H100, engine_bench batch 32 at context 512 4,345 -> 4,402 tok/s with it alone.
 bool early_kv_enabled() {
-  static const bool on = env_flag("SHARDSERVE_EARLY_KV", false);
+  static const bool on = env_flag("SHARDSERVE_EARLY_KV", true);
   return on;
 }
 
 // SHARDSERVE_FUSED_ROPE: a decode step's attention (the tensor-core decode kernel's shapes) applies
 // RoPE to its query rows and to the step's K, and stores K and V in the cache itself
-// (AttentionParams::rope_cos_sin, rope_and_store_kv's arithmetic): one kernel a layer less. Off
-// by default until the GPU tests and the engine benchmark have run with it.
+// (AttentionParams::rope_cos_sin, rope_and_store_kv's arithmetic): one kernel a layer less. On by
+// default (=0 turns it off): alone it moved batch 32 by -0.3% on an H100 (noise), with the other
+// two it adds to their gain (all three: 4,345 -> 4,443 tok/s).
 bool fused_rope_enabled() {
-  static const bool on = env_flag("SHARDSERVE_FUSED_ROPE", false);
+  static const bool on = env_flag("SHARDSERVE_FUSED_ROPE", true);
   return on;
 }
 
 // SHARDSERVE_FUSED_SILU: at GEMV sizes (up to gemv_max_tokens_ tokens, 16-bit weights) the gate/up
 // projection writes silu(gate) * up itself (kernels::gemv_silu_mul, bit for bit the GEMV and
 // silu_mul's result): one kernel and one round trip of the gate/up activations less per layer.
-// Off by default until the GPU tests and the engine benchmark have run with it.
+// On by default (=0 turns it off): batch 32 4,345 -> 4,363 tok/s alone on an H100.
 bool fused_silu_enabled() {
-  static const bool on = env_flag("SHARDSERVE_FUSED_SILU", false);
+  static const bool on = env_flag("SHARDSERVE_FUSED_SILU", true);
   return on;
 }
 
