@@ -832,22 +832,13 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_mma_kernel(AttentionPa
   }
   if (p.num_splits == 1 || p.split_counters == nullptr) return;
 
-  // The last split of this (sequence, KV head) to finish merges them all (combine_kernel's sums):
-  // each split publishes its partials before it counts itself; the counter goes back to zero for
-  // the next launch once every split has counted.
-  __threadfence();
-  __syncthreads();  // every thread's partials written and fenced; m_w .. o_w free again
+  // The last split of this (sequence, KV head) to finish merges them all (combine_kernel's sums);
+  // past the handshake's barrier m_w .. o_w are free again.
   int* last = reinterpret_cast<int*>(o_w + kWarps * G * D);
   float* weight = reinterpret_cast<float*>(last + 1);  // [G][32]: exp(m_s - max) / sum
-  if (tid == 0) {
-    int32_t* counter = p.split_counters + static_cast<int64_t>(s) * p.num_kv_heads + kvh;
-    const bool is_last = atomicAdd(counter, 1) == p.num_splits - 1;
-    if (is_last) *counter = 0;
-    *last = is_last;
+  if (!last_split_to_arrive(p.split_counters + static_cast<int64_t>(s) * p.num_kv_heads + kvh, p.num_splits, last)) {
+    return;
   }
-  __syncthreads();
-  if (*last == 0) return;
-  __threadfence();
   const int S = p.num_splits;  // <= 32: one lane per split
   // Splits past the end of the context wrote empty partials: only the first `used` are read.
   const int used = min(S, (tiles + tiles_per_split - 1) / tiles_per_split);

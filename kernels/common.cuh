@@ -135,6 +135,25 @@ cudaError_t allow_smem(size_t bytes) {
   return e;
 }
 
+// Split-K's handshake: the CTAs of one output tile each publish their partial sums, then count
+// themselves on `counter`; the last to count gets true (its own and every other partial visible)
+// and puts the counter back to zero for the next launch, which touches it only after its
+// pdl_wait, once this grid has completed. Every thread of the CTA calls it, after its writes;
+// `flag` is one int of shared memory the CTA's threads can see.
+__device__ __forceinline__ bool last_split_to_arrive(int32_t* counter, int splits, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool is_last = atomicAdd(counter, 1) == splits - 1;
+    if (is_last) *counter = 0;
+    *flag = is_last;
+  }
+  __syncthreads();
+  if (*flag == 0) return false;
+  __threadfence();
+  return true;
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float partial[32];

@@ -836,20 +836,9 @@ __global__ void __launch_bounds__(32 * kTiledWarps)
   }
   if (partials == nullptr) return;
 
-  // The last split of this tile to finish sums them all: each split publishes its partial before
-  // it counts itself; the counter goes back to zero for the next launch once every split counted
-  // (the next launch touches it only after its pdl_wait, when this grid has completed).
+  // The last split of this tile to finish sums them all.
   __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const bool is_last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
-    if (is_last) counters[blockIdx.x] = 0;
-    last = is_last;
-  }
-  __syncthreads();
-  if (last == 0) return;
-  __threadfence();
+  if (!last_split_to_arrive(counters + blockIdx.x, static_cast<int>(gridDim.y), &last)) return;
   // kPer quads a thread at a time, their loads of one split all in flight (L2 round trips
   // otherwise), the splits added in order.
   constexpr int kPer = 8;
@@ -1116,7 +1105,8 @@ cudaError_t launch_grouped(const QuantMmaView& w, const void* x, int64_t tokens,
 
 int num_sms() {
   int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     return 1;
   }
   return std::max(sms, 1);
@@ -1135,7 +1125,8 @@ TiledSplit tiled_split(const QuantMmaConfig& cfg, int64_t n, int64_t k, int64_t 
   if (ws.partials == nullptr || ws.counters == nullptr || n_tiles > kSkinnyGemmCounters) {
     splits = 1;
   } else {
-    splits = std::min<int64_t>(splits, static_cast<int64_t>(ws.bytes / (static_cast<size_t>(tokens * n) * sizeof(float))));
+    const size_t per_split = static_cast<size_t>(tokens * n) * sizeof(float);
+    splits = std::min<int64_t>(splits, static_cast<int64_t>(ws.bytes / per_split));
   }
   splits = std::max<int64_t>(splits, 1);
   TiledSplit out;
@@ -1477,9 +1468,15 @@ cudaError_t quant_mma_gemm(const QuantMmaView& w, const void* x, int64_t tokens,
     if (e != cudaSuccess) return e;
     x = x_permuted;
   }
-  if (w.format == QuantFormat::kInt4) return launch_format<QuantFormat::kInt4>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
-  if (w.format == QuantFormat::kInt8) return launch_format<QuantFormat::kInt8>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
-  if (w.format == QuantFormat::kFp8) return launch_format<QuantFormat::kFp8>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
+  if (w.format == QuantFormat::kInt4) {
+    return launch_format<QuantFormat::kInt4>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
+  }
+  if (w.format == QuantFormat::kInt8) {
+    return launch_format<QuantFormat::kInt8>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
+  }
+  if (w.format == QuantFormat::kFp8) {
+    return launch_format<QuantFormat::kFp8>(cfg, w, x, tokens, y, out_dtype, workspace, stream);
+  }
   return cudaErrorInvalidValue;
 }
 

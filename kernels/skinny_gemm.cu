@@ -178,20 +178,9 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const T* __restri
   }
   if (partials == nullptr) return;
 
-  // The last split of this tile to finish sums them all: each split publishes its partial before
-  // it counts itself; the counter goes back to zero for the next launch once every split counted
-  // (the next launch touches it only after its pdl_wait, when this grid has completed).
+  // The last split of this tile to finish sums them all.
   __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const bool is_last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
-    if (is_last) counters[blockIdx.x] = 0;
-    last = is_last;
-  }
-  __syncthreads();
-  if (last == 0) return;
-  __threadfence();
+  if (!last_split_to_arrive(counters + blockIdx.x, static_cast<int>(gridDim.y), &last)) return;
   // Four outputs a thread and float4 loads, a split's loads all in flight together (L2 round trips
   // otherwise), splits added in order.
   constexpr int kPer = (BM * kBN / 4 + kThreads - 1) / kThreads;
