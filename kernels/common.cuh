@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -133,6 +134,26 @@ cudaError_t allow_smem(size_t bytes) {
   static const cudaError_t e =
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   return e;
+}
+
+// Split-K's shape (host): about ctas_per_sm CTAs an SM over n_tiles output tiles, at least 4 K
+// tiles a split, the splits' FP32 partials (per_split_bytes each) within workspace_bytes (0: one
+// split), a counter per tile (one split above max_tiles tiles), and no empty split.
+struct SplitK {
+  int64_t splits = 1;
+  int64_t k_tiles_per_split = 0;
+};
+inline SplitK split_k(int64_t n_tiles, int64_t k_tiles, int ctas_per_sm, int num_sms, size_t workspace_bytes,
+                      size_t per_split_bytes, int64_t max_tiles) {
+  int64_t splits = std::clamp<int64_t>(ctas_per_sm * static_cast<int64_t>(num_sms) / n_tiles, 1,
+                                       std::max<int64_t>(1, k_tiles / 4));
+  splits = std::min<int64_t>(splits, static_cast<int64_t>(workspace_bytes / per_split_bytes));
+  if (n_tiles > max_tiles) splits = 1;
+  splits = std::max<int64_t>(splits, 1);
+  SplitK out;
+  out.k_tiles_per_split = (k_tiles + splits - 1) / splits;
+  out.splits = (k_tiles + out.k_tiles_per_split - 1) / out.k_tiles_per_split;
+  return out;
 }
 
 // Split-K's handshake: the CTAs of one output tile each publish their partial sums, then count

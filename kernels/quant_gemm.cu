@@ -400,7 +400,7 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK, kMinBlocks)
       const int r = i / 8, ch = i % 8;
       const bool valid = r < tokens && kb < kb_end;
       const T* src = x + static_cast<size_t>(valid ? r : 0) * k + (valid ? kb : 0) * kBlockK + ch * 8;
-      mma::cp_async16(base + r * 128 + ((ch ^ (r & 7)) * 16), src, valid);
+      mma::cp_async16(base + mma::swizzle<kBlockK>(r, ch), src, valid);
     }
     mma::cp_async_commit();
   };
@@ -415,9 +415,9 @@ __global__ void __launch_bounds__(32 * kWarpsN * kWarpsK, kMinBlocks)
       v[0] = xs[j][2 * sub];
       v[1] = xs[j][2 * sub + 1];
     } else if constexpr (kStageX) {
-      const uint8_t* row = smem + (kb & 1) * kXStageBytes + (8 * j + g) * 128;
-      v[0] = *reinterpret_cast<const uint4*>(row + (((2 * c) ^ g) * 16));
-      v[1] = *reinterpret_cast<const uint4*>(row + (((2 * c + 1) ^ g) * 16));
+      const uint8_t* buffer = smem + (kb & 1) * kXStageBytes;
+      v[0] = *reinterpret_cast<const uint4*>(buffer + mma::swizzle<kBlockK>(8 * j + g, 2 * c));
+      v[1] = *reinterpret_cast<const uint4*>(buffer + mma::swizzle<kBlockK>(8 * j + g, 2 * c + 1));
     } else {
       load_x(kb, j, v);
     }
@@ -714,7 +714,7 @@ __global__ void __launch_bounds__(32 * kTiledWarps)
       const int row = i / 8, ch = i % 8;
       const bool valid = row < tokens;
       const T* src = x + (valid ? static_cast<size_t>(row) * k + kb * kBlockK + ch * 8 : 0);
-      mma::cp_async16(dst + row * 128 + ((ch ^ (row & 7)) * 16), src, valid);
+      mma::cp_async16(dst + mma::swizzle<kBlockK>(row, ch), src, valid);
     }
   };
   // INT4: the scale and zero-point pairs of this lane's rows at block kb (its 16 inputs' group).
@@ -777,10 +777,9 @@ __global__ void __launch_bounds__(32 * kTiledWarps)
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const uint32_t row = stage + (8 * j + g) * 128;
       uint4 v0, v1;
-      lds128(v0, row + (((2 * c) ^ g) * 16));
-      lds128(v1, row + (((2 * c + 1) ^ g) * 16));
+      lds128(v0, stage + mma::swizzle<kBlockK>(8 * j + g, 2 * c));
+      lds128(v1, stage + mma::swizzle<kBlockK>(8 * j + g, 2 * c + 1));
       const uint32_t xw[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
       for (int i = 0; i < kMT; ++i) {
@@ -1112,27 +1111,11 @@ int num_sms() {
   return std::max(sms, 1);
 }
 
-// How the tiled kernel splits K: about ctas_per_sm CTAs an SM, at least 4 blocks a split, the
-// partials within the workspace, a counter per tile; no empty split.
-struct TiledSplit {
-  int splits = 1;
-  int kb_per_split = 0;
-};
-TiledSplit tiled_split(const QuantMmaConfig& cfg, int64_t n, int64_t k, int64_t tokens, const QuantMmaWorkspace& ws) {
-  const int64_t n_tiles = n / (16 * cfg.row_tiles * kTiledWarps), kb_all = k / kBlockK;
-  int64_t splits = std::clamp<int64_t>(cfg.ctas_per_sm * int64_t{num_sms()} / n_tiles, 1,
-                                       std::max<int64_t>(1, kb_all / 4));
-  if (ws.partials == nullptr || ws.counters == nullptr || n_tiles > kSkinnyGemmCounters) {
-    splits = 1;
-  } else {
-    const size_t per_split = static_cast<size_t>(tokens * n) * sizeof(float);
-    splits = std::min<int64_t>(splits, static_cast<int64_t>(ws.bytes / per_split));
-  }
-  splits = std::max<int64_t>(splits, 1);
-  TiledSplit out;
-  out.kb_per_split = static_cast<int>((kb_all + splits - 1) / splits);
-  out.splits = static_cast<int>((kb_all + out.kb_per_split - 1) / out.kb_per_split);
-  return out;
+// How the tiled kernel splits K (split_k): without a workspace, one split.
+SplitK tiled_split(const QuantMmaConfig& cfg, int64_t n, int64_t k, int64_t tokens, const QuantMmaWorkspace& ws) {
+  const bool room = ws.partials != nullptr && ws.counters != nullptr;
+  return split_k(n / (16 * cfg.row_tiles * kTiledWarps), k / kBlockK, cfg.ctas_per_sm, num_sms(), room ? ws.bytes : 0,
+                 static_cast<size_t>(tokens * n) * sizeof(float), kSkinnyGemmCounters);
 }
 
 template <QuantFormat kFormat, typename T, typename OutT, int NT, int kMT, int kStages>
@@ -1144,7 +1127,7 @@ cudaError_t launch_tiled(const QuantMmaConfig& cfg, const QuantMmaView& w, const
   // Raised whatever the size: the kernel's static shared memory counts against the 48 KB default
   // too (48 KB of stages failed to launch without it).
   if (const cudaError_t e = allow_smem<kernel>(smem); e != cudaSuccess) return e;
-  const TiledSplit split = tiled_split(cfg, w.n, w.k, tokens, ws);
+  const SplitK split = tiled_split(cfg, w.n, w.k, tokens, ws);
   const dim3 grid(static_cast<unsigned>(w.n / (16 * kMT * kTiledWarps)), static_cast<unsigned>(split.splits));
   const auto* zero_pairs = kFormat == QuantFormat::kInt4
                                ? reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(w.scales) +
@@ -1153,7 +1136,8 @@ cudaError_t launch_tiled(const QuantMmaConfig& cfg, const QuantMmaView& w, const
   return launch_pdl(kernel, grid, dim3(32 * kTiledWarps), smem, stream, static_cast<const uint4*>(w.packed), w.scales,
                     zero_pairs, static_cast<const T*>(x), static_cast<int>(tokens), static_cast<int>(w.n),
                     static_cast<int>(w.k), static_cast<int>(w.group_size), group_shift(w.group_size),
-                    split.kb_per_split, static_cast<OutT*>(y), split.splits > 1 ? ws.partials : nullptr, ws.counters);
+                    static_cast<int>(split.k_tiles_per_split), static_cast<OutT*>(y),
+                    split.splits > 1 ? ws.partials : nullptr, ws.counters);
 }
 
 template <QuantFormat kFormat, typename T, typename OutT>

@@ -277,18 +277,10 @@ SkinnyGemmShape skinny_gemm_shape(int64_t tokens, int64_t n, int64_t k, int num_
   s.n = n;
   s.k = k;
   s.stages = stages;
-  const int64_t n_tiles = n / kBN, k_tiles = k / kBK;
-  // About ctas_per_sm CTAs per SM, at least 4 K tiles each, partials within the workspace, a
-  // counter per tile.
-  int64_t splits = std::clamp<int64_t>(ctas_per_sm * static_cast<int64_t>(num_sms) / n_tiles, 1,
-                                       std::max<int64_t>(1, k_tiles / 4));
-  const auto per_split_bytes = static_cast<size_t>(tokens * n) * sizeof(float);
-  if (splits > 1) splits = std::min<int64_t>(splits, static_cast<int64_t>(workspace_bytes / per_split_bytes));
-  if (n_tiles > kSkinnyGemmCounters) splits = 1;
-  splits = std::max<int64_t>(splits, 1);
-  const int64_t tiles_per_split = (k_tiles + splits - 1) / splits;
-  s.k_per_split = tiles_per_split * kBK;
-  s.splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty splits
+  const SplitK split = split_k(n / kBN, k / kBK, ctas_per_sm, num_sms, workspace_bytes,
+                               static_cast<size_t>(tokens * n) * sizeof(float), kSkinnyGemmCounters);
+  s.k_per_split = split.k_tiles_per_split * kBK;
+  s.splits = split.splits;
   s.valid = true;
   return s;
 }
