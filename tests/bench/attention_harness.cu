@@ -3,7 +3,7 @@
 // double-precision CPU reference on random inputs over a scrambled paged cache, then timed.
 //
 //   nvcc -std=c++20 -O3 -arch=sm_90a -I. --expt-relaxed-constexpr tests/bench/attention_harness.cu \
-//        -o attention_harness                       # the sm_90a build
+//        -lcublasLt -o attention_harness            # the sm_90a build
 //   ... -gencode arch=compute_80,code=compute_80    # the sm_80 path, JIT-compiled on newer GPUs
 //   ./attention_harness [--quick]
 //
@@ -23,6 +23,7 @@
 #include <cuda_profiler_api.h>
 
 #include "kernels/attention.cu"
+#include "tests/bench/cublaslt_timing.h"
 #include "tests/bench/gpu_timing.h"
 #include "tests/bench/host_16bit.h"
 
@@ -260,6 +261,19 @@ cudaError_t prefill_variant(const AttentionParams& p, cudaStream_t stream) {
   kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
+// The Hopper prefill's variants (positions per K/V tile, stages, CTAs an SM asked of the compiler).
+template <int kWG, int kN, int kStages, int kMinBlocks = 1, bool kLazy = false>
+cudaError_t wgmma_variant(const AttentionParams& p, cudaStream_t stream) {
+  return tc::launch_prefill_wgmma<__nv_bfloat16, 128, 4, kWG, kN, kStages, kMinBlocks, kLazy>(p, stream);
+}
+// The backend's prefill with the mma.sync kernel (the sm_80 path) on any GPU.
+template <typename T>
+cudaError_t launch_mma_sync(const AttentionParams& p, cudaStream_t stream) {
+  setenv("SHARDSERVE_ATTENTION_WGMMA", "0", 1);
+  const cudaError_t e = launch_tensor_core<T>(p, stream);
+  unsetenv("SHARDSERVE_ATTENTION_WGMMA");
+  return e;
+}
 template <int kStages, int kMinBlocks = 1>
 cudaError_t decode_variant(const AttentionParams& in, cudaStream_t stream) {
   using T = __nv_bfloat16;
@@ -356,6 +370,12 @@ void check_case(const char* name, int hq, int hkv, int d, std::vector<Seq> seqs,
   CK(launch_tensor_core<T>(pr.params(), nullptr));
   CK(cudaDeviceSynchronize());
   pr.check(std::string("tensor-core ") + name + shape);
+  if (!pr.decode_only()) {
+    CK(cudaMemset(pr.d_out, 0, static_cast<size_t>(pr.tokens) * hq * d * sizeof(T)));
+    CK(launch_mma_sync<T>(pr.params(), nullptr));
+    CK(cudaDeviceSynchronize());
+    pr.check(std::string("mma.sync    ") + name + shape);
+  }
   if (pr.params().split_counters != nullptr) {
     CK(cudaMemset(pr.d_out, 0, static_cast<size_t>(pr.tokens) * hq * d * sizeof(T)));
     CK(decode_combine_kernel<T>(pr.params(), nullptr));
@@ -426,9 +446,25 @@ int main(int argc, char** argv) {
 
   const double bw = harness::copy_bandwidth();
   std::printf("copy bandwidth %.0f GB/s\n", bw / 1e9);
+  // The dense BF16 tensor-core rate: cuBLASLt's best 8192^3 GEMM, the yardstick of prefill TFLOP/s.
+  double tc_rate = 0;
+  {
+    constexpr int64_t kN = 8192;
+    void *a = nullptr, *b = nullptr, *c = nullptr;
+    CK(cudaMalloc(&a, kN * kN * 2));
+    CK(cudaMalloc(&b, kN * kN * 2));
+    CK(cudaMalloc(&c, kN * kN * 2));
+    CK(cudaMemset(a, 0x3c, kN * kN * 2));  // ~1.1: finite products, no denormal shortcuts
+    CK(cudaMemset(b, 0x3c, kN * kN * 2));
+    harness::Lt lt;
+    const double us = lt.time(a, 1, kN * kN, b, c, kN, kN, kN);
+    tc_rate = 2.0 * kN * kN * kN / (us * 1e-6);
+    for (void* q : {a, b, c}) cudaFree(q);
+  }
+  std::printf("BF16 tensor-core rate (cuBLASLt 8192^3) %.1f TFLOP/s\n", tc_rate / 1e12);
   using T = __nv_bfloat16;
-  std::printf("%-36s %10s %10s %8s %10s %8s %7s\n", "case (Llama-3.1-8B layer)", "cc us", "tc us", "speedup", "TFLOP/s",
-              "bw frac", "");
+  std::printf("%-36s %10s %10s %8s %10s %8s %10s %8s\n", "case (Llama-3.1-8B layer)", "cc us", "tc us", "speedup", "TFLOP/s",
+              "bw frac", "mma.sync", "tc frac");
   auto bench = [&](const std::string& name, std::vector<Seq> seqs, bool decode_step) {
     Problem<T> pr(32, 8, 128, std::move(seqs), rng, false);
     const int iters = quick ? 5 : 20;
@@ -436,7 +472,11 @@ int main(int argc, char** argv) {
     const double tc = time_us(pr, launch_tensor_core<T>, iters);
     const double tflops = pr.flops() / (tc * 1e-6) / 1e12;
     const double frac = pr.kv_bytes() / (tc * 1e-6) / bw;
-    std::printf("%-36s %10.1f %10.1f %7.2fx %10.1f %8.3f\n", name.c_str(), cc, tc, cc / tc, tflops, frac);
+    // Prefill: the mma.sync (sm_80) kernel's time beside the backend's, and the backend's share of
+    // the dense tensor-core rate.
+    const double ms = decode_step ? 0.0 : time_us(pr, launch_mma_sync<T>, iters);
+    std::printf("%-36s %10.1f %10.1f %7.2fx %10.1f %8.3f %10.1f %8.3f\n", name.c_str(), cc, tc, cc / tc, tflops, frac, ms,
+                tflops * 1e12 / tc_rate);
   };
   bench("prefill 2048", {{0, 2048}}, false);
   bench("prefill 8192", {{0, 8192}}, false);
@@ -460,6 +500,20 @@ int main(int argc, char** argv) {
       {"w4s2m2", prefill_variant<4, 2, 2>},      {"w4s3m2", prefill_variant<4, 3, 2>},
       {"w4s2m2n32", prefill_variant<4, 2, 2, 32>}, {"w8s2m2", prefill_variant<8, 2, 2>},
       {"w8s2m2n32", prefill_variant<8, 2, 2, 32>}};
+  std::vector<std::pair<const char*, Launch>> wf = {
+      {"g2n64s4", wgmma_variant<2, 64, 4>},           {"g2n128s3", wgmma_variant<2, 128, 3>},
+      {"g2n128s3lazy", wgmma_variant<2, 128, 3, 1, true>}, {"g3n64s3", wgmma_variant<3, 64, 3>},
+      {"g3n64s4", wgmma_variant<3, 64, 4>},           {"g3n64s4lazy", wgmma_variant<3, 64, 4, 1, true>},
+      {"g3n64s5", wgmma_variant<3, 64, 5>}};
+  if (prop.major != 9) wf.clear();
+  for (const auto& [label, f] : wf) {  // each against the reference first
+    for (const std::vector<Seq>& seqs : {mixed, std::vector<Seq>{{1000, 1000}}, std::vector<Seq>{{0, 333}, {17, 1}}}) {
+      Problem<T> pr(32, 8, 128, seqs, rng);
+      CK(f(pr.params(), nullptr));
+      CK(cudaDeviceSynchronize());
+      pr.check(std::string("prefill variant ") + label);
+    }
+  }
   for (const auto& [label, f] : pf) {  // each variant against the reference first
     for (const std::vector<Seq>& seqs : {mixed, std::vector<Seq>{{1000, 1000}}, std::vector<Seq>{{0, 333}, {17, 1}}}) {
       Problem<T> pr(32, 8, 128, seqs, rng);
@@ -471,6 +525,12 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<const char*, Launch>> df = {{"s2", decode_variant<2>}, {"s3", decode_variant<3>}, {"s2mb3", decode_variant<2, 3>}, {"s3mb2", decode_variant<3, 2>}};
   variants("prefill 2048", {{0, 2048}}, pf);
   variants("prefill 8192", {{0, 8192}}, pf);
+  if (!wf.empty()) {
+    variants("prefill 2048", {{0, 2048}}, wf);
+    variants("prefill 8192", {{0, 8192}}, wf);
+    variants("prefill 4 x 512", {{0, 512}, {0, 512}, {0, 512}, {0, 512}}, wf);
+    variants("chunk 512 after 4096 cached", {{4096, 512}}, wf);
+  }
   variants("decode b1 ctx 512", std::vector<Seq>(1, Seq{511, 1}), df);
   variants("decode b8 ctx 512", std::vector<Seq>(8, Seq{511, 1}), df);
   variants("decode b32 ctx 512", std::vector<Seq>(32, Seq{511, 1}), df);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -349,9 +350,16 @@ TEST_P(AttentionTest, DecodeOverLongContextsMatchesTheReference) {
 
 // Prefill steps on the tensor-core path: long prompts over several 64-position K/V tiles and query
 // tiles, prompts after cached prefixes (chunked prefill, prefix-cache hits) that end mid-tile,
-// one-token prompts and decodes in the same step, from a scrambled cache of random values.
+// one-token prompts and decodes in the same step, from a scrambled cache of random values. Each
+// prefill kernel: the backend's choice, the mma.sync one (the A100 path) and, on Hopper, the
+// wgmma kernel with two and with three warpgroups a CTA (SHARDSERVE_ATTENTION_WGMMA).
 TEST_P(AttentionTest, LongPrefillsWithCachedPrefixesMatchTheReference) {
-  EXPECT_LT(scrambled_step_error({{0, 300}, {500, 131}, {37, 1}, {0, 1}, {64, 64}, {1, 45}}), 2e-2);
+  for (const char* mode : {"", "0", "2", "3"}) {
+    setenv("SHARDSERVE_ATTENTION_WGMMA", mode, 1);
+    EXPECT_LT(scrambled_step_error({{0, 300}, {500, 131}, {37, 1}, {0, 1}, {64, 64}, {1, 45}}), 2e-2)
+        << "SHARDSERVE_ATTENTION_WGMMA=" << mode;
+  }
+  unsetenv("SHARDSERVE_ATTENTION_WGMMA");
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
