@@ -93,46 +93,45 @@ __device__ __forceinline__ void fence_operands(float (&d)[N][4]) {
 #define SHARDSERVE_WG_R64                                                                                          \
   SHARDSERVE_WG_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
                     "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define SHARDSERVE_WG_R48                                                                                          \
+  SHARDSERVE_WG_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
 #define SHARDSERVE_WG_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
 #define SHARDSERVE_WG_D32                                                                                    \
   SHARDSERVE_WG_D4(0), SHARDSERVE_WG_D4(1), SHARDSERVE_WG_D4(2), SHARDSERVE_WG_D4(3), SHARDSERVE_WG_D4(4), \
       SHARDSERVE_WG_D4(5), SHARDSERVE_WG_D4(6), SHARDSERVE_WG_D4(7)
+#define SHARDSERVE_WG_D48 \
+  SHARDSERVE_WG_D32, SHARDSERVE_WG_D4(8), SHARDSERVE_WG_D4(9), SHARDSERVE_WG_D4(10), SHARDSERVE_WG_D4(11)
 #define SHARDSERVE_WG_D64                                                                                       \
   SHARDSERVE_WG_D32, SHARDSERVE_WG_D4(8), SHARDSERVE_WG_D4(9), SHARDSERVE_WG_D4(10), SHARDSERVE_WG_D4(11),     \
       SHARDSERVE_WG_D4(12), SHARDSERVE_WG_D4(13), SHARDSERVE_WG_D4(14), SHARDSERVE_WG_D4(15)
+// One wgmma of shape m64n<NS>k16 on 16-bit type DT with FP32 accumulators (REGS: their operand
+// numbers, OPS: the operands). SS: A and B from descriptors a and b, the accumulators kept unless
+// the "r" operand numbered ACC is 0. RS: A from registers a[4], B (N-major) from descriptor b.
+#define SHARDSERVE_WG_SS(NS, DT, REGS, OPS, A, B, ACC)                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" ACC ", 0;\nwgmma.mma_async.sync.aligned.m64n" NS        \
+               "k16.f32." DT "." DT " {" REGS "}, %" A ", %" B ", p, 1, 1, 0, 0;\n}\n"                         \
+               : OPS                                                                                         \
+               : "l"(a), "l"(b), "r"(acc))
+#define SHARDSERVE_WG_RS(NS, DT, REGS, OPS, A0, A1, A2, A3, B)                                               \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n" NS "k16.f32." DT "." DT " {" REGS "}, {%" A0 ", %" A1      \
+               ", %" A2 ", %" A3 "}, %" B ", 1, 1, 1, 1;\n"                                                    \
+               : OPS                                                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b))
+
 // d[64 x N] (+)= A[64 x 16] B[16 x N], A and B K-major in shared memory (descriptors a, b); d is
-// overwritten when `accumulate` is false. N = 64 or 128.
+// overwritten when `accumulate` is false. N = 64, 96 or 128.
 template <typename T, int N>
 __device__ __forceinline__ void mma_ss(float (&d)[N / 8][4], uint64_t a, uint64_t b, bool accumulate) {
 #if SHARDSERVE_WGMMA
   const int acc = accumulate ? 1 : 0;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (N == 64) {
-    if constexpr (kBf16) {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" SHARDSERVE_WG_R32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                   : SHARDSERVE_WG_D32
-                   : "l"(a), "l"(b), "r"(acc));
-    } else {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" SHARDSERVE_WG_R32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                   : SHARDSERVE_WG_D32
-                   : "l"(a), "l"(b), "r"(acc));
-    }
-  } else {
-    static_assert(N == 128, "N = 64 or 128");
-    if constexpr (kBf16) {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" SHARDSERVE_WG_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                   : SHARDSERVE_WG_D64
-                   : "l"(a), "l"(b), "r"(acc));
-    } else {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" SHARDSERVE_WG_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                   : SHARDSERVE_WG_D64
-                   : "l"(a), "l"(b), "r"(acc));
-    }
-  }
+  static_assert(N == 64 || N == 96 || N == 128, "N = 64, 96 or 128");
+  if constexpr (N == 64 && kBf16) SHARDSERVE_WG_SS("64", "bf16", SHARDSERVE_WG_R32, SHARDSERVE_WG_D32, "32", "33", "34");
+  if constexpr (N == 64 && !kBf16) SHARDSERVE_WG_SS("64", "f16", SHARDSERVE_WG_R32, SHARDSERVE_WG_D32, "32", "33", "34");
+  if constexpr (N == 96 && kBf16) SHARDSERVE_WG_SS("96", "bf16", SHARDSERVE_WG_R48, SHARDSERVE_WG_D48, "48", "49", "50");
+  if constexpr (N == 96 && !kBf16) SHARDSERVE_WG_SS("96", "f16", SHARDSERVE_WG_R48, SHARDSERVE_WG_D48, "48", "49", "50");
+  if constexpr (N == 128 && kBf16) SHARDSERVE_WG_SS("128", "bf16", SHARDSERVE_WG_R64, SHARDSERVE_WG_D64, "64", "65", "66");
+  if constexpr (N == 128 && !kBf16) SHARDSERVE_WG_SS("128", "f16", SHARDSERVE_WG_R64, SHARDSERVE_WG_D64, "64", "65", "66");
 #endif
 }
 
@@ -142,36 +141,19 @@ template <typename T, int N>
 __device__ __forceinline__ void mma_rs_bt(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b) {
 #if SHARDSERVE_WGMMA
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (N == 64) {
-    if constexpr (kBf16) {
-      asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" SHARDSERVE_WG_R32
-                   "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-                   : SHARDSERVE_WG_D32
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-    } else {
-      asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" SHARDSERVE_WG_R32
-                   "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-                   : SHARDSERVE_WG_D32
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-    }
-  } else {
-    static_assert(N == 128, "N = 64 or 128");
-    if constexpr (kBf16) {
-      asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" SHARDSERVE_WG_R64
-                   "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-                   : SHARDSERVE_WG_D64
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-    } else {
-      asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" SHARDSERVE_WG_R64
-                   "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-                   : SHARDSERVE_WG_D64
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-    }
-  }
+  static_assert(N == 64 || N == 128, "N = 64 or 128");
+  if constexpr (N == 64 && kBf16) SHARDSERVE_WG_RS("64", "bf16", SHARDSERVE_WG_R32, SHARDSERVE_WG_D32, "32", "33", "34", "35", "36");
+  if constexpr (N == 64 && !kBf16) SHARDSERVE_WG_RS("64", "f16", SHARDSERVE_WG_R32, SHARDSERVE_WG_D32, "32", "33", "34", "35", "36");
+  if constexpr (N == 128 && kBf16) SHARDSERVE_WG_RS("128", "bf16", SHARDSERVE_WG_R64, SHARDSERVE_WG_D64, "64", "65", "66", "67", "68");
+  if constexpr (N == 128 && !kBf16) SHARDSERVE_WG_RS("128", "f16", SHARDSERVE_WG_R64, SHARDSERVE_WG_D64, "64", "65", "66", "67", "68");
 #endif
 }
 
+#undef SHARDSERVE_WG_RS
+#undef SHARDSERVE_WG_SS
 #undef SHARDSERVE_WG_D64
+#undef SHARDSERVE_WG_D48
+#undef SHARDSERVE_WG_R48
 #undef SHARDSERVE_WG_D32
 #undef SHARDSERVE_WG_D4
 #undef SHARDSERVE_WG_R64

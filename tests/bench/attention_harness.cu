@@ -504,7 +504,7 @@ int main(int argc, char** argv) {
       {"g2n64s4", wgmma_variant<2, 64, 4>},           {"g2n128s3", wgmma_variant<2, 128, 3>},
       {"g2n128s3lazy", wgmma_variant<2, 128, 3, 1, true>}, {"g3n64s3", wgmma_variant<3, 64, 3>},
       {"g3n64s4", wgmma_variant<3, 64, 4>},           {"g3n64s4lazy", wgmma_variant<3, 64, 4, 1, true>},
-      {"g3n64s5", wgmma_variant<3, 64, 5>}};
+      {"g3n96s3lazy", wgmma_variant<3, 96, 3, 1, true>}};
   if (prop.major != 9) wf.clear();
   for (const auto& [label, f] : wf) {  // each against the reference first
     for (const std::vector<Seq>& seqs : {mixed, std::vector<Seq>{{1000, 1000}}, std::vector<Seq>{{0, 333}, {17, 1}}}) {
