@@ -1233,6 +1233,21 @@ bool decode_rope_fusable(const AttentionParams& p, DType dtype) {
          aligned(p.rope_cos_sin, 16) && p.rope_positions != nullptr && p.rope_slots != nullptr;
 }
 
+const char* prefill_attention_kernel(DType dtype, int64_t head_dim, int64_t group) {
+  AttentionParams p;
+  p.head_dim = head_dim;
+  p.num_q_heads = group;
+  p.num_kv_heads = 1;
+  const bool tensor_cores = dtype == DType::kBF16 ? tc::pick<__nv_bfloat16>(p) != nullptr
+                            : dtype == DType::kF16  ? tc::pick<__half>(p) != nullptr
+                                                    : false;
+  if (!tensor_cores) return "cuda-core";
+  if (tc::wgmma_prefill_mode() == 0) return "mma.sync";
+  // Every instantiation comes from the same compilation, so one tells for all.
+  return wgmma::kernel_has_wgmma(tc::prefill_wgmma_kernel<__nv_bfloat16, 128, 4, 3, 64, 4, 1, true>) ? "wgmma"
+                                                                                                      : "mma.sync";
+}
+
 cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
   // Only the tensor-core decode kernel applies RoPE itself: anything else would skip it.

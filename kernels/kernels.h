@@ -85,6 +85,9 @@ size_t attention_workspace_bytes(int64_t num_tokens, int64_t num_q_heads, int64_
 // Causal paged attention, GQA-aware: one CTA serves all query heads of a KV head, so each K/V
 // block is read once per group.
 cudaError_t paged_attention(const AttentionParams& p, DType dtype, cudaStream_t stream);
+// Which kernel paged_attention runs for steps with prompt tokens on the current device, as
+// benchmark records name it: "wgmma" (Hopper, sm_90a build), "mma.sync" or "cuda-core".
+const char* prefill_attention_kernel(DType dtype, int64_t head_dim, int64_t group);
 
 // Decode GEMV: y[T, N] = x[T, K] * W^T (W [N, K]) for T <= kMaxGemvTokens, x and W of the same
 // 16-bit dtype, K a multiple of 8; y in that dtype or F32. Callers check gemv_supported().

@@ -29,6 +29,7 @@
 
 #include "tests/bench/collective_timing.h"
 #include "tests/bench/gpu_timing.h"
+#include "kernels/kernels.h"
 #include "tests/bench/op_bench.h"
 #include "worker/engine/executor.h"
 #include "worker/model/presets.h"
@@ -166,11 +167,14 @@ int main(int argc, char** argv) {
   const int64_t group_size = cfg.quantization.group_size > 0 ? cfg.quantization.group_size : cfg.hidden_size;
   const double weights = weight_bytes_per_step(cfg, quantization, group_size) / tp_size;
   std::vector<nlohmann::json> records;
+  const std::string prefill_attention = shardserve::kernels::prefill_attention_kernel(
+      shardserve::DType::kBF16, cfg.head_dim, cfg.num_attention_heads / cfg.num_key_value_heads);
   auto record = [&](const std::string& bench, int batch, double tokens_per_s, double fraction, double step_ms) {
     nlohmann::json r = {{"bench", bench}, {"device", prop.name}, {"model", model}, {"quantization", quantization},
                         {"dtype", "bfloat16"}, {"tp_size", tp_size}, {"batch", batch}, {"tokens_per_s", tokens_per_s},
                         {"bandwidth_fraction", fraction}, {"step_ms", step_ms}, {"context_len", context},
-                        {"copy_bandwidth_gbps", bw / 1e9}, {"date", shardserve::harness::record_date()}};
+                        {"copy_bandwidth_gbps", bw / 1e9}, {"date", shardserve::harness::record_date()},
+                        {"prefill_attention", prefill_attention}};
     if (tp_size > 1 && bench == "decode") {
       r["collective_ms_per_step"] = collective_ms[batch];
       r["collective_share"] = collective_ms[batch] / step_ms;
