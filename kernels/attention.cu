@@ -466,6 +466,25 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], uint
   }
 }
 
+// The prefill kernels' output: row lane / 4 + 8h of a warp's 16-row fragment (tile row r, so
+// token token0 + r / G, query head kvh * G + r % G) normalised by its softmax sum, from the
+// accumulators acc (mma.sync's m16n8 layout) and this thread's partial sum l (the quad's four are
+// added here: every lane calls, rows past the tile's tokens (qp < 0) store nothing).
+template <typename T, int D, int G>
+__device__ __forceinline__ void store_row(const AttentionParams& p, const float (&acc)[D / 8][4], float l, int qp, int h,
+                                          int r, int64_t token0, int kvh, int lane) {
+  l += __shfl_xor_sync(0xffffffff, l, 1);
+  l += __shfl_xor_sync(0xffffffff, l, 2);
+  if (qp < 0) return;
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  T* o = static_cast<T*>(p.out) + (token0 + r / G) * p.num_q_heads * D + static_cast<int64_t>(kvh * G + r % G) * D +
+         (lane % 4) * 2;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    *reinterpret_cast<uint32_t*>(o + j * 8) = pack2<T>(acc[j][2 * h] * inv, acc[j][2 * h + 1] * inv);
+  }
+}
+
 // Finds this CTA's (sequence, tile of the sequence's queries) for tiles of kTokens tokens, handed
 // out heaviest first. Warp 0 scans the sequences 32 at a time. Returns false for surplus CTAs
 // (the grid is an upper bound).
@@ -672,23 +691,12 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_mma_kernel(AttentionParam
   }
   cp_async_wait<0>();
 
-  T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int mw = 0; mw < kMW; ++mw) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float sum = l[mw][h];
-      sum += __shfl_xor_sync(0xffffffff, sum, 1);
-      sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      if (qp[mw][h] < 0) continue;
-      const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-      T* o = out + static_cast<int64_t>(q0 + first + r / G) * p.num_q_heads * D +
-             static_cast<int64_t>(kvh * G + r % G) * D + (lane % 4) * 2;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(o + j * 8) = pack2<T>(acc[mw][j][2 * h] * inv, acc[mw][j][2 * h + 1] * inv);
-      }
+      store_row<T, D, G>(p, acc[mw], l[mw][h], qp[mw][h], h, warp_row0 + mw * 16 + lane / 4 + 8 * h, q0 + first, kvh,
+                         lane);
     }
   }
 }
@@ -1074,20 +1082,8 @@ __global__ void __launch_bounds__(kWG * 128, kMinBlocks) prefill_wgmma_kernel(At
   for (int it = n_act; it < n_tiles; ++it) next_tile(it);
   cp_async_wait<0>();
 
-  T* out = static_cast<T*>(p.out);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = l[h];
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    sum += __shfl_xor_sync(0xffffffff, sum, 2);
-    if (qp[h] < 0) continue;
-    const int r = warp * 16 + lane / 4 + 8 * h;
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    T* o = out + static_cast<int64_t>(q0 + first + r / G) * p.num_q_heads * D + static_cast<int64_t>(kvh * G + r % G) * D +
-           (lane % 4) * 2;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) *reinterpret_cast<uint32_t*>(o + j * 8) = pack2<T>(acc[j][2 * h] * inv, acc[j][2 * h + 1] * inv);
-  }
+  for (int h = 0; h < 2; ++h) store_row<T, D, G>(p, acc, l[h], qp[h], h, warp * 16 + lane / 4 + 8 * h, q0 + first, kvh, lane);
 #endif
 }
 
@@ -1127,21 +1123,10 @@ inline int wgmma_prefill_mode() {
 // 133 us, 8,192 1,758 -> 1,367 us against two warpgroups; the lazy rescale alone 1,423 -> 1,367);
 // below that, two warpgroups of 128-position tiles, 3 stages (a 512-token chunk after 4,096
 // cached 153 -> 128 us: 128 CTAs instead of 88).
-inline int device_sms() {
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 132;
-    }
-    return n;
-  }();
-  return sms;
-}
 template <typename T, int D, int G>
 cudaError_t launch_prefill_hopper(const AttentionParams& p, int mode, cudaStream_t stream) {
   constexpr int64_t kTokens3 = 64 * 3 / G;
-  if (mode == 3 || (mode < 0 && p.num_tokens * p.num_kv_heads >= 2 * kTokens3 * device_sms())) {
+  if (mode == 3 || (mode < 0 && p.num_tokens * p.num_kv_heads >= 2 * kTokens3 * num_sms())) {
     return launch_prefill_wgmma<T, D, G, 3, 64, 4, 1, true>(p, stream);
   }
   return launch_prefill_wgmma<T, D, G, 2, 128, 3, 1>(p, stream);

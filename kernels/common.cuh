@@ -136,6 +136,16 @@ cudaError_t allow_smem(size_t bytes) {
   return e;
 }
 
+// SMs of the current device (1 when it cannot be asked).
+inline int num_sms() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 1;
+  }
+  return std::max(sms, 1);
+}
+
 // Split-K's shape (host): about ctas_per_sm CTAs an SM over n_tiles output tiles, at least 4 K
 // tiles a split, the splits' FP32 partials (per_split_bytes each) within workspace_bytes (0: one
 // split), a counter per tile (one split above max_tiles tiles), and no empty split.

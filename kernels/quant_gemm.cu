@@ -1102,15 +1102,6 @@ cudaError_t launch_grouped(const QuantMmaView& w, const void* x, int64_t tokens,
   X(16, 1, 4, 2)                          \
   X(16, 1, 4, 4)
 
-int num_sms() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 1;
-  }
-  return std::max(sms, 1);
-}
-
 // How the tiled kernel splits K (split_k): without a workspace, one split.
 SplitK tiled_split(const QuantMmaConfig& cfg, int64_t n, int64_t k, int64_t tokens, const QuantMmaWorkspace& ws) {
   const bool room = ws.partials != nullptr && ws.counters != nullptr;
