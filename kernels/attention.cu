@@ -469,16 +469,17 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], uint
 // The prefill kernels' output: row lane / 4 + 8h of a warp's 16-row fragment (tile row r, so
 // token token0 + r / G, query head kvh * G + r % G) normalised by its softmax sum, from the
 // accumulators acc (mma.sync's m16n8 layout) and this thread's partial sum l (the quad's four are
-// added here: every lane calls, rows past the tile's tokens (qp < 0) store nothing).
+// added here: every lane calls, rows past the tile's tokens (qp < 0) store nothing). The token
+// index is summed in 32 bits (a batch's tokens are an int), as the kernels did before sharing it.
 template <typename T, int D, int G>
 __device__ __forceinline__ void store_row(const AttentionParams& p, const float (&acc)[D / 8][4], float l, int qp, int h,
-                                          int r, int64_t token0, int kvh, int lane) {
+                                          int r, int token0, int kvh, int lane) {
   l += __shfl_xor_sync(0xffffffff, l, 1);
   l += __shfl_xor_sync(0xffffffff, l, 2);
   if (qp < 0) return;
   const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  T* o = static_cast<T*>(p.out) + (token0 + r / G) * p.num_q_heads * D + static_cast<int64_t>(kvh * G + r % G) * D +
-         (lane % 4) * 2;
+  T* o = static_cast<T*>(p.out) + static_cast<int64_t>(token0 + r / G) * p.num_q_heads * D +
+         static_cast<int64_t>(kvh * G + r % G) * D + (lane % 4) * 2;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
     *reinterpret_cast<uint32_t*>(o + j * 8) = pack2<T>(acc[j][2 * h] * inv, acc[j][2 * h + 1] * inv);
