@@ -10,19 +10,21 @@ names of anonymous namespaces and internal symbols (they follow the source path)
 numbering of branch labels (it follows the order of the kernels in the file). PTX that is equal
 gives the same SASS (ptxas is deterministic), so a refactor that claims "same instructions" can be
 checked where no GPU is at hand. Exit status 0 when every kernel of every file is identical, 1
-otherwise; kernels that exist on one side only count as different.
+otherwise; kernels that exist on one side only count as different. NVCC names the compiler
+(default: nvcc on PATH, else /usr/local/cuda/bin/nvcc).
 """
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 
 NVCC_FLAGS = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-I."]
 _HASHES = [
-    (re.compile(r"_GLOBAL__N__[0-9a-f]+_\d+_(\w+?)_cu_[0-9a-f]+"), r"_GLOBAL__N__\1"),
-    (re.compile(r"_INTERNAL_[0-9a-f]+_\d+_(\w+?)_cu_[0-9a-f]+"), r"_INTERNAL_\1"),
+    (re.compile(r"_GLOBAL__N__[0-9a-f]+_\d+_(\w+?)_cu_[0-9a-f]{8}"), r"_GLOBAL__N__\1"),
+    (re.compile(r"_INTERNAL_[0-9a-f]+_\d+_(\w+?)_cu_[0-9a-f]{8}"), r"_INTERNAL_\1"),
     (re.compile(r"\$L__BB\d+_"), "$L__BB_"),
 ]
 
@@ -50,6 +52,10 @@ def kernels(ptx):
     return out
 
 
+def nvcc():
+    return os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
 def compile_rev(repo, rev, files, arch, work):
     src = os.path.join(work, rev.replace("/", "_"))
     if not os.path.isdir(src):
@@ -62,7 +68,7 @@ def compile_rev(repo, rev, files, arch, work):
             result[f] = {}
             continue
         ptx = os.path.join(src, f"{os.path.basename(f)}.sm_{arch}.ptx")
-        cmd = ["nvcc", *NVCC_FLAGS, "-ptx", f"-arch=sm_{arch}", f, "-o", ptx]
+        cmd = [nvcc(), *NVCC_FLAGS, "-ptx", f"-arch=sm_{arch}", f, "-o", ptx]
         done = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"ptx_diff: {rev}: {' '.join(cmd)} failed:\n{done.stderr}")
