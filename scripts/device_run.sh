@@ -7,7 +7,8 @@
 # engine (one GPU): every GPU test, the attention kernels' harness, the engine benchmark of
 # synthetic llama-3.1-8b with the per-op micro-benchmarks (and again at 8,192 tokens of prompt and
 # of context), then the served sweep of the same model (scripts/device_serving_sweep.sh bf16,
-# 128/128 at concurrency 1, 16, 64, 128, 256); a short table last.
+# 128/128 at concurrency 1, 16, 64, 128, 256) and the time to first token of a served 8,192-token
+# prompt (8192/16 at concurrency 1 and 4; TTFT=0 skips it); a short table last.
 # tp (a machine with 2+ GPUs): every GPU test (the tensor-parallel ones run there), the all-reduce
 # crossover (all_reduce_bench, if bundled), then the engine benchmark of synthetic llama-3.1-70b
 # over 2 GPUs.
@@ -153,10 +154,18 @@ if [[ $what == engine ]]; then
     (cd "$OUT" && tar czf serving.tgz serving 2>/dev/null)
     grep -E "error|Error|exhausted|restarting" "$OUT/serve-bf16.log" | head -10
     tail -5 "$OUT/sweep.log"
-    for f in "$OUT"/serving/*/*.json; do
-      [[ -f $f && $f != */run.json ]] && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('served c=%s: %s req, %s errors, %.0f out tok/s' % (r.get('concurrency'), r.get('completed'), r.get('errors'), r.get('output_tokens_per_s', 0)))" "$f" 2>/dev/null
+    # Time to first token of a served 8,192-token prompt (8192/16 at concurrency 1 and 4, its own
+    # server and set under ttft/, packed with the sweep's).
+    if [[ ${TTFT:-1} != 0 ]]; then
+      SYNTHETIC=llama-3.1-8b KV_MAX=0 OUT="$OUT/ttft" timeout -s KILL "${TTFT_SECONDS:-240}" \
+        bash scripts/device_serving_sweep.sh bf16 "${TTFT_LENGTHS:-8192/16}" "${TTFT_CONCURRENCIES:-1,4}" \
+        >"$OUT/ttft.log" 2>&1 || echo "ttft sweep failed ($?)"
+      (cd "$OUT" && tar czf serving.tgz serving ttft 2>/dev/null)
+    fi
+    for f in "$OUT"/serving/*/*.json "$OUT"/ttft/serving/*/*.json; do
+      [[ -f $f && $f != */run.json ]] && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('served %s/%s c=%s: %s req, %s errors, %.0f out tok/s, TTFT p50 %.0f ms p99 %.0f ms' % (r.get('input_len'), r.get('output_len'), r.get('concurrency'), r.get('completed'), r.get('errors'), r.get('output_tokens_per_s', 0), 1e3 * r.get('ttft_p50_s', 0), 1e3 * r.get('ttft_p99_s', 0)))" "$f" 2>/dev/null
     done
-    rm -rf "$OUT/serving"  # in serving.tgz: at most 8 files come back
+    rm -rf "$OUT/serving" "$OUT/ttft"  # in serving.tgz: at most 8 files come back
   fi
   sed -n '/tp_size/,$p' "$OUT/engine_bench.log"
 fi
