@@ -1135,9 +1135,11 @@ cudaError_t launch_prefill_hopper(const AttentionParams& p, int mode, cudaStream
 
 template <typename T, int D, int G>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  if (const int mode = wgmma_prefill_mode(); !p.decode_only && mode != 0) {
-    const cudaError_t e = launch_prefill_hopper<T, D, G>(p, mode, stream);
-    if (e != cudaErrorNotSupported) return e;
+  if (!p.decode_only) {  // the switch is read for steps with prompt tokens only
+    if (const int mode = wgmma_prefill_mode(); mode != 0) {
+      const cudaError_t e = launch_prefill_hopper<T, D, G>(p, mode, stream);
+      if (e != cudaErrorNotSupported) return e;
+    }
   }
   if (p.decode_only) {
     constexpr auto kernel = decode_mma_kernel<T, D, G, kDecodeStages>;

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -136,14 +137,22 @@ cudaError_t allow_smem(size_t bytes) {
   return e;
 }
 
-// SMs of the current device (1 when it cannot be asked).
+// SMs of the current device (1 when it cannot be asked). The launchers ask at every eager launch,
+// so each device's count is asked of the driver once and kept.
 inline int num_sms() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 1;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  constexpr int kKeptDevices = 64;
+  static std::atomic<int> kept[kKeptDevices];  // 0: not asked yet
+  const bool keep = device >= 0 && device < kKeptDevices;
+  if (keep) {
+    if (const int n = kept[device].load(std::memory_order_relaxed); n > 0) return n;
   }
-  return std::max(sms, 1);
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  sms = std::max(sms, 1);
+  if (keep) kept[device].store(sms, std::memory_order_relaxed);
+  return sms;
 }
 
 // Split-K's shape (host): about ctas_per_sm CTAs an SM over n_tiles output tiles, at least 4 K

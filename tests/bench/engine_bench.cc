@@ -27,9 +27,9 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "kernels/kernels.h"
 #include "tests/bench/collective_timing.h"
 #include "tests/bench/gpu_timing.h"
-#include "kernels/kernels.h"
 #include "tests/bench/op_bench.h"
 #include "worker/engine/executor.h"
 #include "worker/model/presets.h"
