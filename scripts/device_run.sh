@@ -151,6 +151,7 @@ if [[ $what == engine ]]; then
   if [[ ${SWEEP:-1} != 0 ]]; then
     SYNTHETIC=llama-3.1-8b timeout -s KILL "${SWEEP_SECONDS:-300}" bash scripts/device_serving_sweep.sh bf16 \
       "${LENGTHS:-128/128}" "${CONCURRENCIES:-1,16,64,128,256}" >"$OUT/sweep.log" 2>&1 || echo "sweep failed ($?)"
+    # Packed now, and again with the TTFT set below: the sweep comes back should the call be cut.
     (cd "$OUT" && tar czf serving.tgz serving 2>/dev/null)
     grep -E "error|Error|exhausted|restarting" "$OUT/serve-bf16.log" | head -10
     tail -5 "$OUT/sweep.log"

@@ -510,20 +510,15 @@ int main(int argc, char** argv) {
     if (prop.major != 9 || wf.front().second(pr.params(), nullptr) == cudaErrorNotSupported) wf.clear();
     CK(cudaDeviceSynchronize());
   }
-  for (const auto& [label, f] : wf) {  // each against the reference first
-    for (const std::vector<Seq>& seqs : {mixed, std::vector<Seq>{{1000, 1000}}, std::vector<Seq>{{0, 333}, {17, 1}}}) {
-      Problem<T> pr(32, 8, 128, seqs, rng);
-      CK(f(pr.params(), nullptr));
-      CK(cudaDeviceSynchronize());
-      pr.check(std::string("prefill variant ") + label);
-    }
-  }
-  for (const auto& [label, f] : pf) {  // each variant against the reference first
-    for (const std::vector<Seq>& seqs : {mixed, std::vector<Seq>{{1000, 1000}}, std::vector<Seq>{{0, 333}, {17, 1}}}) {
-      Problem<T> pr(32, 8, 128, seqs, rng);
-      CK(f(pr.params(), nullptr));
-      CK(cudaDeviceSynchronize());
-      pr.check(std::string("prefill variant ") + label);
+  using Variants = std::vector<std::pair<const char*, Launch>>;
+  for (const Variants* list : std::initializer_list<const Variants*>{&wf, &pf}) {
+    for (const auto& [label, f] : *list) {  // each variant against the reference first
+      for (const std::vector<Seq>& seqs : {mixed, std::vector<Seq>{{1000, 1000}}, std::vector<Seq>{{0, 333}, {17, 1}}}) {
+        Problem<T> pr(32, 8, 128, seqs, rng);
+        CK(f(pr.params(), nullptr));
+        CK(cudaDeviceSynchronize());
+        pr.check(std::string("prefill variant ") + label);
+      }
     }
   }
   const std::vector<std::pair<const char*, Launch>> df = {{"s2", decode_variant<2>}, {"s3", decode_variant<3>}, {"s2mb3", decode_variant<2, 3>}, {"s3mb2", decode_variant<3, 2>}};
